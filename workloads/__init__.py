@@ -1,0 +1,89 @@
+"""Workloads by name: `load_workload("sst2", path=...)` returns a `Workload` (see `workloads.base`).
+
+Every loader reads real files in their standard format; options beyond `path` are keyword
+arguments of the loader (listed in its docstring) and come from the config's `workload.options`;
+error messages name them `workload.options.<name>`.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pyarrow as pa
+
+from fedsim.errors import UsageError
+from workloads.base import CLASSIFICATION_SCHEMA, Workload, classification_table
+from workloads.classification import load_bbc_news, load_snli, load_sst2, load_text_file, option_field
+
+LOADERS = {
+    "bbc-news": load_bbc_news,
+    "snli": load_snli,
+    "sst2": load_sst2,
+    "text-file": load_text_file,
+}
+WORKLOAD_NAMES = tuple(sorted(LOADERS))
+
+__all__ = [
+    "CLASSIFICATION_SCHEMA",
+    "LOADERS",
+    "WORKLOAD_NAMES",
+    "Workload",
+    "classification_table",
+    "limit_rows",
+    "load_workload",
+]
+
+
+def limit_rows(table: pa.Table, limit: int | None, seed: int | list[int]) -> pa.Table:
+    """A random subset of `limit` rows drawn with `numpy.random.default_rng(seed)`, kept in their
+    original order; the table itself if it has no more than `limit` rows."""
+    if limit is None or limit >= table.num_rows:
+        return table
+    rng = np.random.default_rng(seed)
+    keep = np.sort(rng.choice(table.num_rows, size=limit, replace=False))
+    return table.take(pa.array(keep, pa.int64()))
+
+
+def _check_limit(field: str, value) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise UsageError(f"workload.{field}: must be a positive integer or null, got {value!r}")
+    return int(value)
+
+
+def load_workload(
+    name: str,
+    path: str | None = None,
+    train_limit: int | None = None,
+    eval_limit: int | None = None,
+    seed: int = 0,
+    **options,
+) -> Workload:
+    """Load workload `name`, then keep at most `train_limit` / `eval_limit` rows of each split.
+
+    The limits take a random subset seeded by `seed` (train and eval drawn independently), in the
+    original row order, so the same arguments give the same rows. `options` go to the loader;
+    an option it does not take is a UsageError listing the ones it does.
+    """
+    if name not in LOADERS:
+        raise UsageError(f"workload.name: unknown workload {name!r}; valid: {', '.join(WORKLOAD_NAMES)}")
+    train_limit = _check_limit("train_limit", train_limit)
+    eval_limit = _check_limit("eval_limit", eval_limit)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise UsageError(f"seed: must be a non-negative integer, got {seed!r}")
+    loader = LOADERS[name]
+    valid = [p for p in inspect.signature(loader).parameters if p != "path"]
+    for key in options:
+        if key not in valid:
+            raise UsageError(
+                f"{option_field(key)}: not an option of {name}; valid: {', '.join(valid) if valid else '(none besides path)'}"
+            )
+    workload = loader(path, **options)
+    train = limit_rows(workload.train, train_limit, seed=[int(seed), 0])
+    eval_ = limit_rows(workload.eval, eval_limit, seed=[int(seed), 1])
+    if train_limit is not None or eval_limit is not None:
+        workload.info.update(train_limit=train_limit, eval_limit=eval_limit, limit_seed=int(seed))
+    workload.train, workload.eval = train, eval_
+    return workload

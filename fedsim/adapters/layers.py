@@ -1,0 +1,74 @@
+"""One view over the adapted layers of a model, whichever injector made them (PEFT LoRA or LoRA-SB).
+
+The methods read and write adapter tensors by *layer name* (the module path in the base model, e.g.
+``bert.encoder.layer.0.attention.self.query``) and *kind* (``lora_A``, ``lora_B``, ``lora_R``,
+``base``), never by the injector's own parameter names. This is the one place that knows both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedsim.adapters.lora_sb import LoraSBLinear
+
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class AdaptedLayer:
+    """The modules of one adapted linear layer: ``W x + scaling · B [R] A x``."""
+
+    name: str
+    base: nn.Linear
+    lora_A: nn.Linear
+    lora_B: nn.Linear
+    lora_R: nn.Linear | None
+    scaling: float
+
+    def module(self, kind: str) -> nn.Linear:
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B, "lora_R": self.lora_R, "base": self.base}[kind]
+
+    def delta_weight(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """``scaling · B [R] A`` (d×k), computed in ``dtype``."""
+        R = None if self.lora_R is None else self.lora_R.weight.detach().to(dtype)
+        return adapter_product(self.lora_B.weight.detach().to(dtype), R, self.lora_A.weight.detach().to(dtype), self.scaling)
+
+
+def adapter_product(B: torch.Tensor, R: torch.Tensor | None, A: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``scaling · B R A`` (or ``scaling · B A`` without R), associating the cheap way."""
+    inner = A if R is None else R @ A
+    return (B @ inner) * scaling
+
+
+def strip_peft_prefix(name: str) -> str:
+    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+
+
+def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
+    """Every adapted layer of ``model``, keyed by its name in the base model, in module order."""
+    layers: dict[str, AdaptedLayer] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraSBLinear):
+            layers[strip_peft_prefix(name)] = AdaptedLayer(
+                strip_peft_prefix(name), module.base_layer, module.lora_A, module.lora_B, module.lora_R, module.scaling
+            )
+        elif _is_peft_lora_linear(module):
+            adapter = module.active_adapters[0]
+            layers[strip_peft_prefix(name)] = AdaptedLayer(
+                strip_peft_prefix(name),
+                module.get_base_layer(),
+                module.lora_A[adapter],
+                module.lora_B[adapter],
+                None,
+                float(module.scaling[adapter]),
+            )
+    return layers
+
+
+def _is_peft_lora_linear(module: nn.Module) -> bool:
+    from peft.tuners.lora import LoraLayer
+
+    return isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), nn.Linear)

@@ -1,0 +1,40 @@
+"""One virtual client's round, on a resident model: load the global state, train, build the upload.
+
+No Ray here: a worker actor calls this once per client of its cohort, and tests call it directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedsim.methods.base import Method, State
+from fedsim.trainer import TrainSettings, TrainStats, train_local
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from (run seed, round, client id, …), independent of the order clients run in."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def run_client(
+    model: nn.Module,
+    method: Method,
+    state: State,
+    round_idx: int,
+    batches: Iterator[dict[str, torch.Tensor]],
+    settings: TrainSettings,
+    seed: int,
+) -> tuple[State, TrainStats]:
+    """Train one client from the global ``state``; return its upload and its training stats."""
+    method.load_state(model, state)
+    params = method.trainable_parameters(model, round_idx)
+    stats = train_local(model, list(params.values()), batches, settings, seed)
+    return method.upload(model, round_idx), stats
+
+
+def is_finite(tensors: State) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values())

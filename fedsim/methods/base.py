@@ -1,0 +1,331 @@
+"""The interface every aggregation method implements, and the arithmetic they share.
+
+A method has four duties and nothing else: set up the adapters on a model (``prepare``,
+``init_state``); say which tensors a client trains (``trained_kinds``); build what comes up
+(``upload``) and what goes down (the ``broadcast`` of ``aggregate``, applied by ``receive``); and
+aggregate. The global state is a flat ``dict[str, Tensor]``:
+
+- ``"<layer>.lora_A"`` (r×k), ``"<layer>.lora_B"`` (d×r), ``"<layer>.lora_R"`` (r×r, LoRA-SB only),
+  ``"<layer>.base_delta"`` (d×k, float32; methods that fold updates into W0), where ``<layer>`` is
+  the module path in the base model;
+- ``"head:<param>"`` for the classification head, where it is trained and averaged.
+
+Aggregation sums clients in client-id order and accumulates in float64, so the result does not
+depend on the order in which clients arrive. Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fedsim.adapters.layers import adapted_layers, adapter_product
+from fedsim.adapters.lora_sb import inject_lora_sb, target_linear_names
+from fedsim.adapters.init import lora_sb_factors
+from fedsim.errors import UsageError
+
+State = dict[str, torch.Tensor]
+ADAPTER_KINDS = ("lora_A", "lora_B", "lora_R")
+HEAD_PREFIX = "head:"
+HEAD_MODULE_NAMES = ("classifier", "score")
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """What a method needs from the config (``method.*`` and ``clients.weights``)."""
+
+    rank: int = 4
+    alpha: float | None = None  # LoRA alpha; None means alpha = rank (scaling 1)
+    train_head: bool = True  # train the classification head and average it (the Fed-SB paper does)
+    switch_round: int = 3  # fra-then-ffa: rounds < switch_round use FRA, the rest FFA
+    adapter: str = "lora-sb"  # central: "lora-sb" or "lora"
+    weights: str = "samples"  # "samples" (w_i ∝ n_i) or "uniform" (w_i = 1/c)
+    seed: int = 0
+
+
+@dataclass
+class Upload:
+    """What one client sends up: its trained tensors, keyed as in the global state."""
+
+    client_id: int
+    num_samples: int
+    tensors: State
+
+
+@dataclass
+class RoundResult:
+    """The outcome of one aggregation."""
+
+    state: State  # the new global state
+    broadcast: State  # what every returning client receives before the next round
+    agg_error: float  # ‖Σ w_i B_i A_i − ΔW_agg‖_F / ‖Σ w_i B_i A_i‖_F over all layers
+    layer_errors: dict[str, float] = field(default_factory=dict)
+    weights: dict[int, float] = field(default_factory=dict)
+
+
+def state_key(layer: str, kind: str) -> str:
+    return f"{layer}.{kind}"
+
+
+def layer_names_of(state: State) -> list[str]:
+    """Adapted layer names in the state, in insertion (module) order."""
+    names: dict[str, None] = {}
+    for key in state:
+        if not key.startswith(HEAD_PREFIX):
+            names[key.rsplit(".", 1)[0]] = None
+    return list(names)
+
+
+def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """``Σ w_i t_i``, accumulated in float64 in the order given, returned in the inputs' dtype."""
+    total = torch.zeros(tensors[0].shape, dtype=torch.float64)
+    for tensor, weight in zip(tensors, weights):
+        total += weight * tensor.to(torch.float64)
+    return total.to(tensors[0].dtype)
+
+
+def nbytes(tensors: State) -> int:
+    """Bytes of a message as sent: every tensor's data plus its key (UTF-8)."""
+    return sum(t.numel() * t.element_size() + len(k.encode()) for k, t in tensors.items())
+
+
+def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The classification head's parameters (``classifier`` for BERT-like, ``score`` for Llama-like)."""
+    return {
+        name: param
+        for name, param in model.named_parameters()
+        if name.split(".")[0] in HEAD_MODULE_NAMES
+    }
+
+
+def kaiming_uniform_A(rank: int, in_features: int, generator: torch.Generator) -> torch.Tensor:
+    """LoRA's A initialisation (PEFT and Hu et al.): U(−1/√k, 1/√k), from a seeded generator."""
+    bound = 1.0 / math.sqrt(in_features)
+    return (torch.rand(rank, in_features, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+
+
+class Method:
+    """Base class; one subclass a file in ``fedsim.methods``."""
+
+    name: str = ""
+    paper: str = ""
+    adapter: str = "lora"  # which injector: "lora" (PEFT) or "lora-sb" (fedsim.adapters.lora_sb)
+    num_clients: int | None = None  # set where the method fixes the client count (central)
+
+    def __init__(self, settings: MethodSettings):
+        if settings.rank <= 0:
+            raise UsageError(f"method.rank: must be a positive integer, got {settings.rank}")
+        self.settings = settings
+        self.rank = settings.rank
+
+    # -- 1. set up the adapters -------------------------------------------------------------
+    @property
+    def scaling(self) -> float:
+        """The adapter product's factor: 1 for LoRA-SB; alpha/r for LoRA."""
+        if self.adapter == "lora-sb" or self.settings.alpha is None:
+            return 1.0
+        return self.settings.alpha / self.rank
+
+    @property
+    def needs_init_gradients(self) -> bool:
+        """LoRA-SB's initialisation needs the full model's gradient on a calibration sample."""
+        return self.adapter == "lora-sb"
+
+    def prepare(self, model: nn.Module, target_modules: list[str]) -> nn.Module:
+        """Inject this method's adapters into ``model`` in place; every base weight is frozen."""
+        names = target_linear_names(model, target_modules)
+        smallest = min(min(model.get_submodule(n).weight.shape) for n in names)
+        if self.rank > smallest:
+            raise UsageError(f"method.rank: {self.rank} exceeds the smallest adapted dimension ({smallest}) of the target modules")
+        model.requires_grad_(False)
+        if self.adapter == "lora-sb":
+            inject_lora_sb(model, names, self.rank)
+        else:
+            from peft import LoraConfig, inject_adapter_in_model
+
+            config = LoraConfig(
+                r=self.rank,
+                lora_alpha=self.settings.alpha if self.settings.alpha is not None else self.rank,
+                target_modules=names,
+                lora_dropout=0.0,
+                bias="none",
+                init_lora_weights=False,
+            )
+            inject_adapter_in_model(config, model)
+        model.requires_grad_(False)
+        return model
+
+    def init_state(self, model: nn.Module, grad_sums: dict[str, torch.Tensor] | None = None, init_lr: float = 1e-3) -> State:
+        """The round-0 global state for a prepared ``model``.
+
+        LoRA: A from LoRA's Kaiming-uniform initialisation (seeded by ``settings.seed``), B = 0.
+        LoRA-SB: B, R, A from the update approximation of ``grad_sums`` (``fedsim.adapters.init``).
+        """
+        state: State = {}
+        generator = torch.Generator().manual_seed(self.settings.seed)
+        for name, layer in adapted_layers(model).items():
+            dtype = layer.base.weight.dtype
+            if self.adapter == "lora-sb":
+                if grad_sums is None or name not in grad_sums:
+                    raise ValueError(f"LoRA-SB initialisation needs the gradient sum of layer {name}")
+                B, R, A = lora_sb_factors(grad_sums[name], self.rank, init_lr)
+                state[state_key(name, "lora_R")] = R.to(dtype)
+            else:
+                A = kaiming_uniform_A(self.rank, layer.base.in_features, generator)
+                B = torch.zeros(layer.base.out_features, self.rank, dtype=torch.float64)
+            state[state_key(name, "lora_A")] = A.to(dtype).contiguous()
+            state[state_key(name, "lora_B")] = B.to(dtype).contiguous()
+        if self.settings.train_head:
+            for name, param in head_parameters(model).items():
+                state[HEAD_PREFIX + name] = param.detach().to("cpu", copy=True)
+        return state
+
+    # -- 2. what a client trains ------------------------------------------------------------
+    def trained_kinds(self, round_idx: int) -> tuple[str, ...]:
+        """The adapter tensors clients train in round ``round_idx``: LoRA's A and B unless a method says otherwise."""
+        return ("lora_A", "lora_B")
+
+    def trainable_parameters(self, model: nn.Module, round_idx: int) -> dict[str, nn.Parameter]:
+        """Mark exactly this round's trained tensors as trainable and return them, keyed as in the state."""
+        model.requires_grad_(False)
+        params: dict[str, nn.Parameter] = {}
+        kinds = self.trained_kinds(round_idx)
+        for name, layer in adapted_layers(model).items():
+            for kind in kinds:
+                params[state_key(name, kind)] = layer.module(kind).weight
+        if self.settings.train_head:
+            for name, param in head_parameters(model).items():
+                params[HEAD_PREFIX + name] = param
+        for param in params.values():
+            param.requires_grad_(True)
+        return params
+
+    # -- 3. what goes down and up -----------------------------------------------------------
+    def load_state(self, model: nn.Module, state: State) -> None:
+        """Set a prepared model to the global state (what a client starts its round from)."""
+        layers = adapted_layers(model)
+        heads = head_parameters(model)
+        with torch.no_grad():
+            for key, value in state.items():
+                if key.startswith(HEAD_PREFIX):
+                    heads[key[len(HEAD_PREFIX):]].copy_(value)
+                    continue
+                name, kind = key.rsplit(".", 1)
+                if kind == "base_delta":
+                    _set_base_delta(layers[name].base, value)
+                else:
+                    layers[name].module(kind).weight.copy_(value)
+
+    def upload(self, model: nn.Module, round_idx: int) -> State:
+        """The client's message: its trained tensors, copied to CPU."""
+        return {
+            key: param.detach().to("cpu", copy=True)
+            for key, param in self.trainable_parameters(model, round_idx).items()
+        }
+
+    def receive(self, state: State, broadcast: State) -> State:
+        """Client side: the global state after applying the server's broadcast to the previous one."""
+        return {**state, **broadcast}
+
+    # -- 4. aggregate -------------------------------------------------------------------------
+    def client_weights(self, uploads: Sequence[Upload]) -> list[float]:
+        """``w_i``: by sample count (``n_i / Σ n``) or uniform (``1/c``), in the order of ``uploads``."""
+        if self.settings.weights == "uniform":
+            return [1.0 / len(uploads)] * len(uploads)
+        total = sum(u.num_samples for u in uploads)
+        return [u.num_samples / total for u in uploads]
+
+    def aggregate(self, state: State, uploads: Sequence[Upload], round_idx: int) -> RoundResult:
+        """FedAvg of the uploaded tensors. Exact where the trained tensors enter the product linearly."""
+        uploads, weights = self.ordered(uploads)
+        averaged = self.average(uploads, weights)
+        return self.finish(state, {**state, **averaged}, averaged, uploads, weights)
+
+    # -- shared helpers -------------------------------------------------------------------------
+    def ordered(self, uploads: Sequence[Upload]) -> tuple[list[Upload], list[float]]:
+        if not uploads:
+            raise ValueError("aggregate needs at least one upload")
+        ordered = sorted(uploads, key=lambda u: u.client_id)
+        return ordered, self.client_weights(ordered)
+
+    @staticmethod
+    def average(uploads: Sequence[Upload], weights: Sequence[float]) -> State:
+        return {key: weighted_mean([u.tensors[key] for u in uploads], weights) for key in uploads[0].tensors}
+
+    def client_factors(self, state: State, upload: Upload, layer: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``(B_i, R_i, A_i)`` of one client in float64: its uploaded tensors over the global ones."""
+
+        def get(kind: str) -> torch.Tensor | None:
+            key = state_key(layer, kind)
+            tensor = upload.tensors.get(key, state.get(key))
+            return None if tensor is None else tensor.to(torch.float64)
+
+        return get("lora_B"), get("lora_R"), get("lora_A")
+
+    def ideal_update(self, state: State, uploads: Sequence[Upload], weights: Sequence[float], layer: str) -> torch.Tensor:
+        """``Σ w_i · scaling · B_i R_i A_i`` (float64): what exact aggregation must produce."""
+        total = None
+        for upload, weight in zip(uploads, weights):
+            B, R, A = self.client_factors(state, upload, layer)
+            term = adapter_product(B, R, A, self.scaling * weight)
+            total = term if total is None else total + term
+        return total
+
+    def effective_update(self, old_state: State, new_state: State, layer: str) -> torch.Tensor:
+        """``ΔW_agg``: the new adapter product plus whatever the round folded into W0 (float64)."""
+        B = new_state[state_key(layer, "lora_B")].to(torch.float64)
+        A = new_state[state_key(layer, "lora_A")].to(torch.float64)
+        R = new_state.get(state_key(layer, "lora_R"))
+        update = adapter_product(B, None if R is None else R.to(torch.float64), A, self.scaling)
+        delta_key = state_key(layer, "base_delta")
+        if delta_key in new_state:
+            update = update + new_state[delta_key].to(torch.float64)
+            if delta_key in old_state:
+                update = update - old_state[delta_key].to(torch.float64)
+        return update
+
+    def finish(
+        self,
+        old_state: State,
+        new_state: State,
+        broadcast: State,
+        uploads: Sequence[Upload],
+        weights: Sequence[float],
+        ideal: dict[str, torch.Tensor] | None = None,
+    ) -> RoundResult:
+        """Measure the aggregation error of ``new_state`` and package the round's result."""
+        squared_error = squared_norm = 0.0
+        layer_errors: dict[str, float] = {}
+        for layer in layer_names_of(new_state):
+            target = ideal[layer] if ideal is not None else self.ideal_update(old_state, uploads, weights, layer)
+            error = torch.linalg.matrix_norm(target - self.effective_update(old_state, new_state, layer)).item()
+            norm = torch.linalg.matrix_norm(target).item()
+            layer_errors[layer] = error / norm if norm > 0 else 0.0
+            squared_error += error**2
+            squared_norm += norm**2
+        agg_error = math.sqrt(squared_error / squared_norm) if squared_norm > 0 else 0.0
+        return RoundResult(
+            state=new_state,
+            broadcast=broadcast,
+            agg_error=agg_error,
+            layer_errors=layer_errors,
+            weights={u.client_id: w for u, w in zip(uploads, weights)},
+        )
+
+
+def _set_base_delta(base: nn.Linear, delta: torch.Tensor) -> None:
+    """``W = W0 + delta`` for a layer whose updates are folded into the base weight.
+
+    The pristine W0 is kept on the module the first time; a delta already applied is not re-applied.
+    """
+    if getattr(base, "_fedsim_loaded_delta", None) is delta:
+        return
+    if not hasattr(base, "_fedsim_w0"):
+        base._fedsim_w0 = base.weight.detach().clone()
+    w0 = base._fedsim_w0
+    base.weight.copy_((w0.to(torch.float32) + delta.to(w0.device, torch.float32)).to(w0.dtype))
+    base._fedsim_loaded_delta = delta

@@ -1,0 +1,19 @@
+"""Fed-SB: federated LoRA-SB; clients train only R, the server averages R (exact).
+
+Singhal, Ponkshe, Vartak, Vepakomma, "Fed-SB: A Silver Bullet for Extreme Communication Efficiency
+and Performance in (Private) Federated LoRA Fine-Tuning", arXiv:2502.15436.
+
+B and A are frozen and shared (from the LoRA-SB initialisation), so ``Σ w_i B R_i A = B (Σ w_i R_i) A``:
+averaging R is exact, and a client's message is r² numbers a layer whatever the number of clients.
+"""
+
+from fedsim.methods.base import Method
+
+
+class FedSB(Method):
+    name = "fed-sb"
+    paper = "https://arxiv.org/abs/2502.15436"
+    adapter = "lora-sb"
+
+    def trained_kinds(self, round_idx: int) -> tuple[str, ...]:
+        return ("lora_R",)

@@ -1,0 +1,24 @@
+"""FRA-then-FFA: FRA-LoRA in the first rounds, then FFA-LoRA (A frozen where FRA left it, B averaged).
+
+Trautmann, Hales, Volk, "Aggregating Low Rank Adapters in Federated Fine-tuning", arXiv:2501.06332:
+full-rank aggregation early, when the adapters move most, then the exact and cheaper FFA.
+``method.switch_round`` is the first FFA round.
+"""
+
+from collections.abc import Sequence
+
+from fedsim.methods.base import Method, RoundResult, State, Upload
+from fedsim.methods.fra_lora import FRALoRA
+
+
+class FRAThenFFA(FRALoRA):
+    name = "fra-then-ffa"
+    paper = "https://arxiv.org/abs/2501.06332"
+
+    def trained_kinds(self, round_idx: int) -> tuple[str, ...]:
+        return ("lora_A", "lora_B") if round_idx < self.settings.switch_round else ("lora_B",)
+
+    def aggregate(self, state: State, uploads: Sequence[Upload], round_idx: int) -> RoundResult:
+        if round_idx < self.settings.switch_round:
+            return FRALoRA.aggregate(self, state, uploads, round_idx)
+        return Method.aggregate(self, state, uploads, round_idx)

@@ -1,0 +1,226 @@
+"""The `fedsim` CLI shell: parsing, config resolution, error handling. The runtime is faked: no Ray."""
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedsim.cli import COMMANDS, main
+from fedsim.config import Config, load_config, save_config
+from fedsim.errors import UsageError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def fake_runtime(monkeypatch):
+    """Replace fedsim.runtime with a recorder; `calls` holds (name, args, kwargs)."""
+    calls = []
+    module = types.ModuleType("fedsim.runtime")
+    module.behaviour = None  # an exception to raise from run/run_comparison
+
+    def run(config, resume=None, overwrite=False):
+        calls.append(("run", (config,), {"resume": resume, "overwrite": overwrite}))
+        if module.behaviour is not None:
+            raise module.behaviour
+
+    def run_comparison(configs, output_dir, **kwargs):
+        calls.append(("run_comparison", (configs, output_dir), kwargs))
+        if module.behaviour is not None:
+            raise module.behaviour
+
+    module.run, module.run_comparison, module.calls = run, run_comparison, calls
+    monkeypatch.setitem(sys.modules, "fedsim.runtime", module)
+    return module
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("fedsim: error: ")
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# --- fedsim config ----------------------------------------------------------------------------
+
+
+def test_config_prints_resolved_yaml(capsys):
+    assert main(["config", "train.rounds=3", "method.rank=8"]) == 0
+    out = capsys.readouterr().out
+    data = yaml.safe_load(out)
+    assert data["train"]["rounds"] == 3 and data["method"]["rank"] == 8
+    assert Config.from_dict(data) == load_config(None, ["train.rounds=3", "method.rank=8"])
+
+
+def test_config_with_file_and_overrides(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("clients:\n  count: 40\n")
+    assert main(["config", str(path), "clients.per_round=30"]) == 0
+    data = yaml.safe_load(capsys.readouterr().out)
+    assert data["clients"]["count"] == 40 and data["clients"]["per_round"] == 30
+
+
+def test_config_error_is_one_line(capsys):
+    assert main(["config", "train.round=3"]) == 2
+    assert "did you mean 'train.rounds'" in one_error_line(capsys)
+
+
+def test_two_config_files_is_an_error(tmp_path, capsys):
+    assert main(["config", "a.yaml", "b.yaml"]) == 2
+    assert "expected key=value, got 'b.yaml'" in one_error_line(capsys)
+
+
+# --- fedsim run: errors before the runtime ----------------------------------------------------
+
+
+def test_run_invalid_override_returns_2(capsys):
+    assert main(["run", "train.rounds=0"]) == 2
+    assert "train.rounds" in one_error_line(capsys)
+
+
+def test_run_missing_file_returns_2(capsys):
+    assert main(["run", "missing.yaml"]) == 2
+    assert "missing.yaml" in one_error_line(capsys)
+
+
+def test_run_without_equals_hints_at_overrides(capsys):
+    assert main(["run", "rounds"]) == 2
+    assert "key=value" in one_error_line(capsys)
+
+
+def test_usage_mistakes_are_one_line(capsys):
+    assert main([]) == 2
+    assert "missing command" in one_error_line(capsys)
+    assert main(["nope"]) == 2
+    one_error_line(capsys)
+    assert main(["run", "--bogus"]) == 2
+    one_error_line(capsys)
+    assert main(["run", "--train.rounds=3"]) == 2
+    assert "without dashes: train.rounds=3" in one_error_line(capsys)
+    assert main(["run", "--methods"]) == 2
+    one_error_line(capsys)
+
+
+def test_help_exits_0(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "run" in out and "config" in out
+    for name in COMMANDS:
+        assert main([name, "--help"]) == 0
+        assert "usage: fedsim " + name in capsys.readouterr().out
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert "fedsim" in capsys.readouterr().out
+
+
+# --- fedsim run: what reaches the runtime -----------------------------------------------------
+
+
+def test_run_with_config_calls_run(tmp_path, fake_runtime):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"output_dir: {tmp_path / 'out'}\nmethod:\n  name: ffa-lora\n")
+    assert main(["run", str(path), "--overwrite", "train.rounds=2"]) == 0
+    [(name, args, kwargs)] = fake_runtime.calls
+    assert name == "run"
+    assert args[0].method.name == "ffa-lora" and args[0].train.rounds == 2
+    assert kwargs == {"resume": None, "overwrite": True}
+
+
+def test_run_default_compares_fed_sb_and_fedit(tmp_path, fake_runtime):
+    assert main(["run", f"output_dir={tmp_path}", "train.rounds=1"]) == 0
+    [(name, (configs, output_dir), kwargs)] = fake_runtime.calls
+    assert name == "run_comparison"
+    assert [c.method.name for c in configs] == ["fed-sb", "fedit"]
+    assert [c.output_dir for c in configs] == [str(tmp_path / "fed-sb"), str(tmp_path / "fedit")]
+    assert all(c.train.rounds == 1 for c in configs)
+    assert output_dir == str(tmp_path)
+    assert kwargs == {}
+
+
+def test_run_default_with_method_override_is_a_single_run(fake_runtime):
+    assert main(["run", "method.name=flora"]) == 0
+    [(name, (config,), _)] = fake_runtime.calls
+    assert name == "run" and config.method.name == "flora"
+
+
+def test_run_methods_flag(tmp_path, fake_runtime):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"output_dir: {tmp_path / 'cmp'}\n")
+    assert main(["run", str(path), "--methods", "fed-sb, ffa-lora,fra-lora", "--overwrite"]) == 0
+    [(name, (configs, output_dir), kwargs)] = fake_runtime.calls
+    assert name == "run_comparison"
+    assert [c.method.name for c in configs] == ["fed-sb", "ffa-lora", "fra-lora"]
+    assert configs[1].output_dir == str(tmp_path / "cmp" / "ffa-lora")
+    assert kwargs == {"overwrite": True}
+
+
+def test_run_methods_flag_errors(fake_runtime, capsys):
+    assert main(["run", "--methods", "fed-sb,fedx"]) == 2
+    assert "fedx" in one_error_line(capsys)
+    assert main(["run", "--methods", "fed-sb,fed-sb"]) == 2
+    one_error_line(capsys)
+    assert main(["run", "--methods", "fed-sb", "method.name=fedit"]) == 2
+    one_error_line(capsys)
+    assert fake_runtime.calls == []
+
+
+def test_resume_reads_config_from_dir(tmp_path, fake_runtime):
+    run_dir = tmp_path / "run"
+    save_config(load_config(None, ["method.name=fedit", "train.rounds=3", "output_dir=elsewhere"]), run_dir / "config.yaml")
+    assert main(["run", "--resume", str(run_dir), "train.rounds=10"]) == 0
+    [(name, (config,), kwargs)] = fake_runtime.calls
+    assert name == "run"
+    assert config.method.name == "fedit" and config.train.rounds == 10
+    assert config.output_dir == str(run_dir)
+    assert kwargs == {"resume": str(run_dir), "overwrite": False}
+
+
+def test_resume_errors(tmp_path, fake_runtime, capsys):
+    assert main(["run", "--resume", str(tmp_path / "nope")]) == 2
+    one_error_line(capsys)
+    assert main(["run", "--resume", str(tmp_path)]) == 2
+    assert "config.yaml" in one_error_line(capsys)
+    save_config(Config(), tmp_path / "config.yaml")
+    assert main(["run", "--resume", str(tmp_path), "x.yaml"]) == 2
+    one_error_line(capsys)
+    assert main(["run", "--resume", str(tmp_path), "output_dir=other"]) == 2
+    one_error_line(capsys)
+    assert fake_runtime.calls == []
+
+
+def test_usage_error_from_the_runtime_is_one_line(fake_runtime, capsys):
+    fake_runtime.behaviour = UsageError("workload.name: unknown workload 'x';\nvalid: bbc-news")
+    assert main(["run", "method.name=fed-sb"]) == 2
+    assert one_error_line(capsys) == "fedsim: error: workload.name: unknown workload 'x'; valid: bbc-news"
+
+
+def test_keyboard_interrupt_returns_130(fake_runtime, capsys):
+    fake_runtime.behaviour = KeyboardInterrupt()
+    assert main(["run", "method.name=fed-sb"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_bugs_propagate(fake_runtime):
+    fake_runtime.behaviour = RuntimeError("a bug")
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["run", "method.name=fed-sb"])
+
+
+# --- as a process -----------------------------------------------------------------------------
+
+
+def test_module_entry_point_exits_2_with_one_line():
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedsim.cli", "config", "method.rank=0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == ["fedsim: error: method.rank: must be a positive integer, got 0"]
+    assert proc.stdout == ""

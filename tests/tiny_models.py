@@ -1,0 +1,47 @@
+"""Small real transformers built from a config (random weights, no download), and batches for them."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+BERT_TARGETS = ["query", "value"]
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VOCAB = 64
+
+
+def tiny_bert(seed: int = 0, num_labels: int = 3) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=64, num_labels=num_labels,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+def tiny_llama(seed: int = 0, num_labels: int = 3) -> LlamaForSequenceClassification:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=40, max_position_embeddings=64, num_labels=num_labels, pad_token_id=0,
+    )
+    return LlamaForSequenceClassification(config).eval()
+
+
+def random_batches(seed: int, batch_size: int = 4, length: int = 12, num_labels: int = 3, count: int = 8):
+    """A finite list of classification batches with random tokens (no padding)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        {
+            "input_ids": torch.randint(1, VOCAB, (batch_size, length), generator=generator),
+            "attention_mask": torch.ones(batch_size, length, dtype=torch.long),
+            "labels": torch.randint(0, num_labels, (batch_size,), generator=generator),
+        }
+        for _ in range(count)
+    ]
+
+
+def cycle(batches):
+    return itertools.cycle(batches)
