@@ -1,0 +1,1 @@
+"""Analysis of fedsim runs: readers of results folders (`results`), plots (`plots`), cost models."""

@@ -150,6 +150,8 @@ class ClientsConfig:
     dropout: float = 0.0
     # imbalanced: the share of a client's data from its dominant label, in (1/num_labels, 1].
     dominant_share: float = 0.8
+    # Fault injection: these clients send non-finite updates (they are left out of the aggregate).
+    corrupt: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -190,6 +192,8 @@ class RuntimeConfig:
     max_restarts: int = 3
     # Straggler deadline per round, seconds; null = wait for every client.
     deadline_s: Optional[float] = None
+    # Fault injection: worker 0 dies (os._exit) after its first client of this round, once; null = never.
+    kill_worker_round: Optional[int] = None
 
 
 @dataclass
@@ -452,11 +456,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return str(value)
         raise bad("a string")
     if origin is list:
+        (item,) = typing.get_args(tp)
         if isinstance(value, str):  # "query,value" or "query"
             value = [part.strip() for part in value.split(",") if part.strip()]
-        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            if item is int and all(part.lstrip("-").isdigit() for part in value):
+                value = [int(part) for part in value]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, item) and not isinstance(v, bool) for v in value):
             return list(value)
-        raise bad("a list of strings, e.g. [query, value]")
+        raise bad("a list of integers, e.g. [0, 3]" if item is int else "a list of strings, e.g. [query, value]")
     if origin is dict:
         if value is None:
             return {}

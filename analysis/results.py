@@ -1,0 +1,170 @@
+"""Readers of a fedsim run's output folder.
+
+A run folder holds ``config.yaml``, ``rounds.parquet`` (a row per round), ``clients.parquet`` (a row
+per client per round), ``summary.json`` and ``label_counts.parquet``. A comparison folder holds one
+run folder per method. These functions read them for plots and notebooks::
+
+    from analysis.results import find_runs, load_run, runs_table
+    runs = [load_run(p) for p in find_runs("results/default")]
+    table = runs_table(runs)          # rounds of every run, with a `run` column
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import yaml
+
+from fedsim.errors import UsageError
+
+ROUNDS_FILE = "rounds.parquet"
+CLIENTS_FILE = "clients.parquet"
+CONFIG_FILE = "config.yaml"
+SUMMARY_FILE = "summary.json"
+LABEL_COUNTS_FILE = "label_counts.parquet"
+
+
+@dataclass
+class Run:
+    """One run's results: its folder, name (the method), resolved config and tables."""
+
+    path: Path
+    name: str
+    config: dict
+    rounds: pa.Table
+    clients: pa.Table | None = None
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def label_counts_path(self) -> Path:
+        return self.path / LABEL_COUNTS_FILE
+
+
+def _is_run(path: Path) -> bool:
+    return (path / ROUNDS_FILE).is_file()
+
+
+def find_runs(path) -> list[Path]:
+    """`path` itself if it is a run folder, else its direct subfolders that are (sorted by name)."""
+    path = Path(path)
+    if path.is_file() and path.name == ROUNDS_FILE:
+        path = path.parent
+    if not path.is_dir():
+        raise UsageError(f"results: {path} is not a folder; pass the output_dir of a fedsim run (or a folder of runs)")
+    if _is_run(path):
+        return [path]
+    runs = sorted(p for p in path.iterdir() if p.is_dir() and _is_run(p))
+    if not runs:
+        raise UsageError(
+            f"results: {path} has no {ROUNDS_FILE} (and no run subfolders); pass the output_dir of a fedsim run"
+        )
+    return runs
+
+
+def _read_parquet(path: Path) -> pa.Table:
+    try:
+        return pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise UsageError(f"results: cannot read {path} as Parquet ({exc}); is the run still writing it?") from None
+
+
+def load_run(path) -> Run:
+    """Read a run folder. Name: `method.name` from config.yaml, else the folder's name."""
+    path = Path(path)
+    if path.is_file() and path.name == ROUNDS_FILE:
+        path = path.parent
+    if not path.is_dir():
+        raise UsageError(f"results: {path} is not a folder; pass the output_dir of a fedsim run")
+    if not _is_run(path):
+        raise UsageError(f"results: {path} has no {ROUNDS_FILE}; pass the output_dir of a fedsim run")
+
+    config: dict = {}
+    config_path = path / CONFIG_FILE
+    if config_path.is_file():
+        try:
+            loaded = yaml.safe_load(config_path.read_text())
+        except yaml.YAMLError as exc:
+            raise UsageError(f"results: {config_path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        config = loaded if isinstance(loaded, dict) else {}
+
+    summary: dict = {}
+    summary_path = path / SUMMARY_FILE
+    if summary_path.is_file():
+        try:
+            loaded = json.loads(summary_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"results: {summary_path} is not valid JSON ({exc})") from None
+        summary = loaded if isinstance(loaded, dict) else {}
+
+    method = config.get("method")
+    name = method.get("name") if isinstance(method, dict) else method if isinstance(method, str) else None
+    clients_path = path / CLIENTS_FILE
+    return Run(
+        path=path,
+        name=str(name) if name else path.name,
+        config=config,
+        rounds=_read_parquet(path / ROUNDS_FILE),
+        clients=_read_parquet(clients_path) if clients_path.is_file() else None,
+        summary=summary,
+    )
+
+
+def _as_runs(paths_or_runs) -> list[Run]:
+    """Runs from Run objects, run folders or comparison folders (a single one, or a list)."""
+    if isinstance(paths_or_runs, (str, Path, Run)):
+        paths_or_runs = [paths_or_runs]
+    runs: list[Run] = []
+    for item in paths_or_runs:
+        if isinstance(item, Run):
+            runs.append(item)
+        else:
+            runs.extend(load_run(p) for p in find_runs(item))
+    return runs
+
+
+def run_labels(runs: list[Run]) -> list[str]:
+    """Display names: the run's name, made unique with its folder name where two runs share one."""
+    names = [r.name for r in runs]
+    labels = []
+    for run in runs:
+        if names.count(run.name) > 1 and run.path.name != run.name:
+            labels.append(f"{run.name} ({run.path.name})")
+        else:
+            labels.append(run.name)
+    # Still duplicated (same name and same folder name, different parents): number them.
+    return [f"{lab} #{labels[:i].count(lab) + 1}" if labels.count(lab) > 1 else lab for i, lab in enumerate(labels)]
+
+
+def with_cumulative_bytes(rounds: pa.Table) -> pa.Table:
+    """`rounds` sorted by round, with `bytes_up_cum` and `bytes_down_cum` (running totals) appended."""
+    if "round" in rounds.column_names:
+        rounds = rounds.sort_by("round")
+    for col in ("bytes_up", "bytes_down"):
+        name = f"{col}_cum"
+        if name in rounds.column_names:
+            rounds = rounds.drop_columns([name])
+        if col in rounds.column_names:
+            values = pc.fill_null(rounds[col].cast(pa.int64()), 0)
+            rounds = rounds.append_column(name, pc.cumulative_sum(values))
+    return rounds
+
+
+def runs_table(paths) -> pa.Table:
+    """The rounds tables of several runs stacked, with a `run` column (first) and cumulative bytes.
+
+    `paths`: run folders, comparison folders or `Run` objects (one or a list). Rows are sorted by
+    round within each run; runs keep the order given. Columns missing from one run are null there.
+    """
+    runs = _as_runs(paths)
+    if not runs:
+        raise UsageError("results: no runs given; pass run folders or a folder of runs")
+    tables = []
+    for run, label in zip(runs, run_labels(runs)):
+        rounds = with_cumulative_bytes(run.rounds)
+        tables.append(rounds.add_column(0, "run", pa.array([label] * rounds.num_rows, pa.string())))
+    return pa.concat_tables(tables, promote_options="permissive")

@@ -1,0 +1,72 @@
+"""Loading the base model and its tokenizer: an HF id or a local path, the same code for both."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from fedsim.config import Config, resolve_model_path
+from fedsim.errors import UsageError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(config: Config):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(config.model.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"model.name: cannot load a tokenizer from '{config.model.name}' ({_first_line(error)}); give an HF id or a local model folder") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(config: Config, num_labels: int, device: str = "cpu") -> nn.Module:
+    """The base classification model, its new head seeded by ``config.seed`` (so every worker builds the same one)."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve_model_path(config.model.name)
+    torch.manual_seed(config.seed)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, dtype=DTYPES[config.model.dtype], ignore_mismatched_sizes=True
+        )
+    except (OSError, ValueError) as error:
+        raise UsageError(f"model.name: cannot load '{config.model.name}' ({_first_line(error)}); give an HF id or a local model folder") from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return model.to(device).eval()
+
+
+def check_model(config: Config, num_labels: int) -> None:
+    """Fail early, in the driver, on a model that cannot be loaded or has none of the target modules.
+
+    Builds the model on the meta device (no weights, no memory) just to see its layer names.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from fedsim.adapters import target_linear_names
+
+    path = resolve_model_path(config.model.name)
+    try:
+        model_config = AutoConfig.from_pretrained(path, num_labels=num_labels)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"model.name: cannot load '{config.model.name}' ({_first_line(error)}); give an HF id or a local model folder") from None
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(model_config)
+    target_linear_names(model, config.model.target_modules)
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+
+
+def offline_by_default() -> None:
+    """No hub calls at run time unless the user asks for them: local paths and cached models only."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

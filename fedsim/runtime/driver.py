@@ -1,0 +1,370 @@
+"""The driver: partitions the data once, starts the actors, runs the rounds, writes results, checkpoints, resumes.
+
+Round r: sample clients (seeded by (seed, r)); simulate dropout; give each worker its cohort in one
+call with a reference to the global state; pass the workers' uploads, by reference, to the
+aggregator; evaluate; write a row per round and per client; checkpoint. The driver never holds
+training data or adapter tensors, only the per-client statistics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fedsim.client import derive_seed
+from fedsim.config import Config, config_to_dict, save_config
+from fedsim.errors import UsageError
+from fedsim.methods import build_method
+from fedsim.modeling import check_model, offline_by_default
+from fedsim.partition import label_counts, partition, write_partitioned
+from fedsim.runtime.aggregator import Aggregator, latest_checkpoint
+from fedsim.runtime.settings import method_settings
+from fedsim.runtime.worker import ClientWorker
+
+ROUND_COLUMNS = ["round", "method", "clients_sampled", "clients_ok", "bytes_up", "bytes_down", "agg_error",
+                 "train_loss", "eval_metric", "eval_loss", "wall_s"]
+CLIENT_COLUMNS = ["round", "client_id", "worker_id", "rank", "samples", "steps", "train_loss", "bytes_up",
+                  "bytes_down", "train_s", "status"]
+SAMPLING_STREAM, DROPOUT_STREAM = 1, 2
+
+
+def run(config: Config, resume: str | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+    """Run (or resume) one federated experiment; return its output folder."""
+    offline_by_default()
+    output_dir = Path(config.output_dir)
+    if resume is None:
+        prepare_output_dir(output_dir, overwrite)
+    elif latest_checkpoint(output_dir / "checkpoints") is None:
+        raise UsageError(f"--resume: {output_dir} has no complete checkpoint to resume from; start a new run instead")
+    experiment = Experiment(config, output_dir, resumed=resume is not None, progress=progress)
+    experiment.prepare()
+    with ray_session(config):
+        return experiment.run()
+
+
+def run_comparison(configs: list[Config], output_dir: str, overwrite: bool = False, progress: bool = True) -> Path:
+    """Run several configs (e.g. one per method) side by side under one Ray session; plot them together."""
+    for config in configs:
+        prepare_output_dir(Path(config.output_dir), overwrite)
+    experiments = [Experiment(config, Path(config.output_dir), resumed=False, progress=progress) for config in configs]
+    for experiment in experiments:
+        experiment.prepare()
+    with ray_session(configs[0]):
+        for experiment in experiments:
+            experiment.run()
+    from analysis.plots import write_run_plots
+
+    write_run_plots(Path(output_dir))
+    return Path(output_dir)
+
+
+def prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """Refuse to write into an existing run unless asked; never delete a folder that is not a fedsim run."""
+    if not output_dir.exists() or not any(output_dir.iterdir()):
+        return
+    if not overwrite:
+        raise UsageError(f"output_dir: {output_dir} already exists; pass --overwrite to replace it, --resume {output_dir} to continue it, or choose another output_dir")
+    if not (output_dir / "config.yaml").exists():
+        raise UsageError(f"output_dir: {output_dir} exists and is not a fedsim run folder; --overwrite only replaces fedsim runs")
+    shutil.rmtree(output_dir)
+
+
+@contextlib.contextmanager
+def ray_session(config: Config):
+    """Connect to ``runtime.address`` / ``RAY_ADDRESS``, reuse an initialised Ray, or start a local one on 127.0.0.1.
+
+    A ``UsageError`` raised inside an actor reaches the caller as that ``UsageError``, not as a Ray traceback.
+    """
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        address = config.runtime.address or os.environ.get("RAY_ADDRESS")
+        env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TRANSFORMERS_VERBOSITY": "error",
+                            "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}}
+        if address:
+            ray.init(address=address, runtime_env=env)
+        else:
+            needed = math.ceil(config.runtime.workers * config.runtime.cpus_per_worker)
+            ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False, _node_ip_address="127.0.0.1",
+                     runtime_env=env, logging_level="warning")
+    try:
+        yield
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, UsageError):
+            raise UsageError(str(error.cause)) from None
+        raise
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+class Experiment:
+    """One run: its data on disk, its actors, its rounds."""
+
+    def __init__(self, config: Config, output_dir: Path, resumed: bool, progress: bool):
+        self.config = config
+        self.output_dir = output_dir
+        self.resumed = resumed
+        self.progress = progress
+        self.method = build_method(config.method.name, method_settings(config))  # validates name and rank early
+        if self.method.num_clients is not None:
+            config.clients.count = config.clients.per_round = self.method.num_clients
+        self.data_dir = output_dir / "data"
+        self.round_rows: list[dict] = []
+        self.client_rows: list[dict] = []
+
+    # -- data ---------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Check the inputs and write ``config.yaml``, ``data/`` and ``label_counts.parquet`` — before Ray starts.
+
+        Everything that can be wrong with the input (workload, partition, model) fails here, before a
+        single file is written. A resumed run reads what its first start wrote.
+        """
+        if self.resumed:
+            self.meta = json.loads((self.data_dir / "meta.json").read_text())
+            check_model(self.config, self.meta["num_labels"])
+            return
+        from workloads import load_workload
+
+        c = self.config
+        workload = load_workload(c.workload.name, c.workload.path, c.workload.train_limit, c.workload.eval_limit,
+                                 c.seed, **c.workload.options)
+        labels = workload.train_labels
+        client_ids = partition(labels, c.clients.count, c.clients.partition, alpha=c.clients.alpha, seed=c.seed,
+                               dominant_share=c.clients.dominant_share)
+        check_model(c, workload.num_labels)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        save_config(c, self.output_dir / "config.yaml")
+        write_partitioned(workload.train, client_ids, str(self.data_dir / "train.parquet"))
+        eval_shards = np.arange(workload.eval.num_rows) % c.runtime.workers
+        write_partitioned(workload.eval, eval_shards, str(self.data_dir / "eval.parquet"))
+        pq.write_table(label_counts(client_ids, labels, c.clients.count, workload.num_labels), self.output_dir / "label_counts.parquet")
+        self.meta = {"workload": workload.name, "num_labels": workload.num_labels, "label_names": workload.label_names,
+                     "train_rows": workload.train.num_rows, "eval_rows": workload.eval.num_rows,
+                     "client_sizes": np.bincount(client_ids, minlength=c.clients.count).tolist()}
+        (self.data_dir / "meta.json").write_text(json.dumps(self.meta))
+
+    # -- actors ---------------------------------------------------------------------------------
+    def start_actors(self, num_labels: int) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        r = self.config.runtime
+        bundle = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}
+        check_resources(r.workers, bundle)
+        self.placement_group = placement_group([bundle] * r.workers, strategy="SPREAD")
+        ray.get(self.placement_group.ready(), timeout=300)
+        owners = np.arange(self.config.clients.count) % r.workers
+        config_dict = config_to_dict(self.config)
+        worker_cls = ray.remote(max_restarts=r.max_restarts, max_task_retries=r.max_restarts)(ClientWorker)
+        self.workers = [
+            worker_cls.options(
+                num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
+            ).remote(config_dict, i, r.workers, str(self.data_dir), np.flatnonzero(owners == i).tolist(), num_labels)
+            for i in range(r.workers)
+        ]
+        self.owner = owners
+        self.aggregator = ray.remote(Aggregator).options(num_cpus=0).remote(config_dict)
+
+    def stop_actors(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in [*self.workers, self.aggregator]:
+            ray.kill(actor)
+        remove_placement_group(self.placement_group)
+
+    def initial_state(self) -> None:
+        """Round-0 state; for LoRA-SB the calibration gradients come from the clients' own data (``adapters.init_data``)."""
+        import ray
+
+        grad_sums = None
+        a = self.config.adapters
+        if self.method.needs_init_gradients:
+            if a.init_data == "client":
+                parts = [self.workers[int(self.owner[0])].init_gradients.remote([0], a.init_samples, a.init_batch_size)]
+            else:  # pooled (and public, until a public sample can be named): every client contributes a share
+                count = self.config.clients.count
+                share = max(1, math.ceil(a.init_samples / count))
+                parts = [w.init_gradients.remote(np.flatnonzero(self.owner == i).tolist()[: a.init_samples], share, a.init_batch_size)
+                         for i, w in enumerate(self.workers)]
+            grad_sums = sum_tensors(ray.get(parts))
+        state = ray.get(self.workers[0].initial_state.remote(grad_sums))
+        ray.get(self.aggregator.set_state.remote(state))
+
+    # -- rounds ---------------------------------------------------------------------------------
+    def run(self) -> Path:
+        import ray
+        from tqdm.auto import tqdm
+
+        c = self.config
+        started = time.perf_counter()
+        self.start_actors(self.meta["num_labels"])
+        try:
+            start_round = self.restore() if self.resumed else 0
+            if not self.resumed:
+                self.initial_state()
+            save_config(c, self.output_dir / "config.yaml")
+            bar = tqdm(total=c.train.rounds * c.clients.per_round, initial=start_round * c.clients.per_round,
+                       unit="client", desc=f"{c.method.name}", disable=not self.progress, dynamic_ncols=True)
+            for round_idx in range(start_round, c.train.rounds):
+                self.run_round(round_idx, bar)
+            bar.close()
+            self.finish(time.perf_counter() - started)
+        finally:
+            self.stop_actors()
+        return self.output_dir
+
+    def sample(self, round_idx: int) -> tuple[list[int], set[int]]:
+        c = self.config.clients
+        rng = np.random.default_rng(derive_seed(self.config.seed, round_idx, SAMPLING_STREAM))
+        sampled = sorted(rng.choice(c.count, size=c.per_round, replace=False).tolist())
+        dropped = {cid for cid in sampled
+                   if np.random.default_rng(derive_seed(self.config.seed, round_idx, cid, DROPOUT_STREAM)).random() < c.dropout}
+        return sampled, dropped
+
+    def run_round(self, round_idx: int, bar) -> None:
+        import ray
+
+        start = time.perf_counter()
+        sampled, dropped = self.sample(round_idx)
+        active = [cid for cid in sampled if cid not in dropped]
+        bytes_down = ray.get(self.aggregator.downlink_bytes.remote(sampled))
+        state_ref = self.aggregator.get_state.remote()
+        calls = {}
+        for worker_id, worker in enumerate(self.workers):
+            cohort = [cid for cid in active if self.owner[cid] == worker_id]
+            if cohort:
+                calls[worker_id] = (cohort, *worker.run_cohort.options(num_returns=2).remote(round_idx, state_ref, cohort))
+        rows = [self.client_row(round_idx, cid, "dropped", bytes_down[cid]) for cid in sorted(dropped)]
+        upload_refs = []
+        pending = {call[2]: worker_id for worker_id, call in calls.items()}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            worker_id = pending.pop(done[0])
+            cohort, uploads_ref, rows_ref = calls[worker_id]
+            try:
+                worker_rows = ray.get(rows_ref)
+                upload_refs.append(uploads_ref)
+            except ray.exceptions.RayError as error:  # the actor died beyond its restarts: its clients failed
+                worker_rows = [self.client_row(round_idx, cid, "failed", 0, worker_id) for cid in cohort]
+                print(f"fedsim: worker {worker_id} failed in round {round_idx}: {type(error).__name__}")
+            for row in worker_rows:
+                row["bytes_down"] = bytes_down[row["client_id"]]
+            rows += worker_rows
+            bar.update(len(cohort))
+        bar.update(len(dropped))
+        aggregation = ray.get(self.aggregator.aggregate.remote(round_idx, *upload_refs))
+        eval_metric = eval_loss = float("nan")
+        if (round_idx + 1) % self.config.eval.every == 0 or round_idx == self.config.train.rounds - 1:
+            eval_metric, eval_loss = self.evaluate()
+        rows.sort(key=lambda row: row["client_id"])
+        ok = [row for row in rows if row["status"] == "ok"]
+        self.client_rows += rows
+        self.round_rows.append({
+            "round": round_idx, "method": self.config.method.name, "clients_sampled": len(sampled),
+            "clients_ok": len(ok), "bytes_up": sum(row["bytes_up"] for row in rows),
+            "bytes_down": sum(row["bytes_down"] for row in rows), "agg_error": aggregation["agg_error"],
+            "train_loss": float(np.mean([row["train_loss"] for row in ok])) if ok else float("nan"),
+            "eval_metric": eval_metric, "eval_loss": eval_loss, "wall_s": time.perf_counter() - start,
+        })
+        self.write_tables()
+        ray.get(self.aggregator.checkpoint.remote(str(self.output_dir / "checkpoints"), round_idx))
+        bar.set_postfix(round=round_idx, loss=f"{self.round_rows[-1]['train_loss']:.3f}", acc=f"{eval_metric:.3f}", refresh=False)
+
+    def client_row(self, round_idx: int, client_id: int, status: str, bytes_down: int, worker_id: int | None = None) -> dict:
+        return {"round": round_idx, "client_id": client_id,
+                "worker_id": int(self.owner[client_id]) if worker_id is None else worker_id, "rank": self.method.rank,
+                "samples": 0, "steps": 0, "train_loss": float("nan"), "bytes_up": 0, "bytes_down": bytes_down,
+                "train_s": 0.0, "status": status}
+
+    def evaluate(self) -> tuple[float, float]:
+        import ray
+
+        state_ref = self.aggregator.get_state.remote()
+        parts = ray.get([worker.evaluate.remote(state_ref) for worker in self.workers])
+        count = sum(p["count"] for p in parts)
+        if count == 0:
+            return float("nan"), float("nan")
+        return sum(p["correct"] for p in parts) / count, sum(p["loss_sum"] for p in parts) / count
+
+    # -- results --------------------------------------------------------------------------------
+    def write_tables(self) -> None:
+        write_rows(self.round_rows, ROUND_COLUMNS, self.output_dir / "rounds.parquet")
+        write_rows(self.client_rows, CLIENT_COLUMNS, self.output_dir / "clients.parquet")
+
+    def restore(self) -> int:
+        """Load the latest complete checkpoint and the result rows up to it; return the round to run next."""
+        import ray
+
+        stem = latest_checkpoint(self.output_dir / "checkpoints")
+        last_round = ray.get(self.aggregator.restore.remote(stem))
+        for name, rows in (("rounds.parquet", self.round_rows), ("clients.parquet", self.client_rows)):
+            table = pq.read_table(self.output_dir / name)
+            rows += [row for row in table.to_pylist() if row["round"] <= last_round]
+        return last_round + 1
+
+    def finish(self, wall_s: float) -> None:
+        import ray
+
+        state_ref = self.aggregator.get_state.remote()
+        ray.get(self.workers[0].export.remote(state_ref, str(self.output_dir / "adapter")))
+        workers = ray.get([worker.info.remote() for worker in self.workers])
+        last_eval = next((row for row in reversed(self.round_rows) if not math.isnan(row["eval_metric"])), None)
+        summary = {
+            "method": self.config.method.name,
+            "rounds": len(self.round_rows),
+            "final_eval_metric": last_eval["eval_metric"] if last_eval else None,
+            "final_eval_loss": last_eval["eval_loss"] if last_eval else None,
+            "bytes_up": sum(row["bytes_up"] for row in self.round_rows),
+            "bytes_down": sum(row["bytes_down"] for row in self.round_rows),
+            "max_agg_error": max((row["agg_error"] for row in self.round_rows if not math.isnan(row["agg_error"])), default=None),
+            "wall_s": wall_s,
+            "workers": workers,
+            "model_loads": sum(w["model_loads"] for w in workers),
+        }
+        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        from analysis.plots import write_run_plots
+
+        write_run_plots(self.output_dir)
+
+
+def write_rows(rows: list[dict], columns: list[str], path: Path) -> None:
+    """Write the rows as Parquet atomically (a temporary file, then a rename): a crash never leaves half a file."""
+    table = pa.Table.from_pylist(rows, schema=None) if rows else pa.table({c: [] for c in columns})
+    table = table.select(columns)
+    tmp = path.with_suffix(".parquet.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+def sum_tensors(parts: list[dict]) -> dict:
+    total = {}
+    for part in parts:
+        for key, value in part.items():
+            total[key] = value.clone() if key not in total else total[key] + value
+    return total
+
+
+def check_resources(workers: int, bundle: dict) -> None:
+    """A clear error when the cluster cannot hold the workers asked for (instead of waiting for ever)."""
+    import ray
+
+    available = ray.cluster_resources()
+    for resource, per_worker in bundle.items():
+        needed = workers * per_worker
+        if needed > available.get(resource, 0) + 1e-9:
+            key = {"CPU": "runtime.cpus_per_worker", "GPU": "runtime.gpus_per_worker"}[resource]
+            raise UsageError(f"{key}: {workers} workers × {per_worker} {resource} = {needed:g} {resource}s, but the Ray cluster has {available.get(resource, 0):g}; lower runtime.workers or {key}")

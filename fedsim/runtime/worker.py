@@ -1,0 +1,140 @@
+"""The ClientWorker actor: one resident base model, the data of its own clients, virtual clients one after another.
+
+A worker loads the model once, reads only its clients' rows of the partitioned dataset, and for each
+client of a cohort swaps in the global adapter state, trains, and sends back the client's upload.
+Memory grows with the number of workers, not the number of clients.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedsim.client import derive_seed, is_finite, run_client
+from fedsim.config import Config, config_from_dict
+from fedsim.data import TokenizedRows, evaluate
+from fedsim.methods import build_method, nbytes
+from fedsim.methods.base import State
+from fedsim.modeling import load_model, load_tokenizer, offline_by_default
+from fedsim.partition import read_clients
+from fedsim.runtime.settings import method_settings, train_settings
+
+
+class ClientWorker:
+    """Ray actor (wrapped with ``ray.remote`` by the driver); also usable as a plain object in tests."""
+
+    def __init__(self, config: dict, worker_id: int, num_workers: int, data_dir: str, client_ids: list[int], num_labels: int):
+        offline_by_default()
+        self.config: Config = config_from_dict(config)
+        self.worker_id = worker_id
+        threads = max(1, int(self.config.runtime.cpus_per_worker))
+        torch.set_num_threads(threads)
+        self.device = "cuda" if self.config.runtime.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
+        self.method = build_method(self.config.method.name, method_settings(self.config))
+        self.tokenizer = load_tokenizer(self.config)
+        self.model = load_model(self.config, num_labels, self.device)
+        self.model_loads = 1
+        self.method.prepare(self.model, self.config.model.target_modules)
+        self.data_dir = Path(data_dir)
+        self.client_rows = self._read_clients(client_ids)
+        eval_table = read_clients(str(self.data_dir / "eval.parquet"), [worker_id % num_workers]) if (self.data_dir / "eval.parquet").exists() else None
+        self.eval_rows = TokenizedRows(eval_table, self.tokenizer, self.config.workload.max_length) if eval_table is not None and eval_table.num_rows else None
+
+    def _read_clients(self, client_ids: list[int]) -> dict[int, TokenizedRows]:
+        table = read_clients(str(self.data_dir / "train.parquet"), client_ids)
+        column = table.column("client_id").to_numpy()
+        rows = {}
+        for client_id in client_ids:
+            index = np.flatnonzero(column == client_id)
+            rows[client_id] = TokenizedRows(table.take(index), self.tokenizer, self.config.workload.max_length)
+        return rows
+
+    def info(self) -> dict:
+        import ray
+
+        context = ray.get_runtime_context() if ray.is_initialized() else None
+        return {
+            "worker_id": self.worker_id,
+            "pid": os.getpid(),
+            "node_id": context.get_node_id() if context else None,
+            "model_loads": self.model_loads,
+            "restarted": bool(context and context.was_current_actor_reconstructed),
+            "clients": len(self.client_rows),
+            "device": self.device,
+        }
+
+    def init_gradients(self, client_ids: list[int], samples: int, batch_size: int) -> dict[str, torch.Tensor]:
+        """Σ of the full model's gradients on a seeded calibration sample of these clients' rows (LoRA-SB init).
+
+        The adapters are still zero (LoRA-SB's B = 0), so the adapted model computes the base model.
+        """
+        from fedsim.adapters import accumulate_gradients, adapted_layers
+
+        batches = []
+        for client_id in client_ids:
+            rows = self.client_rows[client_id]
+            take = min(len(rows), samples)
+            order = np.random.default_rng(derive_seed(self.config.seed, 0, client_id, 3)).permutation(len(rows))[:take]
+            batches += [rows.batch(order[i : i + batch_size]) for i in range(0, take, batch_size)]
+        batches = [{k: v.to(self.device) for k, v in b.items()} for b in batches]
+        layer_names = [f"{name}.base_layer" for name in adapted_layers(self.model)]
+        sums = accumulate_gradients(self.model, layer_names, batches)
+        return {name.removesuffix(".base_layer"): grad for name, grad in sums.items()}
+
+    def initial_state(self, grad_sums: dict[str, torch.Tensor] | None) -> State:
+        init_lr = self.config.adapters.init_lr or self.config.train.lr
+        return self.method.init_state(self.model, grad_sums, init_lr)
+
+    def run_cohort(self, round_idx: int, state: State, client_ids: list[int]) -> tuple[list[dict], list[dict]]:
+        """Train this round's clients of this worker, in client-id order. Returns (uploads, stats rows)."""
+        state = {key: value.to(self.device) for key, value in state.items()}
+        settings = train_settings(self.config)
+        deadline = self.config.runtime.deadline_s
+        start = time.perf_counter()
+        uploads, rows = [], []
+        for position, client_id in enumerate(sorted(client_ids)):
+            self._maybe_die(round_idx, position)
+            rows_of_client = self.client_rows[client_id]
+            row = {"round": round_idx, "client_id": client_id, "worker_id": self.worker_id, "rank": self.method.rank,
+                   "samples": len(rows_of_client), "steps": 0, "train_loss": float("nan"), "bytes_up": 0, "train_s": 0.0}
+            if deadline is not None and time.perf_counter() - start > deadline:
+                rows.append({**row, "status": "straggler"})
+                continue
+            batches = ({k: v.to(self.device) for k, v in b.items()}
+                       for b in rows_of_client.batches(settings.batch_size, derive_seed(self.config.seed, round_idx, client_id, 1)))
+            upload, stats = run_client(self.model, self.method, state, round_idx, batches, settings,
+                                       derive_seed(self.config.seed, round_idx, client_id))
+            if client_id in self.config.clients.corrupt:
+                upload = {key: torch.full_like(value, float("nan")) for key, value in upload.items()}
+            status = "ok" if is_finite(upload) else "nonfinite"
+            row.update(steps=stats.steps, train_loss=stats.train_loss, bytes_up=nbytes(upload), train_s=stats.train_s, status=status)
+            rows.append(row)
+            if status == "ok":
+                uploads.append({"client_id": client_id, "num_samples": len(rows_of_client), "tensors": upload})
+        return uploads, rows
+
+    def _maybe_die(self, round_idx: int, position: int) -> None:
+        """Fault injection (``runtime.kill_worker_round``): worker 0 dies once, after its first client."""
+        if self.worker_id == 0 and position == 1 and round_idx == self.config.runtime.kill_worker_round:
+            import ray
+
+            if not ray.get_runtime_context().was_current_actor_reconstructed:
+                os._exit(1)
+
+    def evaluate(self, state: State) -> dict[str, float]:
+        if self.eval_rows is None:
+            return {"correct": 0.0, "loss_sum": 0.0, "count": 0.0}
+        self.method.load_state(self.model, {key: value.to(self.device) for key, value in state.items()})
+        return evaluate(self.model, self.eval_rows, self.config.eval.batch_size, self.device)
+
+    def export(self, state: State, path: str) -> str:
+        """Write the global adapter in PEFT format (loads a fresh, un-adapted base model for it)."""
+        from fedsim.adapters.export import export_peft
+
+        base = load_model(self.config, self.model.config.num_labels)
+        export_peft(base, state, self.method.scaling, path)
+        return path

@@ -1,0 +1,118 @@
+"""End to end on a real local Ray (one session-scoped instance): actors, results, determinism, resume, faults."""
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedsim.config import load_config
+from fedsim.runtime import run, run_comparison
+
+
+def make_config(tmp_path, model_dir, name="run", **overrides):
+    base = {
+        "output_dir": str(tmp_path / name), "model.name": model_dir, "workload.name": "bbc-news",
+        "workload.train_limit": 400, "workload.eval_limit": 40, "workload.max_length": 32,
+        "clients.count": 20, "clients.per_round": 6, "clients.partition": "dirichlet", "clients.alpha": 1.0,
+        "train.rounds": 3, "train.local_steps": 2, "train.batch_size": 4, "train.lr": 0.01,
+        "runtime.workers": 2, "adapters.init_samples": 16, "adapters.init_batch_size": 8, "method.rank": 4,
+    }
+    base.update(overrides)
+    return load_config(None, [f"{k}={v}" for k, v in base.items()])
+
+
+def final_state(run_dir):
+    checkpoints = sorted(Path(run_dir, "checkpoints").glob("round_*.safetensors"))
+    return load_file(checkpoints[-1])
+
+
+def rows(run_dir, name, drop):
+    table = pq.read_table(Path(run_dir, name))
+    return table.drop_columns(drop).to_pylist()
+
+
+def assert_same_run(a, b):
+    state_a, state_b = final_state(a), final_state(b)
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        assert torch.equal(state_a[key], state_b[key]), key
+    assert rows(a, "rounds.parquet", ["wall_s"]) == rows(b, "rounds.parquet", ["wall_s"])
+    assert rows(a, "clients.parquet", ["train_s"]) == rows(b, "clients.parquet", ["train_s"])
+
+
+def test_200_clients_two_methods_two_workers(ray_local, tiny_model_dir, tmp_path):
+    configs = [
+        make_config(tmp_path, tiny_model_dir, f"cmp/{method}", **{
+            "method.name": method, "clients.count": 200, "clients.per_round": 20, "clients.partition": "iid",
+            "workload.train_limit": 1000, "train.rounds": 2, "method.rank": 24, "method.train_head": "false",
+        })
+        for method in ("fed-sb", "fedit")
+    ]
+    run_comparison(configs, str(tmp_path / "cmp"), progress=False)
+    assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 10_000
+    layers = 4  # 2 BERT layers × (query, value)
+    for config in configs:
+        out = Path(config.output_dir)
+        clients = pq.read_table(out / "clients.parquet").to_pylist()
+        assert [sum(1 for r in clients if r["round"] == k) for k in range(2)] == [20, 20]
+        assert {r["worker_id"] for r in clients} == {0, 1}
+        assert all(r["worker_id"] == r["client_id"] % 2 for r in clients)  # a worker trains only its own clients
+        assert all(r["status"] == "ok" for r in clients)
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["model_loads"] == 2  # once per worker, not once per client
+        assert sorted(w["worker_id"] for w in summary["workers"]) == [0, 1]
+        rounds = pq.read_table(out / "rounds.parquet").to_pylist()
+        assert len(rounds) == 2 and all(r["clients_ok"] == 20 for r in rounds)
+        assert all(0.0 <= r["eval_metric"] <= 1.0 for r in rounds)
+        for name in ("config.yaml", "label_counts.parquet", "plot.png", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+            assert (out / name).exists(), name
+        if config.method.name == "fed-sb":
+            analytic = 4 * layers * 24**2  # float32 R per adapted layer
+            assert all(abs(r["bytes_up"] - analytic) / analytic < 0.05 for r in clients)
+            assert all(r["agg_error"] < 1e-5 for r in rounds)
+        else:
+            assert all(r["agg_error"] > 0 for r in rounds)
+            assert all(r["bytes_up"] > 4 * layers * 24**2 * 2 for r in clients)
+
+
+def test_same_config_same_numbers_and_resume(ray_local, tiny_model_dir, tmp_path):
+    whole = make_config(tmp_path, tiny_model_dir, "whole")
+    run(whole, progress=False)
+    again = make_config(tmp_path, tiny_model_dir, "again")
+    run(again, progress=False)
+    assert_same_run(tmp_path / "whole", tmp_path / "again")
+
+    stopped = make_config(tmp_path, tiny_model_dir, "stopped", **{"train.rounds": 1})
+    run(stopped, progress=False)
+    resumed = load_config(str(tmp_path / "stopped" / "config.yaml"), ["train.rounds=3"])
+    run(resumed, resume=str(tmp_path / "stopped"), progress=False)
+    assert_same_run(tmp_path / "whole", tmp_path / "stopped")
+
+
+def test_a_killed_worker_is_restarted_and_changes_nothing(ray_local, tiny_model_dir, tmp_path):
+    plain = make_config(tmp_path, tiny_model_dir, "plain", **{"method.name": "fedex-lora", "train.rounds": 2})
+    run(plain, progress=False)
+    killed = make_config(tmp_path, tiny_model_dir, "killed", **{"method.name": "fedex-lora", "train.rounds": 2, "runtime.kill_worker_round": 1})
+    run(killed, progress=False)
+    workers = json.loads((tmp_path / "killed" / "summary.json").read_text())["workers"]
+    assert [w["restarted"] for w in sorted(workers, key=lambda w: w["worker_id"])] == [True, False]
+    assert_same_run(tmp_path / "plain", tmp_path / "killed")
+
+
+def test_nonfinite_and_dropped_clients_are_left_out(ray_local, tiny_model_dir, tmp_path):
+    config = make_config(tmp_path, tiny_model_dir, "faulty", **{
+        "clients.per_round": 20, "clients.corrupt": "[3,8]", "clients.dropout": 0.3, "train.rounds": 2, "method.name": "fedit"})
+    run(config, progress=False)
+    clients = pq.read_table(tmp_path / "faulty" / "clients.parquet").to_pylist()
+    assert {r["client_id"] for r in clients if r["status"] == "nonfinite"} <= {3, 8}
+    assert any(r["status"] == "nonfinite" for r in clients)
+    assert any(r["status"] == "dropped" for r in clients)
+    for r in pq.read_table(tmp_path / "faulty" / "rounds.parquet").to_pylist():
+        in_round = [c for c in clients if c["round"] == r["round"]]
+        assert r["clients_ok"] == sum(c["status"] == "ok" for c in in_round)
+        assert r["agg_error"] == r["agg_error"] and r["eval_metric"] == r["eval_metric"]  # finite, not NaN
+    state = final_state(tmp_path / "faulty")
+    assert all(torch.isfinite(t).all() for t in state.values())
