@@ -91,7 +91,7 @@ class WorkloadConfig:
     # Dataset file or folder, for workloads that read local files; null = the workload's default.
     path: Optional[str] = None
     # Tokens per example; longer inputs are truncated.
-    max_length: int = 128
+    max_length: int = 64
     # Training examples kept before partitioning; null = all.
     train_limit: Optional[int] = 2000
     # Evaluation examples; null = all.
@@ -165,7 +165,7 @@ class TrainConfig:
     # Local batch size.
     batch_size: int = 16
     # Learning rate (AdamW).
-    lr: float = 0.001
+    lr: float = 0.005
     # AdamW weight decay.
     weight_decay: float = 0.0
     # Learning-rate schedule: constant | linear | cosine.

@@ -67,6 +67,10 @@ def _first_line(error: Exception) -> str:
 
 
 def offline_by_default() -> None:
-    """No hub calls at run time unless the user asks for them: local paths and cached models only."""
+    """No hub calls at run time unless the user asks for them: local paths and cached models only; quiet loading."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()

@@ -101,7 +101,8 @@ class ClientWorker:
             rows_of_client = self.client_rows[client_id]
             row = {"round": round_idx, "client_id": client_id, "worker_id": self.worker_id, "rank": self.method.rank,
                    "samples": len(rows_of_client), "steps": 0, "train_loss": float("nan"), "bytes_up": 0, "train_s": 0.0}
-            if deadline is not None and time.perf_counter() - start > deadline:
+            late = deadline is not None and time.perf_counter() - start > deadline
+            if late:  # the round's deadline has passed: this client would only report later still
                 rows.append({**row, "status": "straggler"})
                 continue
             batches = ({k: v.to(self.device) for k, v in b.items()}
@@ -111,6 +112,8 @@ class ClientWorker:
             if client_id in self.config.clients.corrupt:
                 upload = {key: torch.full_like(value, float("nan")) for key, value in upload.items()}
             status = "ok" if is_finite(upload) else "nonfinite"
+            if deadline is not None and time.perf_counter() - start > deadline:
+                status = "straggler"  # trained, but its update arrived after the deadline
             row.update(steps=stats.steps, train_loss=stats.train_loss, bytes_up=nbytes(upload), train_s=stats.train_s, status=status)
             rows.append(row)
             if status == "ok":
