@@ -207,6 +207,101 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# fedsim comm (analysis/comm.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def _add_comm(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="minilm", metavar="M",
+                        help="a preset (bert-base, roberta-base, roberta-large, minilm-l6, llama-3.2-3b, mistral-7b, "
+                        "gemma-2-9b), an HF config.json, or a model folder (default: minilm)")
+    parser.add_argument("--method", default="all", metavar="METHOD|all", help="a method, a comma-separated list, or all (default)")
+    parser.add_argument("--rank", default="4", metavar="R[,R…]", help="adapter rank(s) (default 4)")
+    parser.add_argument("--clients", default="10", metavar="C[,C…]", help="clients taking part each round (default 10)")
+    parser.add_argument("--targets", metavar="T1,T2",
+                        help="target modules (default: query,value for BERT-like models, the seven projections for Llama-like ones)")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds for the total column (default 1)")
+    parser.add_argument("--dtype", default="float32", help="adapter dtype: float32 (default), bfloat16, float16")
+    parser.add_argument("--head", action="store_true", help="count the classification head (method.train_head) both ways")
+    parser.add_argument("--labels", type=int, metavar="N", help="classes of the head (default: the config's, else 2)")
+    parser.add_argument("--task", default="classification", help="classification (default) or causal-lm (names of the layers)")
+    parser.add_argument("--fedex-down", default="residual", help="fedex-lora's broadcast: residual (as the runtime sends it, "
+                        "default) or adapters (c·Σr(d+k), as the papers count it)")
+    parser.add_argument("--switch-round", type=int, default=3, help="fra-then-ffa: first FFA round (default 3)")
+    parser.add_argument("--adapter", default="lora-sb", help="central: lora-sb (default) or lora")
+    parser.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
+
+
+def _cmd_comm(args: argparse.Namespace) -> int:
+    import json
+
+    from analysis.comm import comm_table, format_table, parse_ints
+
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
+    if args.labels is not None and args.labels < 1:
+        raise UsageError(f"--labels: must be ≥ 1, got {args.labels}")
+    rows = comm_table(
+        args.model, args.method, parse_ints(args.rank, "--rank"), parse_ints(args.clients, "--clients"),
+        target_modules=targets, rounds=args.rounds, task=args.task, head=args.head, num_labels=args.labels,
+        dtype=args.dtype, switch_round=args.switch_round, adapter=args.adapter, fedex_down=args.fedex_down,
+    )
+    if args.json:
+        print(json.dumps([row.as_dict() for row in rows], indent=1))
+    else:
+        print(format_table(rows))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# fedsim report (analysis/report.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def _add_report(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dirs", nargs="+", metavar="DIR", help="run folders, or folders of runs (a comparison, a sweep)")
+    parser.add_argument("--out", metavar="OUT", help="where to write the PNGs and report.md (default: <first DIR>/report)")
+    parser.add_argument("--clients", default="10,20,50,100,200,500,1000", metavar="C,C…",
+                        help="client counts of the analytic communication plot (default 10 to 1000)")
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from analysis.comm import parse_ints
+    from analysis.report import write_report
+
+    for d in args.dirs:
+        if not Path(d).exists():
+            raise UsageError(f"report: {d}: no such folder; pass the output_dir of a fedsim run")
+    report = write_report(args.dirs, args.out, clients=parse_ints(args.clients, "--clients"))
+    print(report)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# fedsim sweep (analysis/sweep.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def _add_sweep(parser: argparse.ArgumentParser) -> None:
+    _add_config_arguments(parser)
+    parser.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
+                        help="the grid: one or more dotted keys, each with comma-separated values "
+                        "(e.g. method.name=fed-sb,fedit clients.count=10,100 method.rank=4,16); give fixed overrides before --grid")
+    parser.add_argument("--overwrite", action="store_true", help="run every point again, also those already finished")
+    parser.add_argument("--dry-run", action="store_true", help="list the points and where they go, run nothing")
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from analysis.sweep import parse_grid, run_sweep
+
+    config_path, overrides = _split_items(args.items)
+    grid = parse_grid(args.grid)
+    path = run_sweep(config_path, grid, overrides, overwrite=args.overwrite, dry_run=args.dry_run)
+    if not args.dry_run:
+        print(path)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # The table of subcommands. Later: comm, report, submit, status, logs.
 # ---------------------------------------------------------------------------------------------
 
@@ -237,6 +332,44 @@ COMMANDS: dict[str, Command] = {
         ),
         add_arguments=_add_config,
         handler=_cmd_config,
+    ),
+    "comm": Command(
+        help="communication cost per client and round of every method, from a model's shapes (analytic)",
+        description=(
+            "Print the parameters and bytes each method sends per client per round, up and down, and the\n"
+            "totals, from a model's architecture (a preset, an HF config.json or a model folder; no weights).\n\n"
+            "examples:\n"
+            "  fedsim comm --model llama-3.2-3b --method all --rank 32,120 --clients 10,100,1000\n"
+            "  fedsim comm --model bert-base --targets query,value --method fed-sb,fedit --rank 16 --json"
+        ),
+        add_arguments=_add_comm,
+        handler=_cmd_comm,
+    ),
+    "report": Command(
+        help="write the figures and a Markdown summary of one or more runs",
+        description=(
+            "Write PNGs (accuracy vs communicated parameters with the Pareto front, analytic communication vs\n"
+            "clients, metric and loss per round, aggregation error, epsilon vs accuracy where private) and\n"
+            "report.md, with the measured bytes beside the analytic prediction (mismatches flagged).\n\n"
+            "examples:\n"
+            "  fedsim report results/default\n"
+            "  fedsim report results/a results/b --out results/ab-report"
+        ),
+        add_arguments=_add_report,
+        handler=_cmd_report,
+    ),
+    "sweep": Command(
+        help="run a grid of configs under one Ray session and gather the rounds in one Parquet table",
+        description=(
+            "Run every point of a grid (the config with each combination of the --grid values) into\n"
+            "<output_dir>/<point>/, then gather every point's rounds into <output_dir>/sweep.parquet.\n"
+            "Finished points are skipped unless --overwrite. runtime.address=auto runs on a cluster.\n\n"
+            "examples:\n"
+            "  fedsim sweep my.yaml train.rounds=10 --grid method.name=fed-sb,fedit clients.count=10,100\n"
+            "  fedsim sweep my.yaml --grid method.rank=4,16,64 --dry-run"
+        ),
+        add_arguments=_add_sweep,
+        handler=_cmd_sweep,
     ),
 }
 

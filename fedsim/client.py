@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from fedsim.methods.base import Method, State
+from fedsim.privacy import PrivacySettings
 from fedsim.trainer import TrainSettings, TrainStats, train_local
 
 
@@ -28,11 +29,14 @@ def run_client(
     batches: Iterator[dict[str, torch.Tensor]],
     settings: TrainSettings,
     seed: int,
+    rank: int | None = None,
+    privacy: PrivacySettings | None = None,
 ) -> tuple[State, TrainStats]:
-    """Train one client from the global ``state``; return its upload and its training stats."""
-    method.load_state(model, state)
+    """Train one client (of adapter rank ``rank``, default the method's) from the global ``state``;
+    return its upload and its training stats. ``privacy`` makes every step a DP-SGD step."""
+    method.load_state(model, state, rank)
     params = method.trainable_parameters(model, round_idx)
-    stats = train_local(model, list(params.values()), batches, settings, seed)
+    stats = train_local(model, list(params.values()), batches, settings, seed, privacy)
     return method.upload(model, round_idx), stats
 
 

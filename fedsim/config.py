@@ -36,7 +36,10 @@ PARTITIONS = ("iid", "dirichlet", "imbalanced")
 CLIENT_WEIGHTS = ("samples", "uniform")
 SCHEDULES = ("constant", "linear", "cosine")
 INIT_DATA = ("pooled", "client", "public")
+RANK_AGGREGATIONS = ("zero-pad", "partitioned")
+ACCOUNTANTS = ("rdp", "prv")
 CENTRAL_ADAPTERS = ("lora-sb", "lora")
+LOSS_ON = ("response", "all")
 # Used when fedsim.methods cannot be imported (see method_names).
 FALLBACK_METHOD_NAMES = (
     "fed-sb", "fedit", "fedex-lora", "ffa-lora", "flora", "fra-lora", "fra-then-ffa", "central",
@@ -98,6 +101,8 @@ class WorkloadConfig:
     eval_limit: Optional[int] = 400
     # Loader-specific settings (text_column, label_column, ...), passed through unchecked.
     options: dict[str, Any] = field(default_factory=dict)
+    # causal-lm: the loss on the response tokens only (response) or on prompt and response (all).
+    loss_on: str = "response"
 
 
 @dataclass
@@ -152,6 +157,31 @@ class ClientsConfig:
     dominant_share: float = 0.8
     # Fault injection: these clients send non-finite updates (they are left out of the aggregate).
     corrupt: list[int] = field(default_factory=list)
+    # Per-client adapter ranks (each <= method.rank): a list of clients.count ranks, or a shorter list
+    # to draw each client's rank from (uniformly, seeded); [] = every client at method.rank.
+    ranks: list[int] = field(default_factory=list)
+    # How lower-rank updates are combined: zero-pad (divide by all clients) | partitioned (by the clients that trained an entry).
+    rank_aggregation: str = "zero-pad"
+
+
+@dataclass
+class PrivacyConfig:
+    """DP-SGD through Opacus: per-sample clipping, Gaussian noise, Poisson sampling, an accountant."""
+
+    # Train every client with DP-SGD (federated private; with method central: central private).
+    enabled: bool = False
+    # Target epsilon per client over the whole run; the noise multiplier is calibrated to it.
+    epsilon: Optional[float] = None
+    # Target delta.
+    delta: float = 1e-5
+    # Fixed noise multiplier instead of a target epsilon.
+    noise_multiplier: Optional[float] = None
+    # Per-sample clipping norm C (over all trained tensors together).
+    max_grad_norm: float = 1.0
+    # Privacy accountant: rdp | prv.
+    accountant: str = "rdp"
+    # LoRA-SB init on client data under DP: noise multiplier of its clipped gradient sum (its cost is counted).
+    init_noise_multiplier: Optional[float] = None
 
 
 @dataclass
@@ -204,6 +234,8 @@ class EvalConfig:
     every: int = 1
     # Evaluation batch size.
     batch_size: int = 64
+    # causal-lm: greedy generation stops after this many new tokens (or at EOS).
+    max_new_tokens: int = 32
 
 
 @dataclass
@@ -220,6 +252,7 @@ class Config:
     adapters: AdaptersConfig = field(default_factory=AdaptersConfig)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -520,6 +553,7 @@ def _validate(cfg: Config) -> None:
     _positive_int(w.max_length, "workload.max_length")
     _positive_int(w.train_limit, "workload.train_limit", optional=True)
     _positive_int(w.eval_limit, "workload.eval_limit", optional=True)
+    _choice(w.loss_on, LOSS_ON, "workload.loss_on")
 
     me = cfg.method
     _choice(me.name, method_names(), "method.name", what="method ")
@@ -545,6 +579,21 @@ def _validate(cfg: Config) -> None:
     _choice(c.weights, CLIENT_WEIGHTS, "clients.weights")
     _check(0.0 <= c.dropout < 1.0, "clients.dropout", f"must be in [0, 1), got {_num(c.dropout)}")
     _check(0.0 < c.dominant_share <= 1.0, "clients.dominant_share", f"must be in (0, 1], got {_num(c.dominant_share)}")
+    _check(all(1 <= r <= me.rank for r in c.ranks), "clients.ranks",
+           f"every rank must be between 1 and method.rank ({me.rank}), got {c.ranks}")
+    _check(len(c.ranks) <= c.count, "clients.ranks", f"lists {len(c.ranks)} ranks for {c.count} clients")
+    _choice(c.rank_aggregation, RANK_AGGREGATIONS, "clients.rank_aggregation")
+
+    p = cfg.privacy
+    if p.enabled:
+        _check((p.epsilon is None) != (p.noise_multiplier is None), "privacy.epsilon",
+               "give exactly one of privacy.epsilon (a target) or privacy.noise_multiplier")
+    _positive(p.epsilon, "privacy.epsilon", optional=True)
+    _check(0.0 < p.delta < 1.0, "privacy.delta", f"must be in (0, 1), got {_num(p.delta)}")
+    _check(p.noise_multiplier is None or p.noise_multiplier >= 0, "privacy.noise_multiplier", f"must be >= 0, got {p.noise_multiplier}")
+    _positive(p.max_grad_norm, "privacy.max_grad_norm")
+    _choice(p.accountant, ACCOUNTANTS, "privacy.accountant")
+    _positive(p.init_noise_multiplier, "privacy.init_noise_multiplier", optional=True)
 
     t = cfg.train
     _positive_int(t.rounds, "train.rounds")
@@ -568,6 +617,7 @@ def _validate(cfg: Config) -> None:
     e = cfg.eval
     _positive_int(e.every, "eval.every")
     _positive_int(e.batch_size, "eval.batch_size")
+    _positive_int(e.max_new_tokens, "eval.max_new_tokens")
 
 
 def _check(ok: bool, key: str, message: str) -> None:

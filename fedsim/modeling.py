@@ -26,16 +26,22 @@ def load_tokenizer(config: Config):
     return tokenizer
 
 
-def load_model(config: Config, num_labels: int, device: str = "cpu") -> nn.Module:
-    """The base classification model, its new head seeded by ``config.seed`` (so every worker builds the same one)."""
-    from transformers import AutoModelForSequenceClassification
+def _model_class(config: Config):
+    """``AutoModelForCausalLM`` for ``model.task: causal-lm``, else ``AutoModelForSequenceClassification``."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    return AutoModelForCausalLM if config.model.task == "causal-lm" else AutoModelForSequenceClassification
+
+
+def load_model(config: Config, num_labels: int, device: str = "cpu") -> nn.Module:
+    """The base model: for classification with its new head seeded by ``config.seed`` (so every worker
+    builds the same one); for ``causal-lm`` the LM as pretrained (no new head; ``num_labels`` unused)."""
     path = resolve_model_path(config.model.name)
     torch.manual_seed(config.seed)
+    causal = config.model.task == "causal-lm"
+    kwargs = {} if causal else {"num_labels": num_labels, "ignore_mismatched_sizes": True}
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, dtype=DTYPES[config.model.dtype], ignore_mismatched_sizes=True
-        )
+        model = _model_class(config).from_pretrained(path, dtype=DTYPES[config.model.dtype], **kwargs)
     except (OSError, ValueError) as error:
         raise UsageError(f"model.name: cannot load '{config.model.name}' ({_first_line(error)}); give an HF id or a local model folder") from None
     if model.config.pad_token_id is None:
@@ -48,17 +54,21 @@ def check_model(config: Config, num_labels: int) -> None:
 
     Builds the model on the meta device (no weights, no memory) just to see its layer names.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     from fedsim.adapters import target_linear_names
 
     path = resolve_model_path(config.model.name)
+    kwargs = {} if config.model.task == "causal-lm" else {"num_labels": num_labels}
     try:
-        model_config = AutoConfig.from_pretrained(path, num_labels=num_labels)
+        model_config = AutoConfig.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as error:
         raise UsageError(f"model.name: cannot load '{config.model.name}' ({_first_line(error)}); give an HF id or a local model folder") from None
-    with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(model_config)
+    try:
+        with torch.device("meta"):
+            model = _model_class(config).from_config(model_config)
+    except ValueError as error:  # e.g. a BERT checkpoint with model.task: causal-lm
+        raise UsageError(f"model.task: '{config.model.name}' cannot be loaded as a {config.model.task} model ({_first_line(error)})") from None
     target_linear_names(model, config.model.target_modules)
 
 

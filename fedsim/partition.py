@@ -257,3 +257,14 @@ def read_clients(path: str, client_ids: list[int]) -> pa.Table:
     if table.num_rows:
         table = table.take(pc.sort_indices(table, sort_keys=[(CLIENT_ID, "ascending"), (EXAMPLE_ID, "ascending")]))
     return table.replace_schema_metadata(None)
+
+
+def assign_ranks(ranks: list[int], num_clients: int, full_rank: int, seed: int = 0) -> np.ndarray:
+    """Each client's adapter rank: ``ranks`` itself if it lists one per client, else draws from it
+    (uniformly, seeded); every client at ``full_rank`` when ``ranks`` is empty."""
+    if not ranks:
+        return np.full(num_clients, full_rank, dtype=np.int64)
+    if len(ranks) == num_clients:
+        return np.asarray(ranks, dtype=np.int64)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5A4E]))
+    return np.asarray(ranks, dtype=np.int64)[rng.integers(0, len(ranks), size=num_clients)]

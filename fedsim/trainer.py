@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fedsim.privacy import PrivacySettings, PrivateStep
+
 
 @dataclass(frozen=True)
 class TrainSettings:
@@ -50,42 +52,55 @@ def lr_factor(step: int, settings: TrainSettings) -> float:
 def train_local(
     model: nn.Module,
     params: list[nn.Parameter],
-    batches: Iterator[dict[str, torch.Tensor]],
+    batches: Iterator[dict[str, torch.Tensor] | None],
     settings: TrainSettings,
     seed: int,
+    privacy: PrivacySettings | None = None,
 ) -> TrainStats:
     """Run ``settings.local_steps`` steps of AdamW (fresh state) on ``params``; ``loss = model(**batch).loss``.
 
-    ``seed`` fixes dropout and any other randomness of the forward pass, so a client's training is
-    a function of (its data, the global state, the seed).
+    ``seed`` fixes dropout, the DP noise and any other randomness, so a client's training is a
+    function of (its data, the global state, the seed). With ``privacy``, every step is a DP-SGD
+    step through Opacus (``fedsim.privacy``): ``batches`` should then be Poisson batches (``None``
+    for an empty one), and ``settings.max_grad_norm`` is ignored (clipping is per sample).
     """
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    private = PrivateStep(model, optimizer, params, privacy, seed) if privacy is not None else None
+    step_optimizer = private.optimizer if private is not None else optimizer
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, settings))
     model.train()
     losses: list[float] = []
     samples = 0
     start = time.perf_counter()
-    for _ in range(settings.local_steps):
-        batch = next(batches)
-        loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if settings.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
-        samples += _batch_size(batch)
-    model.eval()
+    try:
+        for _ in range(settings.local_steps):
+            batch = next(batches)
+            step_optimizer.zero_grad(set_to_none=True)
+            if private is not None:
+                losses.append(private.loss(batch))
+            else:
+                loss = model(**batch).loss
+                loss.backward()
+                if settings.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+                losses.append(loss.item())
+            step_optimizer.step()
+            scheduler.step()
+            samples += _batch_size(batch)
+    finally:
+        if private is not None:
+            private.close()
+        model.eval()
+    finite = [loss for loss in losses if loss == loss]
     return TrainStats(
         steps=len(losses),
         samples=samples,
-        train_loss=sum(losses) / len(losses) if losses else float("nan"),
+        train_loss=sum(finite) / len(finite) if finite else float("nan"),
         train_s=time.perf_counter() - start,
         losses=losses,
     )
 
 
-def _batch_size(batch: dict[str, torch.Tensor]) -> int:
-    return len(next(iter(batch.values())))
+def _batch_size(batch: dict[str, torch.Tensor] | None) -> int:
+    return 0 if batch is None else len(next(iter(batch.values())))

@@ -46,7 +46,7 @@ def test_defaults_load_and_match_the_dataclasses():
     assert cfg.model.name == "minilm"
     assert cfg.model.target_modules == ["query", "value"]
     assert cfg.workload.name == "bbc-news"
-    assert cfg.train.lr == 0.001
+    assert cfg.train.lr == 0.005
     assert cfg.runtime.address is None
     assert cfg.workload.options == {}
 
@@ -86,7 +86,7 @@ def test_yaml_merges_over_default(tmp_path):
     path = write(tmp_path, "train:\n  rounds: 7\nclients:\n  count: 50\n  per_round: 5\n")
     cfg = load_config(path, [])
     assert cfg.train.rounds == 7
-    assert cfg.train.lr == 0.001  # untouched keys of the same section keep the default
+    assert cfg.train.lr == 0.005  # untouched keys of the same section keep the default
     assert cfg.clients.count == 50 and cfg.clients.per_round == 5
     assert cfg.method == MethodConfig()
 

@@ -13,23 +13,34 @@ import numpy as np
 import pyarrow as pa
 
 from fedsim.errors import UsageError
-from workloads.base import CLASSIFICATION_SCHEMA, Workload, classification_table
-from workloads.classification import load_bbc_news, load_snli, load_sst2, load_text_file, option_field
+from workloads.base import CLASSIFICATION_SCHEMA, INSTRUCTION_SCHEMA, Workload, classification_table, instruction_table
+from workloads.classification import load_bbc_news, load_mnli, load_snli, load_sst2, load_text_file, option_field
+from workloads.instruction import load_commonsense, load_gsm8k, load_math, load_metamathqa
 
 LOADERS = {
     "bbc-news": load_bbc_news,
+    "commonsense": load_commonsense,
+    "gsm8k": load_gsm8k,
+    "math": load_math,
+    "metamathqa": load_metamathqa,
+    "mnli": load_mnli,
     "snli": load_snli,
     "sst2": load_sst2,
     "text-file": load_text_file,
 }
+# The task of each workload's tables (model.task must agree).
+TASKS = {name: "causal-lm" if name in ("commonsense", "gsm8k", "math", "metamathqa") else "classification" for name in LOADERS}
 WORKLOAD_NAMES = tuple(sorted(LOADERS))
 
 __all__ = [
     "CLASSIFICATION_SCHEMA",
+    "INSTRUCTION_SCHEMA",
     "LOADERS",
+    "TASKS",
     "WORKLOAD_NAMES",
     "Workload",
     "classification_table",
+    "instruction_table",
     "limit_rows",
     "load_workload",
 ]

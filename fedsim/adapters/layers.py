@@ -32,15 +32,40 @@ class AdaptedLayer:
         return {"lora_A": self.lora_A, "lora_B": self.lora_B, "lora_R": self.lora_R, "base": self.base}[kind]
 
     def delta_weight(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """``scaling · B [R] A`` (d×k), computed in ``dtype``."""
+        """``scaling · B [R] A`` (d×k), computed in ``dtype``, over the rank in use."""
         R = None if self.lora_R is None else self.lora_R.weight.detach().to(dtype)
-        return adapter_product(self.lora_B.weight.detach().to(dtype), R, self.lora_A.weight.detach().to(dtype), self.scaling)
+        rank = self.lora_A.weight.shape[0] if R is None else R.shape[0]
+        B = self.lora_B.weight.detach()[:, :rank].to(dtype)
+        return adapter_product(B, R, self.lora_A.weight.detach()[:rank].to(dtype), self.scaling)
 
 
 def adapter_product(B: torch.Tensor, R: torch.Tensor | None, A: torch.Tensor, scaling: float) -> torch.Tensor:
     """``scaling · B R A`` (or ``scaling · B A`` without R), associating the cheap way."""
     inner = A if R is None else R @ A
     return (B @ inner) * scaling
+
+
+def set_rank(model: nn.Module, rank: int) -> None:
+    """Let every adapted layer use only its leading ``rank`` components (HetLoRA-style truncation).
+
+    LoRA-SB layers swap in an r_i×r_i R; PEFT LoRA layers swap in r_i-sized A and B modules. The
+    values are set afterwards from the global state (``Method.load_state``), so nothing is lost.
+    """
+    for module in model.modules():
+        if isinstance(module, LoraSBLinear):
+            module.set_rank(rank)
+        elif _is_peft_lora_linear(module):
+            for adapter in module.lora_A:
+                A, B = module.lora_A[adapter], module.lora_B[adapter]
+                if A.out_features != rank:
+                    factory = {"dtype": A.weight.dtype, "device": A.weight.device}
+                    module.lora_A[adapter] = nn.Linear(A.in_features, rank, bias=False, **factory)
+                    module.lora_B[adapter] = nn.Linear(rank, B.out_features, bias=False, **factory)
+
+
+def leading_block(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The leading ``shape`` block of ``tensor`` (the components a lower-rank client uses)."""
+    return tensor[tuple(slice(0, n) for n in shape)]
 
 
 def strip_peft_prefix(name: str) -> str:

@@ -45,8 +45,23 @@ class LoraSBLinear(nn.Module):
     def weight(self) -> torch.Tensor:  # so code that reads ``module.weight`` (e.g. dtype checks) still works
         return self.base_layer.weight
 
+    @property
+    def rank(self) -> int:
+        """The rank in use: R may be a leading block of the full rank (rank-heterogeneous clients)."""
+        return self.lora_R.in_features
+
+    def set_rank(self, rank: int) -> None:
+        """Use the leading ``rank`` components only: a fresh r_i×r_i R; B and A are sliced in ``forward``."""
+        if rank != self.rank:
+            weight = self.lora_R.weight
+            self.lora_R = nn.Linear(rank, rank, bias=False, dtype=weight.dtype, device=weight.device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + self.lora_B(self.lora_R(self.lora_A(x)))
+        if self.rank == self.lora_A.out_features:
+            return self.base_layer(x) + self.lora_B(self.lora_R(self.lora_A(x)))
+        rank = self.rank  # a rank-r_i client: B[:, :r_i] R_i A[:r_i]; Opacus still sees R as a plain nn.Linear
+        hidden = nn.functional.linear(x, self.lora_A.weight[:rank])
+        return self.base_layer(x) + nn.functional.linear(self.lora_R(hidden), self.lora_B.weight[:, :rank])
 
 
 def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

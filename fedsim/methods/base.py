@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fedsim.adapters.layers import adapted_layers, adapter_product
+from fedsim.adapters.layers import adapted_layers, adapter_product, leading_block, set_rank
 from fedsim.adapters.lora_sb import inject_lora_sb, target_linear_names
 from fedsim.adapters.init import lora_sb_factors
 from fedsim.errors import UsageError
@@ -45,6 +45,7 @@ class MethodSettings:
     adapter: str = "lora-sb"  # central: "lora-sb" or "lora"
     weights: str = "samples"  # "samples" (w_i ∝ n_i) or "uniform" (w_i = 1/c)
     seed: int = 0
+    rank_aggregation: str = "zero-pad"  # rank-heterogeneous clients: "zero-pad" or "partitioned" (DESIGN.md)
 
 
 @dataclass
@@ -205,8 +206,13 @@ class Method:
         return params
 
     # -- 3. what goes down and up -----------------------------------------------------------
-    def load_state(self, model: nn.Module, state: State) -> None:
-        """Set a prepared model to the global state (what a client starts its round from)."""
+    def load_state(self, model: nn.Module, state: State, rank: int | None = None) -> None:
+        """Set a prepared model to the global state (what a client starts its round from).
+
+        A client of rank ``rank`` < r uses the leading rank components of every adapter (its block of
+        R for LoRA-SB; the first rows of A and columns of B for LoRA), as HetLoRA and Fed-SB define it.
+        """
+        set_rank(model, rank or self.rank)
         layers = adapted_layers(model)
         heads = head_parameters(model)
         with torch.no_grad():
@@ -218,7 +224,8 @@ class Method:
                 if kind == "base_delta":
                     _set_base_delta(layers[name].base, value)
                 else:
-                    layers[name].module(kind).weight.copy_(value)
+                    weight = layers[name].module(kind).weight
+                    weight.copy_(leading_block(value, weight.shape))
 
     def upload(self, model: nn.Module, round_idx: int) -> State:
         """The client's message: its trained tensors, copied to CPU."""
@@ -242,7 +249,7 @@ class Method:
     def aggregate(self, state: State, uploads: Sequence[Upload], round_idx: int) -> RoundResult:
         """FedAvg of the uploaded tensors. Exact where the trained tensors enter the product linearly."""
         uploads, weights = self.ordered(uploads)
-        averaged = self.average(uploads, weights)
+        averaged = self.average(state, uploads, weights)
         return self.finish(state, {**state, **averaged}, averaged, uploads, weights)
 
     # -- shared helpers -------------------------------------------------------------------------
@@ -252,17 +259,35 @@ class Method:
         ordered = sorted(uploads, key=lambda u: u.client_id)
         return ordered, self.client_weights(ordered)
 
-    @staticmethod
-    def average(uploads: Sequence[Upload], weights: Sequence[float]) -> State:
-        return {key: weighted_mean([u.tensors[key] for u in uploads], weights) for key in uploads[0].tensors}
+    def average(self, state: State, uploads: Sequence[Upload], weights: Sequence[float]) -> State:
+        """``Σ w_i t_i`` for every uploaded tensor. Lower-rank clients' blocks are zero-padded to the global
+        shape; ``partitioned`` divides each entry by the weight of the clients that trained it instead."""
+        averaged = {}
+        for key in uploads[0].tensors:
+            shape = state[key].shape if key in state else uploads[0].tensors[key].shape
+            tensors = [pad_to(u.tensors[key], shape) for u in uploads]
+            partial = any(u.tensors[key].shape != shape for u in uploads)
+            if self.settings.rank_aggregation == "partitioned" and partial:
+                total = weighted_mean([t.to(torch.float64) for t in tensors], weights)
+                coverage = weighted_mean([pad_to(torch.ones(u.tensors[key].shape, dtype=torch.float64), shape) for u in uploads], weights)
+                untrained = state[key].to(torch.float64)  # entries no client trained keep their value
+                averaged[key] = torch.where(coverage > 0, total / coverage.clamp_min(1e-300), untrained).to(state[key].dtype)
+            else:
+                averaged[key] = weighted_mean(tensors, weights)
+        return averaged
 
     def client_factors(self, state: State, upload: Upload, layer: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """``(B_i, R_i, A_i)`` of one client in float64: its uploaded tensors over the global ones."""
 
+        rank = client_rank(upload, layer, self.rank)
+
         def get(kind: str) -> torch.Tensor | None:
             key = state_key(layer, kind)
             tensor = upload.tensors.get(key, state.get(key))
-            return None if tensor is None else tensor.to(torch.float64)
+            if tensor is None:
+                return None
+            block = {"lora_A": (rank, tensor.shape[1]), "lora_B": (tensor.shape[0], rank), "lora_R": (rank, rank)}[kind]
+            return leading_block(tensor, block).to(torch.float64)
 
         return get("lora_B"), get("lora_R"), get("lora_A")
 
@@ -315,6 +340,27 @@ class Method:
             layer_errors=layer_errors,
             weights={u.client_id: w for u, w in zip(uploads, weights)},
         )
+
+
+def client_rank(upload: Upload, layer: str, full_rank: int) -> int:
+    """A client's rank, read off the shapes of what it uploaded for ``layer``."""
+    tensors = upload.tensors
+    if state_key(layer, "lora_R") in tensors:
+        return tensors[state_key(layer, "lora_R")].shape[0]
+    if state_key(layer, "lora_A") in tensors:
+        return tensors[state_key(layer, "lora_A")].shape[0]
+    if state_key(layer, "lora_B") in tensors:
+        return tensors[state_key(layer, "lora_B")].shape[1]
+    return full_rank
+
+
+def pad_to(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Zero-pad ``tensor`` at the end of each dimension to ``shape`` (a lower-rank client's block in the global tensor)."""
+    if tensor.shape == shape:
+        return tensor
+    padded = tensor.new_zeros(shape)
+    padded[tuple(slice(0, n) for n in tensor.shape)] = tensor
+    return padded
 
 
 def _set_base_delta(base: nn.Linear, delta: torch.Tensor) -> None:

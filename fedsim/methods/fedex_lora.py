@@ -21,7 +21,7 @@ class FedExLoRA(Method):
 
     def aggregate(self, state: State, uploads: Sequence[Upload], round_idx: int) -> RoundResult:
         uploads, weights = self.ordered(uploads)
-        averaged = self.average(uploads, weights)
+        averaged = self.average(state, uploads, weights)
         new_state = {**state, **averaged}
         broadcast = dict(averaged)
         ideal = {}

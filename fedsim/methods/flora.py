@@ -5,6 +5,8 @@ Heterogeneous Low-Rank Adaptations", NeurIPS 2024, arXiv:2409.05976.
 
 The aggregation is exact (the stacked product is the weighted sum of the client products), and the
 cost is on the way down: each client receives every client's A and B, c·Σ r(d+k) numbers a round.
+Stacking is along the rank dimension (B's columns, A's rows), so clients of different ranks stack
+as they are — FLoRA's answer to rank heterogeneity.
 After the fold, A is re-drawn (seeded by the run seed and the round, so clients draw the same A
 without it being sent) and B is zero.
 """
@@ -27,6 +29,7 @@ from fedsim.methods.base import (
 from fedsim.methods.fedex_lora import add_residual
 
 WEIGHTS_KEY = "flora.weights"
+RANKS_KEY = "flora.ranks"
 ROUND_KEY = "flora.round"
 
 
@@ -38,11 +41,12 @@ class FLoRA(Method):
         uploads, weights = self.ordered(uploads)
         broadcast: State = {
             WEIGHTS_KEY: torch.tensor(weights, dtype=torch.float64),
+            RANKS_KEY: torch.tensor([u.tensors[state_key(layer_names_of(state)[0], "lora_A")].shape[0] for u in uploads]),
             ROUND_KEY: torch.tensor([round_idx], dtype=torch.int64),
         }
         for layer in layer_names_of(state):
-            for kind in ("lora_A", "lora_B"):
-                broadcast[state_key(layer, f"stack_{kind[-1]}")] = torch.stack([u.tensors[state_key(layer, kind)] for u in uploads])
+            broadcast[state_key(layer, "stack_A")] = torch.cat([u.tensors[state_key(layer, "lora_A")] for u in uploads], dim=0)
+            broadcast[state_key(layer, "stack_B")] = torch.cat([u.tensors[state_key(layer, "lora_B")] for u in uploads], dim=1)
         head_keys = [key for key in uploads[0].tensors if key.startswith(HEAD_PREFIX)]
         broadcast.update({key: weighted_mean([u.tensors[key] for u in uploads], weights) for key in head_keys})
         new_state = self.receive(state, broadcast)
@@ -50,12 +54,13 @@ class FLoRA(Method):
 
     def receive(self, state: State, broadcast: State) -> State:
         weights = broadcast[WEIGHTS_KEY].tolist()
+        ranks = broadcast[RANKS_KEY].tolist()
         next_round = int(broadcast[ROUND_KEY].item()) + 1
         new_state = dict(state)
         generator = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + next_round)
         for layer in layer_names_of(state):
-            stack_B = broadcast[state_key(layer, "stack_B")].to(torch.float64)
-            stack_A = broadcast[state_key(layer, "stack_A")].to(torch.float64)
+            stack_B = broadcast[state_key(layer, "stack_B")].to(torch.float64).split(ranks, dim=1)
+            stack_A = broadcast[state_key(layer, "stack_A")].to(torch.float64).split(ranks, dim=0)
             fold = sum(w * self.scaling * (B @ A) for w, B, A in zip(weights, stack_B, stack_A))
             delta_key = state_key(layer, "base_delta")
             new_state[delta_key] = add_residual(state.get(delta_key), fold.to(torch.float32))

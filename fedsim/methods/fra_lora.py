@@ -21,7 +21,7 @@ class FRALoRA(Method):
 
     def aggregate(self, state: State, uploads: Sequence[Upload], round_idx: int) -> RoundResult:
         uploads, weights = self.ordered(uploads)
-        averaged = self.average(uploads, weights)  # the head (and a baseline for the broadcast keys)
+        averaged = self.average(state, uploads, weights)  # the head (and a baseline for the broadcast keys)
         new_state = {**state, **averaged}
         ideal = {}
         for layer in layer_names_of(state):

@@ -25,15 +25,16 @@ from fedsim.config import Config, config_to_dict, save_config
 from fedsim.errors import UsageError
 from fedsim.methods import build_method
 from fedsim.modeling import check_model, offline_by_default
-from fedsim.partition import label_counts, partition, write_partitioned
+from fedsim.partition import assign_ranks, label_counts, partition, write_partitioned
+from fedsim.privacy import calibrate_noise, epsilon_spent
 from fedsim.runtime.aggregator import Aggregator, latest_checkpoint
-from fedsim.runtime.settings import method_settings
+from fedsim.runtime.settings import init_spends_privacy, method_settings, privacy_history
 from fedsim.runtime.worker import ClientWorker
 
 ROUND_COLUMNS = ["round", "method", "clients_sampled", "clients_ok", "bytes_up", "bytes_down", "agg_error",
-                 "train_loss", "eval_metric", "eval_loss", "wall_s"]
+                 "train_loss", "eval_metric", "eval_loss", "wall_s", "epsilon_max"]
 CLIENT_COLUMNS = ["round", "client_id", "worker_id", "rank", "samples", "steps", "train_loss", "bytes_up",
-                  "bytes_down", "train_s", "status"]
+                  "bytes_down", "train_s", "status", "noise_multiplier", "sample_rate", "epsilon"]
 SAMPLING_STREAM, DROPOUT_STREAM = 1, 2
 
 
@@ -117,11 +118,18 @@ class Experiment:
         self.resumed = resumed
         self.progress = progress
         self.method = build_method(config.method.name, method_settings(config))  # validates name and rank early
+        p, a = config.privacy, config.adapters
+        if p.enabled and self.method.needs_init_gradients and a.init_data != "public" and p.init_noise_multiplier is None:
+            raise UsageError(f"privacy.init_noise_multiplier: LoRA-SB's initialisation reads client data (adapters.init_data={a.init_data}); "
+                             "set adapters.init_data=public, or a privacy.init_noise_multiplier so that it is computed privately and counted")
         if self.method.num_clients is not None:
             config.clients.count = config.clients.per_round = self.method.num_clients
         self.data_dir = output_dir / "data"
         self.round_rows: list[dict] = []
         self.client_rows: list[dict] = []
+        self.client_history: dict[int, list[dict]] = {}  # a client's rows so far (its privacy history)
+        c = config
+        self.ranks = assign_ranks(c.clients.ranks, c.clients.count, c.method.rank, c.seed)
 
     # -- data ---------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -139,6 +147,9 @@ class Experiment:
         c = self.config
         workload = load_workload(c.workload.name, c.workload.path, c.workload.train_limit, c.workload.eval_limit,
                                  c.seed, **c.workload.options)
+        if workload.task != c.model.task:
+            raise UsageError(f"model.task: {c.model.task} does not fit workload {workload.name}, a {workload.task} task; set model.task={workload.task}")
+        public = self.hold_out_public(workload)  # before partitioning: the public sample belongs to no client
         labels = workload.train_labels
         client_ids = partition(labels, c.clients.count, c.clients.partition, alpha=c.clients.alpha, seed=c.seed,
                                dominant_share=c.clients.dominant_share)
@@ -146,13 +157,51 @@ class Experiment:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         save_config(c, self.output_dir / "config.yaml")
         write_partitioned(workload.train, client_ids, str(self.data_dir / "train.parquet"))
+        if public is not None:
+            write_partitioned(public, np.zeros(public.num_rows, dtype=np.int64), str(self.data_dir / "public.parquet"))
         eval_shards = np.arange(workload.eval.num_rows) % c.runtime.workers
         write_partitioned(workload.eval, eval_shards, str(self.data_dir / "eval.parquet"))
         pq.write_table(label_counts(client_ids, labels, c.clients.count, workload.num_labels), self.output_dir / "label_counts.parquet")
         self.meta = {"workload": workload.name, "num_labels": workload.num_labels, "label_names": workload.label_names,
                      "train_rows": workload.train.num_rows, "eval_rows": workload.eval.num_rows,
-                     "client_sizes": np.bincount(client_ids, minlength=c.clients.count).tolist()}
+                     "client_sizes": np.bincount(client_ids, minlength=c.clients.count).tolist(),
+                     "eval_sets": sorted(set(workload.eval.column("subset").to_pylist())) if workload.task == "causal-lm" else []}
+        self.meta["noise_multiplier"] = self.noise_multiplier(self.meta["client_sizes"])
         (self.data_dir / "meta.json").write_text(json.dumps(self.meta))
+
+    def noise_multiplier(self, client_sizes: list[int]) -> float | None:
+        """DP-SGD's σ for every client: ``privacy.noise_multiplier``, or calibrated so that the smallest client (the
+        largest sampling rate) spends at most ``privacy.epsilon`` if it took part in every round — after the cost of
+        a private LoRA-SB init where that read client data. Every other client then spends less."""
+        p, c = self.config.privacy, self.config
+        if not p.enabled:
+            return None
+        if p.noise_multiplier is not None:
+            return p.noise_multiplier
+        sample_rate = min(1.0, c.train.batch_size / max(1, min(client_sizes)))
+        spends = any(init_spends_privacy(c, self.method.needs_init_gradients, cid) for cid in range(c.clients.count))
+        spent = [(p.init_noise_multiplier, 1.0, 1)] if spends else []
+        try:
+            return calibrate_noise(p.epsilon, p.delta, sample_rate, c.train.rounds * c.train.local_steps, p.accountant, spent)
+        except ValueError as error:
+            raise UsageError(f"privacy.init_noise_multiplier: {error}; raise it or use adapters.init_data=public") from None
+
+    def hold_out_public(self, workload):
+        """``adapters.init_data: public``: a seeded sample of ``adapters.init_samples`` training rows, taken out of
+        the training data before it is partitioned, is the public calibration set of the LoRA-SB init.
+        It belongs to no client, so reading it costs no client any privacy."""
+        a = self.config.adapters
+        if a.init_data != "public" or not self.method.needs_init_gradients:
+            return None
+        rows = workload.train.num_rows
+        if a.init_samples >= rows:
+            raise UsageError(f"adapters.init_samples: {a.init_samples} public rows would leave no training data ({rows} rows); use fewer")
+        rng = np.random.default_rng(derive_seed(self.config.seed, 0, 0, 5))
+        public_index = np.sort(rng.choice(rows, size=a.init_samples, replace=False))
+        keep = np.setdiff1d(np.arange(rows), public_index)
+        public = workload.train.take(public_index)
+        workload.train = workload.train.take(keep)
+        return public
 
     # -- actors ---------------------------------------------------------------------------------
     def start_actors(self, num_labels: int) -> None:
@@ -193,9 +242,11 @@ class Experiment:
         grad_sums = None
         a = self.config.adapters
         if self.method.needs_init_gradients:
-            if a.init_data == "client":
+            if a.init_data == "public":
+                parts = [self.workers[0].public_gradients.remote(a.init_batch_size)]
+            elif a.init_data == "client":
                 parts = [self.workers[int(self.owner[0])].init_gradients.remote([0], a.init_samples, a.init_batch_size)]
-            else:  # pooled (and public, until a public sample can be named): every client contributes a share
+            else:  # pooled: every client contributes a share of the calibration sample
                 count = self.config.clients.count
                 share = max(1, math.ceil(a.init_samples / count))
                 parts = [w.init_gradients.remote(np.flatnonzero(self.owner == i).tolist()[: a.init_samples], share, a.init_batch_size)
@@ -268,9 +319,11 @@ class Experiment:
         bar.update(len(dropped))
         aggregation = ray.get(self.aggregator.aggregate.remote(round_idx, *upload_refs))
         eval_metric = eval_loss = float("nan")
+        self.eval_by_set = {}
         if (round_idx + 1) % self.config.eval.every == 0 or round_idx == self.config.train.rounds - 1:
             eval_metric, eval_loss = self.evaluate()
         rows.sort(key=lambda row: row["client_id"])
+        self.account(rows)
         ok = [row for row in rows if row["status"] == "ok"]
         self.client_rows += rows
         self.round_rows.append({
@@ -279,6 +332,8 @@ class Experiment:
             "bytes_down": sum(row["bytes_down"] for row in rows), "agg_error": aggregation["agg_error"],
             "train_loss": float(np.mean([row["train_loss"] for row in ok])) if ok else float("nan"),
             "eval_metric": eval_metric, "eval_loss": eval_loss, "wall_s": time.perf_counter() - start,
+            "epsilon_max": max((row["epsilon"] for row in rows), default=float("nan")),
+            **{f"eval_metric_{name}": self.eval_by_set.get(name, float("nan")) for name in self.eval_sets},
         })
         self.write_tables()
         ray.get(self.aggregator.checkpoint.remote(str(self.output_dir / "checkpoints"), round_idx))
@@ -286,11 +341,30 @@ class Experiment:
 
     def client_row(self, round_idx: int, client_id: int, status: str, bytes_down: int, worker_id: int | None = None) -> dict:
         return {"round": round_idx, "client_id": client_id,
-                "worker_id": int(self.owner[client_id]) if worker_id is None else worker_id, "rank": self.method.rank,
+                "worker_id": int(self.owner[client_id]) if worker_id is None else worker_id, "rank": int(self.ranks[client_id]),
                 "samples": 0, "steps": 0, "train_loss": float("nan"), "bytes_up": 0, "bytes_down": bytes_down,
-                "train_s": 0.0, "status": status}
+                "train_s": 0.0, "status": status, "noise_multiplier": float("nan"), "sample_rate": float("nan")}
+
+    def account(self, rows: list[dict]) -> None:
+        """ε spent so far by each client of the round (Opacus's accountant over its whole history); NaN without DP."""
+        p = self.config.privacy
+        for row in rows:
+            self.client_history.setdefault(row["client_id"], []).append(row)
+        for row in rows:
+            if not p.enabled:
+                row["epsilon"] = float("nan")
+                continue
+            history = privacy_history(self.config, self.method.needs_init_gradients, row["client_id"], self.client_history[row["client_id"]])
+            row["epsilon"] = epsilon_spent(history, p.delta, p.accountant)
+
+    @property
+    def eval_sets(self) -> list[str]:
+        """The evaluation subsets of a causal-LM workload (each gets an ``eval_metric_<set>`` column); [] for classification."""
+        return self.meta.get("eval_sets", [])
 
     def evaluate(self) -> tuple[float, float]:
+        """(eval_metric, eval_loss). Classification: accuracy. Causal LM: the mean of the per-subset accuracies
+        (each also kept in ``self.eval_by_set``), as the paper averages its commonsense sets."""
         import ray
 
         state_ref = self.aggregator.get_state.remote()
@@ -298,11 +372,20 @@ class Experiment:
         count = sum(p["count"] for p in parts)
         if count == 0:
             return float("nan"), float("nan")
-        return sum(p["correct"] for p in parts) / count, sum(p["loss_sum"] for p in parts) / count
+        loss = sum(p["loss_sum"] for p in parts) / count
+        if not self.eval_sets:
+            return sum(p["correct"] for p in parts) / count, loss
+        totals = {name: [0.0, 0.0] for name in self.eval_sets}
+        for part in parts:
+            for name, tally in part.get("sets", {}).items():
+                totals[name][0] += tally["correct"]
+                totals[name][1] += tally["count"]
+        self.eval_by_set = {name: c / n for name, (c, n) in totals.items() if n > 0}
+        return float(np.mean(list(self.eval_by_set.values()))), loss
 
     # -- results --------------------------------------------------------------------------------
     def write_tables(self) -> None:
-        write_rows(self.round_rows, ROUND_COLUMNS, self.output_dir / "rounds.parquet")
+        write_rows(self.round_rows, ROUND_COLUMNS + [f"eval_metric_{name}" for name in self.eval_sets], self.output_dir / "rounds.parquet")
         write_rows(self.client_rows, CLIENT_COLUMNS, self.output_dir / "clients.parquet")
 
     def restore(self) -> int:
@@ -314,7 +397,22 @@ class Experiment:
         for name, rows in (("rounds.parquet", self.round_rows), ("clients.parquet", self.client_rows)):
             table = pq.read_table(self.output_dir / name)
             rows += [row for row in table.to_pylist() if row["round"] <= last_round]
+        for row in self.client_rows:
+            self.client_history.setdefault(row["client_id"], []).append(row)
         return last_round + 1
+
+    def privacy_summary(self) -> dict:
+        p, a = self.config.privacy, self.config.adapters
+        if not p.enabled:
+            return {"enabled": False}
+        spent = [row["epsilon"] for row in self.client_rows if row["epsilon"] == row["epsilon"]]
+        return {
+            "enabled": True, "target_epsilon": p.epsilon, "noise_multiplier": p.noise_multiplier, "delta": p.delta,
+            "accountant": p.accountant, "max_grad_norm": p.max_grad_norm, "epsilon_max": max(spent, default=0.0),
+            "init": ("no data (LoRA's random initialisation)" if not self.method.needs_init_gradients
+                     else "public data held out from every client (no privacy spent)" if a.init_data == "public"
+                     else f"private: clipped at {p.max_grad_norm}, noise multiplier {p.init_noise_multiplier}, counted once per client ({a.init_data})"),
+        }
 
     def finish(self, wall_s: float) -> None:
         import ray
@@ -334,6 +432,9 @@ class Experiment:
             "wall_s": wall_s,
             "workers": workers,
             "model_loads": sum(w["model_loads"] for w in workers),
+            "trainable_adapter_parameters": workers[0]["trainable_adapter_parameters"],
+            "trainable_head_parameters": workers[0]["trainable_head_parameters"],
+            "privacy": self.privacy_summary(),
         }
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         from analysis.plots import write_run_plots

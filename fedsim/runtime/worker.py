@@ -7,6 +7,7 @@ Memory grows with the number of workers, not the number of clients.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -16,12 +17,13 @@ import torch
 
 from fedsim.client import derive_seed, is_finite, run_client
 from fedsim.config import Config, config_from_dict
-from fedsim.data import TokenizedRows, evaluate
+from fedsim.data import InstructionRows, TokenizedRows, evaluate, make_rows
 from fedsim.methods import build_method, nbytes
 from fedsim.methods.base import State
 from fedsim.modeling import load_model, load_tokenizer, offline_by_default
-from fedsim.partition import read_clients
-from fedsim.runtime.settings import method_settings, train_settings
+from fedsim.partition import assign_ranks, read_clients
+from fedsim.privacy import PrivacySettings, poisson_batches, private_gradient_sum
+from fedsim.runtime.settings import init_spends_privacy, method_settings, train_settings
 
 
 class ClientWorker:
@@ -38,19 +40,21 @@ class ClientWorker:
         self.tokenizer = load_tokenizer(self.config)
         self.model = load_model(self.config, num_labels, self.device)
         self.model_loads = 1
+        c = self.config
+        self.ranks = assign_ranks(c.clients.ranks, c.clients.count, c.method.rank, c.seed)
         self.method.prepare(self.model, self.config.model.target_modules)
         self.data_dir = Path(data_dir)
         self.client_rows = self._read_clients(client_ids)
         eval_table = read_clients(str(self.data_dir / "eval.parquet"), [worker_id % num_workers]) if (self.data_dir / "eval.parquet").exists() else None
-        self.eval_rows = TokenizedRows(eval_table, self.tokenizer, self.config.workload.max_length) if eval_table is not None and eval_table.num_rows else None
+        self.eval_rows = make_rows(eval_table, self.tokenizer, self.config) if eval_table is not None and eval_table.num_rows else None
 
-    def _read_clients(self, client_ids: list[int]) -> dict[int, TokenizedRows]:
+    def _read_clients(self, client_ids: list[int]) -> dict[int, TokenizedRows | InstructionRows]:
         table = read_clients(str(self.data_dir / "train.parquet"), client_ids)
         column = table.column("client_id").to_numpy()
         rows = {}
         for client_id in client_ids:
             index = np.flatnonzero(column == client_id)
-            rows[client_id] = TokenizedRows(table.take(index), self.tokenizer, self.config.workload.max_length)
+            rows[client_id] = make_rows(table.take(index), self.tokenizer, self.config)
         return rows
 
     def info(self) -> dict:
@@ -63,24 +67,68 @@ class ClientWorker:
             "node_id": context.get_node_id() if context else None,
             "model_loads": self.model_loads,
             "restarted": bool(context and context.was_current_actor_reconstructed),
+            **self.trainable_counts(),
             "clients": len(self.client_rows),
             "device": self.device,
         }
+
+    def trainable_counts(self) -> dict[str, int]:
+        """What a full-rank client trains (and, under DP, what gets noised): adapter tensors, and the head."""
+        from fedsim.methods.base import HEAD_PREFIX
+
+        self.method.load_state(self.model, {}, self.method.rank)
+        params = self.method.trainable_parameters(self.model, 0)
+        head = sum(p.numel() for key, p in params.items() if key.startswith(HEAD_PREFIX))
+        return {"trainable_adapter_parameters": sum(p.numel() for p in params.values()) - head, "trainable_head_parameters": head}
+
+    def client_rank(self, client_id: int) -> int:
+        """The client's adapter rank (``clients.ranks``; default ``method.rank``)."""
+        return int(self.ranks[client_id])
+
+    def client_privacy(self, client_id: int) -> PrivacySettings | None:
+        """The client's DP-SGD parameters: Poisson rate q_i = batch_size / n_i, and the run's noise multiplier
+        (calibrated once by the driver, ``data/meta.json``)."""
+        p, c = self.config.privacy, self.config
+        if not p.enabled:
+            return None
+        if not hasattr(self, "_noise_multiplier"):
+            self._noise_multiplier = json.loads((self.data_dir / "meta.json").read_text())["noise_multiplier"]
+        n = len(self.client_rows[client_id])
+        sample_rate = min(1.0, c.train.batch_size / n)
+        return PrivacySettings(self._noise_multiplier, p.max_grad_norm, sample_rate, max(1, round(sample_rate * n)))
 
     def init_gradients(self, client_ids: list[int], samples: int, batch_size: int) -> dict[str, torch.Tensor]:
         """Σ of the full model's gradients on a seeded calibration sample of these clients' rows (LoRA-SB init).
 
         The adapters are still zero (LoRA-SB's B = 0), so the adapted model computes the base model.
+        Under DP each client's sum is clipped per sample and noised (``privacy.init_noise_multiplier``).
         """
         from fedsim.adapters import accumulate_gradients, adapted_layers
 
-        batches = []
+        layer_names = [f"{name}.base_layer" for name in adapted_layers(self.model)]
+        sums: dict[str, torch.Tensor] = {}
         for client_id in client_ids:
             rows = self.client_rows[client_id]
             take = min(len(rows), samples)
             order = np.random.default_rng(derive_seed(self.config.seed, 0, client_id, 3)).permutation(len(rows))[:take]
-            batches += [rows.batch(order[i : i + batch_size]) for i in range(0, take, batch_size)]
-        batches = [{k: v.to(self.device) for k, v in b.items()} for b in batches]
+            batches = [{k: v.to(self.device) for k, v in rows.batch(order[i : i + batch_size]).items()}
+                       for i in range(0, take, batch_size)]
+            if init_spends_privacy(self.config, self.method.needs_init_gradients, client_id):
+                p = self.config.privacy
+                part = private_gradient_sum(self.model, layer_names, batches, p.max_grad_norm, p.init_noise_multiplier,
+                                            derive_seed(self.config.seed, 0, client_id, 4))
+            else:
+                part = accumulate_gradients(self.model, layer_names, batches)
+            for name, grad in part.items():
+                sums[name] = grad if name not in sums else sums[name] + grad
+        return {name.removesuffix(".base_layer"): grad for name, grad in sums.items()}
+
+    def public_gradients(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """The LoRA-SB init's gradient sum on the public calibration sample (``data/public.parquet``; no client's data)."""
+        from fedsim.adapters import accumulate_gradients, adapted_layers
+
+        rows = make_rows(read_clients(str(self.data_dir / "public.parquet"), [0]), self.tokenizer, self.config)
+        batches = [{k: v.to(self.device) for k, v in b.items()} for b in rows.in_order(batch_size)]
         layer_names = [f"{name}.base_layer" for name in adapted_layers(self.model)]
         sums = accumulate_gradients(self.model, layer_names, batches)
         return {name.removesuffix(".base_layer"): grad for name, grad in sums.items()}
@@ -99,16 +147,23 @@ class ClientWorker:
         for position, client_id in enumerate(sorted(client_ids)):
             self._maybe_die(round_idx, position)
             rows_of_client = self.client_rows[client_id]
-            row = {"round": round_idx, "client_id": client_id, "worker_id": self.worker_id, "rank": self.method.rank,
-                   "samples": len(rows_of_client), "steps": 0, "train_loss": float("nan"), "bytes_up": 0, "train_s": 0.0}
+            privacy = self.client_privacy(client_id)
+            row = {"round": round_idx, "client_id": client_id, "worker_id": self.worker_id, "rank": self.client_rank(client_id),
+                   "samples": len(rows_of_client), "steps": 0, "train_loss": float("nan"), "bytes_up": 0, "train_s": 0.0,
+                   "noise_multiplier": privacy.noise_multiplier if privacy else float("nan"),
+                   "sample_rate": privacy.sample_rate if privacy else float("nan")}
             late = deadline is not None and time.perf_counter() - start > deadline
             if late:  # the round's deadline has passed: this client would only report later still
                 rows.append({**row, "status": "straggler"})
                 continue
-            batches = ({k: v.to(self.device) for k, v in b.items()}
-                       for b in rows_of_client.batches(settings.batch_size, derive_seed(self.config.seed, round_idx, client_id, 1)))
+            batch_seed = derive_seed(self.config.seed, round_idx, client_id, 1)
+            if privacy is not None:
+                batches = poisson_batches(rows_of_client, privacy.sample_rate, batch_seed)
+            else:
+                batches = rows_of_client.batches(settings.batch_size, batch_seed)
+            batches = (None if b is None else {k: v.to(self.device) for k, v in b.items()} for b in batches)
             upload, stats = run_client(self.model, self.method, state, round_idx, batches, settings,
-                                       derive_seed(self.config.seed, round_idx, client_id))
+                                       derive_seed(self.config.seed, round_idx, client_id), self.client_rank(client_id), privacy)
             if client_id in self.config.clients.corrupt:
                 upload = {key: torch.full_like(value, float("nan")) for key, value in upload.items()}
             status = "ok" if is_finite(upload) else "nonfinite"
@@ -132,7 +187,7 @@ class ClientWorker:
         if self.eval_rows is None:
             return {"correct": 0.0, "loss_sum": 0.0, "count": 0.0}
         self.method.load_state(self.model, {key: value.to(self.device) for key, value in state.items()})
-        return evaluate(self.model, self.eval_rows, self.config.eval.batch_size, self.device)
+        return evaluate(self.model, self.eval_rows, self.config.eval.batch_size, self.device, self.config.eval.max_new_tokens)
 
     def export(self, state: State, path: str) -> str:
         """Write the global adapter in PEFT format (loads a fresh, un-adapted base model for it)."""

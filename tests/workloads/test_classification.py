@@ -30,10 +30,10 @@ def column(table, name):
 
 
 def test_names_and_unknown_name():
-    assert WORKLOAD_NAMES == ("bbc-news", "snli", "sst2", "text-file")
+    assert WORKLOAD_NAMES == ("bbc-news", "commonsense", "gsm8k", "math", "metamathqa", "mnli", "snli", "sst2", "text-file")
     with pytest.raises(UsageError) as e:
         load_workload("sst3")
-    assert str(e.value) == "workload.name: unknown workload 'sst3'; valid: bbc-news, snli, sst2, text-file"
+    assert str(e.value) == "workload.name: unknown workload 'sst3'; valid: bbc-news, commonsense, gsm8k, math, metamathqa, mnli, snli, sst2, text-file"
 
 
 def test_unknown_option_names_the_field():

@@ -1,0 +1,38 @@
+"""Smoke test of bench/: the helpers' arithmetic, and gpu.py's record where no GPU exists (no Ray, a few seconds)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.insert(0, str(BENCH))
+
+
+def test_round_metrics_definitions():
+    from common import round_metrics
+
+    row = {"round": 1, "wall_s": 10.0, "train_s_sum": 17.0, "clients_trained": 100, "eval_s": 0.0, "downlink_s": 0.1,
+           "wait_workers_s": 9.5, "aggregate_s": 0.2, "checkpoint_s": 0.05, "parquet_s": 0.05,
+           "run_cohort_s_per_worker": [8.9, 9.4], "train_s_per_worker": [8.4, 8.6]}
+    m = round_metrics(row, workers=2)
+    assert m["efficiency"] == pytest.approx(0.85)
+    assert m["overhead_ms_per_client"] == pytest.approx(30.0)  # (10 × 2 − 17) / 100 s
+    assert m["breakdown_s"]["rest_of_run_round"] == pytest.approx(0.1)
+    assert m["worker_side"]["outside_train_local_ms_per_client"] == pytest.approx(13.0)
+    assert m["worker_side"]["imbalance_idle_s"] == pytest.approx(0.5)
+
+
+def test_gpu_bench_says_it_did_not_run_without_a_gpu(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: gpu.py would run the real bench")
+    env = {**os.environ, "FEDSIM_BENCH_RESULTS": str(tmp_path)}
+    done = subprocess.run([sys.executable, str(BENCH / "gpu.py")], cwd=BENCH, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert result["run"] is False and "no CUDA device" in result["reason"]
+    assert {"cpu_count", "cpu_model", "ram_gib", "torch", "ray", "date"} <= result["machine"].keys()

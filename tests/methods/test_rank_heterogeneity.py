@@ -1,0 +1,125 @@
+"""Rank-heterogeneous clients: Fed-SB's leading blocks of R, HetLoRA-style truncation for LoRA, FLoRA's stacking."""
+
+import pytest
+import torch
+from tiny_models import BERT_TARGETS, cycle, random_batches, tiny_bert
+
+from fedsim.adapters import accumulate_gradients, adapted_layers, target_linear_names
+from fedsim.client import run_client
+from fedsim.methods import MethodSettings, Upload, build_method, nbytes
+from fedsim.methods.base import pad_to
+from fedsim.trainer import TrainSettings
+
+FULL = 8
+RANKS = {0: 2, 1: 4, 2: 8}
+SETTINGS = TrainSettings(local_steps=2, lr=1e-2)
+
+
+def setup(method_name, **settings):
+    model = tiny_bert()
+    method = build_method(method_name, MethodSettings(rank=FULL, seed=0, **settings))
+    grads = accumulate_gradients(model, target_linear_names(model, BERT_TARGETS), random_batches(9, count=2)) if method.needs_init_gradients else None
+    method.prepare(model, BERT_TARGETS)
+    state = method.init_state(model, grads)
+    if not method.needs_init_gradients:  # a non-zero B, so truncation matters
+        state = {k: (torch.randn_like(v) * 0.1 if k.endswith("lora_B") else v) for k, v in state.items()}
+    return model, method, state
+
+
+def train_clients(model, method, state, ranks):
+    uploads = []
+    for client_id, rank in ranks.items():
+        upload, _ = run_client(model, method, state, 0, cycle(random_batches(client_id)), SETTINGS, client_id, rank=rank)
+        uploads.append(Upload(client_id, 10 + client_id, upload))
+    return uploads
+
+
+def client_model_weights(model, method, state, upload, rank):
+    """A rank-r_i client's effective weights: its block of the adapters over the frozen base."""
+    method.load_state(model, {**state}, rank)
+    method.load_state(model, {**state, **{k: pad_to(v, state[k].shape) for k, v in upload.tensors.items()}}, rank)
+    return {n: layer.delta_weight() for n, layer in adapted_layers(model).items()}
+
+
+def test_fed_sb_clients_send_only_their_block():
+    model, method, state = setup("fed-sb", train_head=False)
+    uploads = train_clients(model, method, state, RANKS)
+    layers = len(adapted_layers(model))
+    for upload in uploads:
+        rank = RANKS[upload.client_id]
+        assert all(t.shape == (rank, rank) for t in upload.tensors.values())
+        keys = sum(len(k.encode()) for k in upload.tensors)
+        assert nbytes(upload.tensors) == 4 * layers * rank**2 + keys
+
+
+def test_a_lower_rank_client_computes_with_its_leading_block_only():
+    model, method, state = setup("fed-sb", train_head=False)
+    method.load_state(model, state, 2)
+    batch = random_batches(3, count=1)[0]
+    with torch.no_grad():
+        truncated = model(**batch).logits
+        zeroed = dict(state)
+        for key in state:
+            if key.endswith("lora_R"):
+                zeroed[key] = torch.zeros_like(state[key])
+                zeroed[key][:2, :2] = state[key][:2, :2]
+        method.load_state(model, zeroed)  # full rank with R zero outside the block: the same function
+        assert torch.allclose(model(**batch).logits, truncated, atol=1e-6)
+
+
+def test_zero_pad_is_the_exact_mean_of_the_client_models():
+    model, method, state = setup("fed-sb", train_head=False, rank_aggregation="zero-pad")
+    uploads = train_clients(model, method, state, RANKS)
+    weights = method.client_weights(uploads)
+    expected = {}
+    for upload, w in zip(uploads, weights):
+        for name, delta in client_model_weights(model, method, state, upload, RANKS[upload.client_id]).items():
+            expected[name] = expected.get(name, 0) + w * delta
+    result = method.aggregate(state, uploads, 0)
+    method.load_state(model, result.state)
+    for name, layer in adapted_layers(model).items():
+        assert torch.allclose(layer.delta_weight(), expected[name], rtol=1e-5, atol=1e-9)
+    assert result.agg_error < 1e-5
+
+
+def test_partitioned_divides_each_entry_by_the_weight_of_those_who_trained_it():
+    model, method, state = setup("fed-sb", train_head=False, rank_aggregation="partitioned")
+    ranks = {0: 2, 1: 4}  # nobody trains beyond 4: those entries keep their global value
+    uploads = train_clients(model, method, state, ranks)
+    w = method.client_weights(uploads)
+    result = method.aggregate(state, uploads, 0)
+    key = next(k for k in state if k.endswith("lora_R"))
+    R0, R1, new = uploads[0].tensors[key].double(), uploads[1].tensors[key].double(), result.state[key].double()
+    assert torch.allclose(new[:2, :2], w[0] * R0 + w[1] * R1[:2, :2], atol=1e-6)  # both trained it
+    assert torch.allclose(new[2:4, 2:4], R1[2:4, 2:4], atol=1e-6)  # only client 1 trained it: its value, not w_1 times it
+    assert torch.equal(result.state[key][4:, 4:], state[key][4:, 4:])
+
+
+@pytest.mark.parametrize("method_name", ["fed-sb", "fedit", "ffa-lora", "fedex-lora", "flora"])
+def test_equal_ranks_give_bit_for_bit_the_homogeneous_result(method_name):
+    model, method, state = setup(method_name)
+    homogeneous = method.aggregate(state, train_clients(model, method, state, {0: None, 1: None}), 0)
+    heterogeneous = method.aggregate(state, train_clients(model, method, state, {0: FULL, 1: FULL}), 0)
+    assert homogeneous.state.keys() == heterogeneous.state.keys()
+    assert all(torch.equal(homogeneous.state[k], heterogeneous.state[k]) for k in homogeneous.state)
+
+
+@pytest.mark.parametrize("method_name", ["fedex-lora", "flora", "ffa-lora"])
+def test_exact_baselines_stay_exact_with_heterogeneous_ranks(method_name):
+    model, method, state = setup(method_name, train_head=False)
+    uploads = train_clients(model, method, state, RANKS)
+    result = method.aggregate(state, uploads, 0)
+    assert result.agg_error < 1e-5
+    received = method.receive(state, result.broadcast)
+    assert all(torch.equal(received[k], result.state[k]) for k in result.state)
+
+
+def test_fedit_truncates_and_zero_pads():
+    model, method, state = setup("fedit", train_head=False)
+    uploads = train_clients(model, method, state, RANKS)
+    for upload in uploads:
+        rank = RANKS[upload.client_id]
+        assert all(t.shape[0] == rank for k, t in upload.tensors.items() if k.endswith("lora_A"))
+        assert all(t.shape[1] == rank for k, t in upload.tensors.items() if k.endswith("lora_B"))
+    result = method.aggregate(state, uploads, 0)
+    assert 0 < result.agg_error < 1
