@@ -64,11 +64,14 @@ def main() -> None:
     methods = args.methods.split(",")
     info = machine_info()
     results = []
+    # by client count, then method: the smaller counts of every method first; the JSON is rewritten after every
+    # run, so a bench stopped early still leaves what it measured
+    plan = [("central", 1)] * ("central" in methods) + [(m, n) for n in counts for m in methods if m != "central"]
     with local_ray():  # one Ray for every run: bytes do not depend on it, and it saves a start per run
-        for method in methods:
-            for count in ([1] if method == "central" else counts):
-                print(f"bytes: {method}, {count} clients ...", flush=True)
-                results.append(measure(method, count))
+        for method, count in plan:
+            print(f"bytes: {method}, {count} clients ...", flush=True)
+            results.append(measure(method, count))
+            write_result("bytes", {"machine": info, "quick": args.quick, "partial": True, "results": results})
     rows = [{"method": r["method"], "clients": r["clients"], "up B/client": r["up_bytes_per_client"],
              "down B/client (first)": r["down_bytes_first_contact"], "down B/client (returning)": r["down_bytes_returning"],
              "up round 0": r["up_bytes_round0"]} for r in results]
@@ -77,7 +80,7 @@ def main() -> None:
     verdict = {"fed_sb_flat": len({(r["up_bytes_per_client"], r["down_bytes_returning"]) for r in fed_sb}) == 1}
     print(f"  fed-sb bytes per client flat across {counts}: {verdict['fed_sb_flat']}")
     info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    write_result("bytes", {"machine": info, "quick": args.quick, "model": "tiny-bert (hidden 64, 2 layers)", "rank": 8,
+    write_result("bytes", {"machine": info, "quick": args.quick, "partial": False, "model": "tiny-bert (hidden 64, 2 layers)", "rank": 8,
                            "results": results, "verdict": verdict, "table": text})
 
 

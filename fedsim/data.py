@@ -95,7 +95,7 @@ class InstructionRows:
             r = r + ([eos] if eos is not None else [])
             if len(p) + len(r) > max_length:
                 self.truncated += 1
-                r = r[: min(len(r), max(max_length - len(p), max_length // 2))]
+                r = r[: min(len(r), max(max_length - len(p), max_length // 2, 1))]
                 p = _keep_last(p, max_length - len(r), bos)
             self.input_ids.append(p + r)
             self.labels.append(([IGNORE_INDEX] * len(p) if loss_on == "response" else list(p)) + r)

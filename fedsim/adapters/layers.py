@@ -51,10 +51,10 @@ def set_rank(model: nn.Module, rank: int) -> None:
     LoRA-SB layers swap in an r_i×r_i R; PEFT LoRA layers swap in r_i-sized A and B modules. The
     values are set afterwards from the global state (``Method.load_state``), so nothing is lost.
     """
-    for module in model.modules():
+    for _, module in adapted_modules(model):
         if isinstance(module, LoraSBLinear):
             module.set_rank(rank)
-        elif _is_peft_lora_linear(module):
+        else:
             for adapter in module.lora_A:
                 A, B = module.lora_A[adapter], module.lora_B[adapter]
                 if A.out_features != rank:
@@ -72,24 +72,31 @@ def strip_peft_prefix(name: str) -> str:
     return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
 
 
+def adapted_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The adapted modules of ``model`` (LoRA-SB or PEFT LoRA layers) with their base-model names.
+
+    Found by one walk over the model, then remembered on it: a worker swaps adapter values for
+    every client, and walking a large model's modules each time would cost more than the swap.
+    """
+    cached = model.__dict__.get("_fedsim_adapted_modules")
+    if cached is None:
+        cached = [(strip_peft_prefix(name), module) for name, module in model.named_modules()
+                  if isinstance(module, LoraSBLinear) or _is_peft_lora_linear(module)]
+        if cached:  # nothing is remembered before the adapters are injected
+            model.__dict__["_fedsim_adapted_modules"] = cached
+    return cached
+
+
 def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
     """Every adapted layer of ``model``, keyed by its name in the base model, in module order."""
     layers: dict[str, AdaptedLayer] = {}
-    for name, module in model.named_modules():
+    for name, module in adapted_modules(model):
         if isinstance(module, LoraSBLinear):
-            layers[strip_peft_prefix(name)] = AdaptedLayer(
-                strip_peft_prefix(name), module.base_layer, module.lora_A, module.lora_B, module.lora_R, module.scaling
-            )
-        elif _is_peft_lora_linear(module):
+            layers[name] = AdaptedLayer(name, module.base_layer, module.lora_A, module.lora_B, module.lora_R, module.scaling)
+        else:
             adapter = module.active_adapters[0]
-            layers[strip_peft_prefix(name)] = AdaptedLayer(
-                strip_peft_prefix(name),
-                module.get_base_layer(),
-                module.lora_A[adapter],
-                module.lora_B[adapter],
-                None,
-                float(module.scaling[adapter]),
-            )
+            layers[name] = AdaptedLayer(name, module.get_base_layer(), module.lora_A[adapter], module.lora_B[adapter],
+                                        None, float(module.scaling[adapter]))
     return layers
 
 

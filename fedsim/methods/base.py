@@ -95,11 +95,15 @@ def nbytes(tensors: State) -> int:
 
 
 def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The classification head's parameters (``classifier`` for BERT-like, ``score`` for Llama-like)."""
+    """The classification head's parameters (``classifier`` for BERT-like, ``score`` for Llama-like).
+
+    Looked up on the head modules themselves, not by walking every parameter of the model.
+    """
     return {
-        name: param
-        for name, param in model.named_parameters()
-        if name.split(".")[0] in HEAD_MODULE_NAMES
+        f"{head}.{name}": param
+        for head in HEAD_MODULE_NAMES
+        if isinstance(getattr(model, head, None), nn.Module)
+        for name, param in getattr(model, head).named_parameters()
     }
 
 
@@ -292,10 +296,23 @@ class Method:
         return get("lora_B"), get("lora_R"), get("lora_A")
 
     def ideal_update(self, state: State, uploads: Sequence[Upload], weights: Sequence[float], layer: str) -> torch.Tensor:
-        """``Σ w_i · scaling · B_i R_i A_i`` (float64): what exact aggregation must produce."""
+        """``Σ w_i · scaling · B_i R_i A_i`` (float64): what exact aggregation must produce.
+
+        Where every client shares the outer factors (Fed-SB: B and A; FFA: A) and the rank, the sum is
+        taken inside first — one d×k product a layer instead of one a client.
+        """
+        factors = [self.client_factors(state, upload, layer) for upload in uploads]
+        uploaded = {key.rsplit(".", 1)[1] for key in uploads[0].tensors if key.startswith(f"{layer}.")}
+        same_rank = len({client_rank(u, layer, self.rank) for u in uploads}) == 1
+        if same_rank and "lora_A" not in uploaded and "lora_B" not in uploaded:  # only R differs
+            B, _, A = factors[0]
+            R = sum(w * R_i for w, (_, R_i, _) in zip(weights, factors))
+            return adapter_product(B, R, A, self.scaling)
+        if same_rank and uploaded == {"lora_B"}:  # only B differs
+            _, R, A = factors[0]
+            return adapter_product(sum(w * B_i for w, (B_i, _, _) in zip(weights, factors)), R, A, self.scaling)
         total = None
-        for upload, weight in zip(uploads, weights):
-            B, R, A = self.client_factors(state, upload, layer)
+        for (B, R, A), weight in zip(factors, weights):
             term = adapter_product(B, R, A, self.scaling * weight)
             total = term if total is None else total + term
         return total

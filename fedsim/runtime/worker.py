@@ -100,37 +100,39 @@ class ClientWorker:
     def init_gradients(self, client_ids: list[int], samples: int, batch_size: int) -> dict[str, torch.Tensor]:
         """Σ of the full model's gradients on a seeded calibration sample of these clients' rows (LoRA-SB init).
 
-        The adapters are still zero (LoRA-SB's B = 0), so the adapted model computes the base model.
         Under DP each client's sum is clipped per sample and noised (``privacy.init_noise_multiplier``).
         """
-        from fedsim.adapters import accumulate_gradients, adapted_layers
-
-        layer_names = [f"{name}.base_layer" for name in adapted_layers(self.model)]
         sums: dict[str, torch.Tensor] = {}
         for client_id in client_ids:
             rows = self.client_rows[client_id]
             take = min(len(rows), samples)
             order = np.random.default_rng(derive_seed(self.config.seed, 0, client_id, 3)).permutation(len(rows))[:take]
-            batches = [{k: v.to(self.device) for k, v in rows.batch(order[i : i + batch_size]).items()}
-                       for i in range(0, take, batch_size)]
-            if init_spends_privacy(self.config, self.method.needs_init_gradients, client_id):
-                p = self.config.privacy
-                part = private_gradient_sum(self.model, layer_names, batches, p.max_grad_norm, p.init_noise_multiplier,
-                                            derive_seed(self.config.seed, 0, client_id, 4))
-            else:
-                part = accumulate_gradients(self.model, layer_names, batches)
+            batches = [rows.batch(order[i : i + batch_size]) for i in range(0, take, batch_size)]
+            private = init_spends_privacy(self.config, self.method.needs_init_gradients, client_id)
+            part = self._base_gradient_sum(batches, derive_seed(self.config.seed, 0, client_id, 4) if private else None)
             for name, grad in part.items():
                 sums[name] = grad if name not in sums else sums[name] + grad
-        return {name.removesuffix(".base_layer"): grad for name, grad in sums.items()}
+        return sums
 
     def public_gradients(self, batch_size: int) -> dict[str, torch.Tensor]:
         """The LoRA-SB init's gradient sum on the public calibration sample (``data/public.parquet``; no client's data)."""
+        rows = make_rows(read_clients(str(self.data_dir / "public.parquet"), [0]), self.tokenizer, self.config)
+        return self._base_gradient_sum(list(rows.in_order(batch_size)))
+
+    def _base_gradient_sum(self, batches: list[dict], private_seed: int | None = None) -> dict[str, torch.Tensor]:
+        """Σ ∂loss/∂W0 of every adapted layer's base weight, keyed by layer; clipped and noised when ``private_seed`` is set.
+
+        The adapters are still zero (LoRA-SB's B = 0), so the adapted model computes the base model.
+        """
         from fedsim.adapters import accumulate_gradients, adapted_layers
 
-        rows = make_rows(read_clients(str(self.data_dir / "public.parquet"), [0]), self.tokenizer, self.config)
-        batches = [{k: v.to(self.device) for k, v in b.items()} for b in rows.in_order(batch_size)]
+        batches = [{k: v.to(self.device) for k, v in batch.items()} for batch in batches]
         layer_names = [f"{name}.base_layer" for name in adapted_layers(self.model)]
-        sums = accumulate_gradients(self.model, layer_names, batches)
+        if private_seed is None:
+            sums = accumulate_gradients(self.model, layer_names, batches)
+        else:
+            p = self.config.privacy
+            sums = private_gradient_sum(self.model, layer_names, batches, p.max_grad_norm, p.init_noise_multiplier, private_seed)
         return {name.removesuffix(".base_layer"): grad for name, grad in sums.items()}
 
     def initial_state(self, grad_sums: dict[str, torch.Tensor] | None) -> State:
