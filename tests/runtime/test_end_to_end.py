@@ -30,8 +30,9 @@ def final_state(run_dir):
 
 
 def rows(run_dir, name, drop):
-    table = pq.read_table(Path(run_dir, name))
-    return table.drop_columns(drop).to_pylist()
+    """The rows of a results table without the timing columns, NaN read as None (so that equal rows compare equal)."""
+    table = pq.read_table(Path(run_dir, name)).drop_columns(drop)
+    return [{k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()} for row in table.to_pylist()]
 
 
 def assert_same_run(a, b):
