@@ -407,7 +407,7 @@ class Experiment:
             return {"enabled": False}
         spent = [row["epsilon"] for row in self.client_rows if row["epsilon"] == row["epsilon"]]
         return {
-            "enabled": True, "target_epsilon": p.epsilon, "noise_multiplier": p.noise_multiplier, "delta": p.delta,
+            "enabled": True, "target_epsilon": p.epsilon, "noise_multiplier": self.meta["noise_multiplier"], "delta": p.delta,
             "accountant": p.accountant, "max_grad_norm": p.max_grad_norm, "epsilon_max": max(spent, default=0.0),
             "init": ("no data (LoRA's random initialisation)" if not self.method.needs_init_gradients
                      else "public data held out from every client (no privacy spent)" if a.init_data == "public"
