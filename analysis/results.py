@@ -83,23 +83,8 @@ def load_run(path) -> Run:
     if not _is_run(path):
         raise UsageError(f"results: {path} has no {ROUNDS_FILE}; pass the output_dir of a fedsim run")
 
-    config: dict = {}
-    config_path = path / CONFIG_FILE
-    if config_path.is_file():
-        try:
-            loaded = yaml.safe_load(config_path.read_text())
-        except yaml.YAMLError as exc:
-            raise UsageError(f"results: {config_path} is not valid YAML ({str(exc).splitlines()[0]})") from None
-        config = loaded if isinstance(loaded, dict) else {}
-
-    summary: dict = {}
-    summary_path = path / SUMMARY_FILE
-    if summary_path.is_file():
-        try:
-            loaded = json.loads(summary_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"results: {summary_path} is not valid JSON ({exc})") from None
-        summary = loaded if isinstance(loaded, dict) else {}
+    config = _read_mapping(path / CONFIG_FILE, yaml.safe_load, yaml.YAMLError, "YAML")
+    summary = _read_mapping(path / SUMMARY_FILE, json.loads, json.JSONDecodeError, "JSON")
 
     method = config.get("method")
     name = method.get("name") if isinstance(method, dict) else method if isinstance(method, str) else None
@@ -168,3 +153,14 @@ def runs_table(paths) -> pa.Table:
         rounds = with_cumulative_bytes(run.rounds)
         tables.append(rounds.add_column(0, "run", pa.array([label] * rounds.num_rows, pa.string())))
     return pa.concat_tables(tables, promote_options="permissive")
+
+
+def _read_mapping(file: Path, parse, error: type[Exception], kind: str) -> dict:
+    """A YAML or JSON file holding a mapping; ``{}`` when the file is absent or holds something else."""
+    if not file.is_file():
+        return {}
+    try:
+        loaded = parse(file.read_text())
+    except error as exc:
+        raise UsageError(f"results: {file} is not valid {kind} ({str(exc).splitlines()[0]})") from None
+    return loaded if isinstance(loaded, dict) else {}

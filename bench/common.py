@@ -169,7 +169,33 @@ def read_run(output_dir) -> tuple[list[dict], list[dict], dict]:
 
 
 # -- memory ------------------------------------------------------------------------------------------
-class MemorySampler:
+class BackgroundSampler:
+    """Calls ``sample()`` every ``interval`` s in a background thread while used as a context manager (and once at exit)."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+class MemorySampler(BackgroundSampler):
     """Every ``interval`` s in a background thread: the RSS (and PSS) of every Ray process this process started.
 
     Ray's processes are the descendants of this (driver) process whose command line mentions ray, raylet,
@@ -182,8 +208,8 @@ class MemorySampler:
     def __init__(self, interval: float = 0.2, include_self: bool = False, pss: bool = True):
         import psutil
 
+        super().__init__(interval)
         self.psutil = psutil
-        self.interval = interval
         self.include_self = include_self
         self.pss = pss
         self.me = psutil.Process()
@@ -191,8 +217,6 @@ class MemorySampler:
         self.peak_processes: list[dict] = []
         self.samples = 0
         self.load_sum = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _is_ray(self, proc) -> bool:
         try:
@@ -231,20 +255,6 @@ class MemorySampler:
         self.peak_pss = max(self.peak_pss, pss)
         self.peak_driver_rss = max(self.peak_driver_rss, driver)
         self.peak_total_rss = max(self.peak_total_rss, rss + driver)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.sample()
 
     def result(self) -> dict:
         mib = 2**20

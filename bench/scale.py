@@ -25,10 +25,9 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
-from common import (ROOT, SCRATCH, SST2, fedsim_config, instrumented_run, machine_info, sst2_available, table,
+from common import (ROOT, BackgroundSampler, SCRATCH, SST2, fedsim_config, instrumented_run, machine_info, sst2_available, table,
                     write_result)
 
 TARGET_MEMORY_RATIO = 1.25
@@ -67,41 +66,29 @@ def run_fedsim(clients: int, workers: int) -> dict:
     }
 
 
-class ProcessTreeSampler:
+class ProcessTreeSampler(BackgroundSampler):
     """Peak of the summed RSS of a process and its descendants, every ``interval`` s, in a background thread."""
 
     def __init__(self, pid: int, interval: float = 0.2):
         import psutil
 
-        self.psutil, self.pid, self.interval = psutil, pid, interval
+        super().__init__(interval)
+        self.psutil, self.pid = psutil, pid
         self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def _loop(self) -> None:
+    def sample(self) -> None:
         psutil = self.psutil
-        while not self._stop.is_set():
-            try:
-                root = psutil.Process(self.pid)
-                procs = [root, *root.children(recursive=True)]
-                total = 0
-                for proc in procs:
-                    try:
-                        total += proc.memory_info().rss
-                    except (psutil.NoSuchProcess, psutil.AccessDenied):
-                        pass
-                self.peak = max(self.peak, total)
-            except psutil.NoSuchProcess:
-                pass
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+        try:
+            root = psutil.Process(self.pid)
+            total = 0
+            for proc in [root, *root.children(recursive=True)]:
+                try:
+                    total += proc.memory_info().rss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+            self.peak = max(self.peak, total)
+        except psutil.NoSuchProcess:
+            pass
 
 
 def run_reference(clients: int, workers: int, threads: int) -> dict:
