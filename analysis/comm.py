@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from fedsim.errors import UsageError
+from fedsim.storage import Location
 
 METHOD_NAMES = ("fed-sb", "fedit", "fedex-lora", "ffa-lora", "flora", "fra-lora", "fra-then-ffa", "central")
 FEDEX_DOWN = ("residual", "adapters")
@@ -551,7 +552,7 @@ TRAINED_STATUSES = ("ok", "nonfinite")
 class RunPrediction:
     """Per round: predicted and measured bytes (and predicted parameters) of one run."""
 
-    path: Path
+    path: Location
     method: str
     rounds: list[dict] = field(default_factory=list)
     tolerance: float = TOLERANCE
@@ -581,7 +582,7 @@ def run_shapes(run_dir, config: dict | None = None) -> tuple[ModelShapes, Method
     """The model shapes and method of a run folder (its config.yaml, and the number of labels it trained)."""
     import yaml
 
-    run_dir = Path(run_dir)
+    run_dir = Location(run_dir)
     if config is None:
         path = run_dir / "config.yaml"
         if not path.is_file():
@@ -593,9 +594,7 @@ def run_shapes(run_dir, config: dict | None = None) -> tuple[ModelShapes, Method
     if meta.is_file():
         num_labels = json.loads(meta.read_text()).get("num_labels")
     elif (run_dir / "label_counts.parquet").is_file():
-        import pyarrow.parquet as pq
-
-        labels = pq.read_table(run_dir / "label_counts.parquet", columns=["label"])["label"].to_pylist()
+        labels = (run_dir / "label_counts.parquet").read_table(columns=["label"])["label"].to_pylist()
         num_labels = len(set(labels)) or None
     from fedsim.config import resolve_model_path
 
@@ -621,15 +620,13 @@ def predict_run(run_dir, tolerance: float = TOLERANCE) -> RunPrediction:
     straggler that trained) sends its upload; the broadcast of round t is built over the clients
     aggregated in round t (those ``ok``).
     """
-    import pyarrow.parquet as pq
-
-    run_dir = Path(run_dir)
+    run_dir = Location(run_dir)
     for name in ("rounds.parquet", "clients.parquet"):
         if not (run_dir / name).is_file():
             raise UsageError(f"results: {run_dir} has no {name}; pass the output_dir of a finished fedsim run")
     shapes, spec = run_shapes(run_dir)
-    clients = pq.read_table(run_dir / "clients.parquet").to_pylist()
-    rounds = sorted(pq.read_table(run_dir / "rounds.parquet").to_pylist(), key=lambda r: r["round"])
+    clients = (run_dir / "clients.parquet").read_table().to_pylist()
+    rounds = sorted((run_dir / "rounds.parquet").read_table().to_pylist(), key=lambda r: r["round"])
     by_round: dict[int, list[dict]] = {}
     for row in clients:
         by_round.setdefault(row["round"], []).append(row)

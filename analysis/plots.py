@@ -8,21 +8,31 @@ cumulative bytes); ``plot_label_counts`` draws the non-IID split of a run's data
 
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 
 import matplotlib
 import numpy as np
-import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from analysis.results import LABEL_COUNTS_FILE, Run, _as_runs, find_runs, load_run, run_labels, with_cumulative_bytes
 from fedsim.errors import UsageError
+from fedsim.storage import Location
 
 AGG_ERROR_FLOOR = 1e-12  # zeros (exact aggregation) are drawn here on the log axis
 MAX_CLIENTS_SHOWN = 50
 DPI = 110
+
+
+def save_figure(fig: Figure, path) -> Path | Location:
+    """Write ``fig`` as a PNG to a local path or a URI (``fedsim.storage``); return where."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    location = Location(path)
+    location.write_bytes(buffer.getvalue())
+    return location.native()
 
 
 def _column(table, name) -> np.ndarray:
@@ -53,12 +63,11 @@ def _metric_name(runs: list[Run]) -> str:
     return f"eval {metric}" if metric else "eval metric"
 
 
-def plot_runs(runs, path) -> Path:
+def plot_runs(runs, path) -> Location:
     """One PNG, 2×2 panels (eval metric, train loss, aggregation error, cumulative bytes), a line per run."""
     runs = _as_runs(runs)
     if not runs:
         raise UsageError("plots: no runs to plot; pass run folders or a folder of runs")
-    path = Path(path)
     labels = run_labels(runs)
     fig = Figure(figsize=(12, 8.5), layout="constrained")
     (ax_eval, ax_loss), (ax_err, ax_bytes) = fig.subplots(2, 2)
@@ -106,21 +115,19 @@ def plot_runs(runs, path) -> Path:
             ax.legend(fontsize="small")
     subtitle = _describe(runs)
     fig.suptitle(" vs ".join(labels) + (f" — {subtitle}" if subtitle else ""), fontweight="bold")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    return path
+    return save_figure(fig, path)
 
 
-def plot_label_counts(run, path, max_clients: int = MAX_CLIENTS_SHOWN) -> Path:
+def plot_label_counts(run, path, max_clients: int = MAX_CLIENTS_SHOWN) -> Location:
     """Stacked bars: examples of each label per client (the first `max_clients` clients by id)."""
     runs = _as_runs(run)
     if len(runs) != 1:
         raise UsageError(f"plots: label counts are drawn for one run, got {len(runs)}; pass one run folder")
     run = runs[0]
-    source = run.path / LABEL_COUNTS_FILE
+    source = Location(run.path) / LABEL_COUNTS_FILE
     if not source.is_file():
         raise UsageError(f"plots: {run.path} has no {LABEL_COUNTS_FILE}; it is written for labelled workloads only")
-    table = pq.read_table(source, columns=["client_id", "label", "count"])
+    table = source.read_table(columns=["client_id", "label", "count"])
     client_ids = table["client_id"].to_numpy().astype(np.int64)
     label_values = table["label"].to_numpy(zero_copy_only=False)
     counts = table["count"].to_numpy().astype(np.float64)
@@ -151,20 +158,17 @@ def plot_label_counts(run, path, max_clients: int = MAX_CLIENTS_SHOWN) -> Path:
     if len(labels) <= 20:
         ax.legend(fontsize="small", ncols=1 if len(labels) <= 10 else 2, loc="upper right")
     ax.grid(True, axis="y", alpha=0.3)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    return path
+    return save_figure(fig, path)
 
 
-def _single_run_plots(run: Run, out_dir: Path, prefix: str = "") -> list[Path]:
+def _single_run_plots(run: Run, out_dir: Location, prefix: str = "") -> list[Location]:
     written = [plot_runs([run], out_dir / f"{prefix}plot.png")]
     if run.label_counts_path.is_file():
         written.append(plot_label_counts(run, out_dir / f"{prefix}label_counts.png"))
     return written
 
 
-def write_run_plots(path_or_runs, out_dir=None) -> list[Path]:
+def write_run_plots(path_or_runs, out_dir=None) -> list[Location]:
     """Write the standard plots; return their paths.
 
     A run folder: `plot.png` (and `label_counts.png` where the run has label counts) into it.
@@ -174,15 +178,15 @@ def write_run_plots(path_or_runs, out_dir=None) -> list[Path]:
     """
     if isinstance(path_or_runs, (str, Path)):
         runs = [load_run(p) for p in find_runs(path_or_runs)]
-        base = Path(path_or_runs)
+        base = Location(path_or_runs)
         base = base.parent if base.is_file() else base
     else:
         runs = _as_runs(path_or_runs)
         if not runs:
             raise UsageError("plots: no runs to plot; pass run folders or a folder of runs")
         parents = {r.path.parent for r in runs}
-        base = runs[0].path if len(runs) == 1 else (parents.pop() if len(parents) == 1 else Path.cwd())
-    out = Path(out_dir) if out_dir is not None else None
+        base = runs[0].path if len(runs) == 1 else (parents.pop() if len(parents) == 1 else Location(Path.cwd()))
+    out = Location(out_dir) if out_dir is not None else None
 
     if len(runs) == 1:
         return _single_run_plots(runs[0], out or runs[0].path)

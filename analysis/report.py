@@ -28,9 +28,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from analysis.comm import METHOD_NAMES, TOLERANCE, RunPrediction, human, per_round_vs_clients, predict_run, run_shapes
-from analysis.plots import AGG_ERROR_FLOOR, DPI, _column, _describe, _metric_name
+from analysis.plots import AGG_ERROR_FLOOR, _column, _describe, _metric_name, save_figure
 from analysis.results import Run, _as_runs, run_labels
 from fedsim.errors import UsageError
+from fedsim.storage import Location
 
 CLIENT_COUNTS = (10, 20, 50, 100, 200, 500, 1000)
 
@@ -72,7 +73,7 @@ def communicated_params(run: Run, prediction: RunPrediction | None) -> tuple[flo
     return float(total) / 4.0, False
 
 
-def plot_accuracy_vs_comm(runs: list[Run], labels: list[str], params: list[float], path: Path, metric: str) -> Path:
+def plot_accuracy_vs_comm(runs: list[Run], labels: list[str], params: list[float], path, metric: str) -> Location:
     fig = Figure(figsize=(8, 5.5), layout="constrained")
     ax = fig.subplots()
     points = [(p, _final_metric(r)) for p, r in zip(params, runs)]
@@ -88,11 +89,10 @@ def plot_accuracy_vs_comm(runs: list[Run], labels: list[str], params: list[float
            xlabel="parameters communicated over the run, up + down, all clients (log)", ylabel=f"final {metric}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small", loc="best")
-    fig.savefig(path, dpi=DPI)
-    return path
+    return save_figure(fig, path)
 
 
-def plot_comm_vs_clients(run: Run, path: Path, clients=CLIENT_COUNTS) -> Path:
+def plot_comm_vs_clients(run: Run, path, clients=CLIENT_COUNTS) -> Location:
     """Analytic: bytes a round against the number of clients, per client and for the whole round, every method."""
     shapes, spec = run_shapes(run.path)
     table = per_round_vs_clients(shapes, [m for m in METHOD_NAMES if m != "central"], spec.rank, clients,
@@ -114,11 +114,10 @@ def plot_comm_vs_clients(run: Run, path: Path, clients=CLIENT_COUNTS) -> Path:
         ax.legend(fontsize="small")
     fig.suptitle(f"analytic communication: {shapes.name}, {len(shapes.layers)} adapted layers, rank {spec.rank}, "
                  f"{shapes.dtype}" + (", head included" if shapes.head else ""), fontweight="bold")
-    fig.savefig(path, dpi=DPI)
-    return path
+    return save_figure(fig, path)
 
 
-def plot_metrics(runs: list[Run], labels: list[str], path: Path, metric: str) -> Path:
+def plot_metrics(runs: list[Run], labels: list[str], path, metric: str) -> Location:
     fig = Figure(figsize=(15, 4.8), layout="constrained")
     axes = fig.subplots(1, 3)
     panels = (("eval_metric", f"{metric} per round", metric), ("eval_loss", "eval loss per round", "eval loss (cross-entropy)"),
@@ -134,11 +133,10 @@ def plot_metrics(runs: list[Run], labels: list[str], path: Path, metric: str) ->
         if ax.lines:
             ax.legend(fontsize="small")
     fig.suptitle(_describe(runs), fontweight="bold")
-    fig.savefig(path, dpi=DPI)
-    return path
+    return save_figure(fig, path)
 
 
-def plot_agg_error(runs: list[Run], labels: list[str], path: Path) -> Path:
+def plot_agg_error(runs: list[Run], labels: list[str], path) -> Location:
     fig = Figure(figsize=(8, 5), layout="constrained")
     ax = fig.subplots()
     floored = False
@@ -155,11 +153,10 @@ def plot_agg_error(runs: list[Run], labels: list[str], path: Path) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     if ax.lines:
         ax.legend(fontsize="small")
-    fig.savefig(path, dpi=DPI)
-    return path
+    return save_figure(fig, path)
 
 
-def plot_privacy(runs: list[Run], labels: list[str], path: Path, metric: str) -> Path | None:
+def plot_privacy(runs: list[Run], labels: list[str], path, metric: str) -> Location | None:
     """ε spent (``epsilon_max`` of each round) against the eval metric; None when no run has ``epsilon_max``."""
     private = [(r, l) for r, l in zip(runs, labels) if "epsilon_max" in r.rounds.column_names]
     if not private:
@@ -174,18 +171,16 @@ def plot_privacy(runs: list[Run], labels: list[str], path: Path, metric: str) ->
            xlabel="ε spent so far (max over clients, at the run's δ)", ylabel=metric)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
-    fig.savefig(path, dpi=DPI)
-    return path
+    return save_figure(fig, path)
 
 
-def write_report(paths, out_dir=None, clients=CLIENT_COUNTS, tolerance: float = TOLERANCE) -> Path:
+def write_report(paths, out_dir=None, clients=CLIENT_COUNTS, tolerance: float = TOLERANCE) -> Location:
     """Write the figures and ``report.md`` for the runs under ``paths``; return the report's path."""
     runs = _as_runs(paths)
     if not runs:
         raise UsageError("report: no runs found; pass run folders or folders of runs")
-    first = Path(paths[0] if isinstance(paths, (list, tuple)) else paths)
-    out = Path(out_dir) if out_dir is not None else (first if first.is_dir() else first.parent) / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    first = Location(paths[0] if isinstance(paths, (list, tuple)) else paths)
+    out = Location(out_dir) if out_dir is not None else (first if first.is_dir() else first.parent) / "report"
     labels = run_labels(runs)
     metric = _metric_name(runs)
     predictions = [_predict(run) for run in runs]
@@ -244,7 +239,7 @@ def write_report(paths, out_dir=None, clients=CLIENT_COUNTS, tolerance: float = 
             lines += [f"### {titles[key]}", "", f"![{titles[key]}]({path.name})", ""]
     report = out / "report.md"
     report.write_text("\n".join(lines))
-    return report
+    return report.native()
 
 
 def write_demo_runs(root, methods=("fed-sb", "fedit", "ffa-lora", "flora"), rounds: int = 6, clients: int = 20,

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import yaml
 
 from fedsim.errors import UsageError
+from fedsim.storage import Location
 
 ROUNDS_FILE = "rounds.parquet"
 CLIENTS_FILE = "clients.parquet"
@@ -31,9 +31,9 @@ LABEL_COUNTS_FILE = "label_counts.parquet"
 
 @dataclass
 class Run:
-    """One run's results: its folder, name (the method), resolved config and tables."""
+    """One run's results: its folder (a local path or a URI such as s3://bucket/run), name (the method), resolved config and tables."""
 
-    path: Path
+    path: Path | Location
     name: str
     config: dict
     rounds: pa.Table
@@ -41,24 +41,24 @@ class Run:
     summary: dict = field(default_factory=dict)
 
     @property
-    def label_counts_path(self) -> Path:
+    def label_counts_path(self) -> Location:
         return self.path / LABEL_COUNTS_FILE
 
 
-def _is_run(path: Path) -> bool:
+def _is_run(path: Location) -> bool:
     return (path / ROUNDS_FILE).is_file()
 
 
-def find_runs(path) -> list[Path]:
+def find_runs(path) -> list[Path | Location]:
     """`path` itself if it is a run folder, else its direct subfolders that are (sorted by name)."""
-    path = Path(path)
+    path = Location(path)
     if path.is_file() and path.name == ROUNDS_FILE:
         path = path.parent
     if not path.is_dir():
         raise UsageError(f"results: {path} is not a folder; pass the output_dir of a fedsim run (or a folder of runs)")
     if _is_run(path):
-        return [path]
-    runs = sorted(p for p in path.iterdir() if p.is_dir() and _is_run(p))
+        return [path.native()]
+    runs = [p.native() for p in path.iterdir() if _is_run(p)]
     if not runs:
         raise UsageError(
             f"results: {path} has no {ROUNDS_FILE} (and no run subfolders); pass the output_dir of a fedsim run"
@@ -66,16 +66,16 @@ def find_runs(path) -> list[Path]:
     return runs
 
 
-def _read_parquet(path: Path) -> pa.Table:
+def _read_parquet(path: Location) -> pa.Table:
     try:
-        return pq.read_table(path)
+        return path.read_table()
     except (OSError, pa.ArrowInvalid) as exc:
         raise UsageError(f"results: cannot read {path} as Parquet ({exc}); is the run still writing it?") from None
 
 
 def load_run(path) -> Run:
-    """Read a run folder. Name: `method.name` from config.yaml, else the folder's name."""
-    path = Path(path)
+    """Read a run folder (a local path or a URI). Name: `method.name` from config.yaml, else the folder's name."""
+    path = Location(path)
     if path.is_file() and path.name == ROUNDS_FILE:
         path = path.parent
     if not path.is_dir():
@@ -90,7 +90,7 @@ def load_run(path) -> Run:
     name = method.get("name") if isinstance(method, dict) else method if isinstance(method, str) else None
     clients_path = path / CLIENTS_FILE
     return Run(
-        path=path,
+        path=path.native(),
         name=str(name) if name else path.name,
         config=config,
         rounds=_read_parquet(path / ROUNDS_FILE),
@@ -101,7 +101,7 @@ def load_run(path) -> Run:
 
 def _as_runs(paths_or_runs) -> list[Run]:
     """Runs from Run objects, run folders or comparison folders (a single one, or a list)."""
-    if isinstance(paths_or_runs, (str, Path, Run)):
+    if isinstance(paths_or_runs, (str, Path, Location, Run)):
         paths_or_runs = [paths_or_runs]
     runs: list[Run] = []
     for item in paths_or_runs:
@@ -155,7 +155,7 @@ def runs_table(paths) -> pa.Table:
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def _read_mapping(file: Path, parse, error: type[Exception], kind: str) -> dict:
+def _read_mapping(file: Location, parse, error: type[Exception], kind: str) -> dict:
     """A YAML or JSON file holding a mapping; ``{}`` when the file is absent or holds something else."""
     if not file.is_file():
         return {}

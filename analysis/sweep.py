@@ -15,13 +15,11 @@ from __future__ import annotations
 import copy
 import itertools
 import re
-from pathlib import Path
-
 import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 
 from fedsim.errors import UsageError
+from fedsim.storage import Location, join
 
 SWEEP_FILE = "sweep.parquet"
 
@@ -95,7 +93,8 @@ def sweep_configs(config_path: str | None, grid: dict[str, list], overrides: lis
     from fedsim.config import config_from_dict, load_config_dict
 
     base = load_config_dict(config_path, list(overrides))
-    root = Path(output_dir or base.get("output_dir") or "results/sweep")
+    root_text = str(output_dir or base.get("output_dir") or "results/sweep")
+    root = Location(root_text)
     points = expand_grid(grid)
     names = [point_name(p) for p in points]
     if len(set(names)) != len(names):
@@ -105,7 +104,7 @@ def sweep_configs(config_path: str | None, grid: dict[str, list], overrides: lis
         data = copy.deepcopy(base)
         for key, value in point.items():
             _set(data, key, value)
-        data["output_dir"] = str(root / name)
+        data["output_dir"] = join(root_text, name)
         try:
             config = config_from_dict(data)
         except UsageError as error:
@@ -115,7 +114,7 @@ def sweep_configs(config_path: str | None, grid: dict[str, list], overrides: lis
 
 
 def run_sweep(config_path, grid, overrides=(), output_dir=None, overwrite: bool = False, progress: bool = True,
-              dry_run: bool = False) -> Path:
+              dry_run: bool = False) -> Location:
     """Run every point not yet finished under one Ray session, then gather; return the path of ``sweep.parquet``."""
     root, points = sweep_configs(config_path, dict(grid), overrides, output_dir)
     todo = [(p, n, c) for p, n, c in points if overwrite or not (root / n / "summary.json").is_file()]
@@ -123,7 +122,7 @@ def run_sweep(config_path, grid, overrides=(), output_dir=None, overwrite: bool 
         for point, name, _ in points:
             state = "run" if any(name == n for _, n, _ in todo) else "done, skipped"
             print(f"{name}: {point} ({state})")
-        return root / SWEEP_FILE
+        return (root / SWEEP_FILE).native()
     if todo:
         from fedsim.runtime import run_comparison
 
@@ -132,17 +131,17 @@ def run_sweep(config_path, grid, overrides=(), output_dir=None, overwrite: bool 
     return gather(root, [(p, n) for p, n, _ in points])
 
 
-def gather(root, points: list[tuple[dict, str]] | None = None) -> Path:
+def gather(root, points: list[tuple[dict, str]] | None = None) -> Location:
     """Stack every point's rounds (with ``point`` and the grid values as columns) into ``root/sweep.parquet``."""
-    root = Path(root)
+    root = Location(root)
     if points is None:  # every run folder under root, with no grid columns
-        points = [({}, p.name) for p in sorted(root.iterdir()) if (p / "rounds.parquet").is_file()]
+        points = [({}, p.name) for p in root.iterdir() if (p / "rounds.parquet").is_file()]
     tables = []
     for point, name in points:
         path = root / name / "rounds.parquet"
         if not path.is_file():
             continue
-        table = pq.read_table(path)
+        table = path.read_table()
         n = table.num_rows
         table = table.add_column(0, "point", pa.array([name] * n, pa.string()))
         for i, (key, value) in enumerate(point.items()):
@@ -152,5 +151,5 @@ def gather(root, points: list[tuple[dict, str]] | None = None) -> Path:
     if not tables:
         raise UsageError(f"sweep: no finished points under {root}")
     out = root / SWEEP_FILE
-    pq.write_table(pa.concat_tables(tables, promote_options="permissive"), out)
-    return out
+    out.write_table(pa.concat_tables(tables, promote_options="permissive"))
+    return out.native()

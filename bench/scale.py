@@ -25,7 +25,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 from common import (ROOT, BackgroundSampler, SCRATCH, SST2, fedsim_config, instrumented_run, machine_info, sst2_available, table,
                     write_result)

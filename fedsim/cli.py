@@ -8,7 +8,7 @@
 Bad input (a config value, a path, a name) raises fedsim.errors.UsageError anywhere below; it is
 printed here as one line, `fedsim: error: ...`, with exit code 2. A traceback means a bug.
 
-Subcommands live in COMMANDS: to add one (comm, report, submit, status, logs), write
+Subcommands live in COMMANDS: to add one, write
 `_add_NAME(parser)` and `_cmd_NAME(args) -> int` and register them as a Command.
 """
 
@@ -18,7 +18,6 @@ import argparse
 import copy
 import os
 import sys
-from pathlib import Path
 from typing import Callable, NamedTuple
 
 from fedsim import __version__
@@ -103,7 +102,8 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from fedsim.config import config_from_dict, method_names
+    from fedsim.config import config_from_dict
+    from fedsim.storage import join
 
     config_path, overrides = _split_items(args.items)
     method_override = any(o.split("=", 1)[0].strip() == "method.name" for o in overrides)
@@ -123,15 +123,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
 
     data = _read_config_dict(config_path, overrides)
-
-    if args.methods is not None:
-        if method_override:
-            raise UsageError("give either --methods or method.name=..., not both")
-        methods = _parse_methods(args.methods, method_names())
-    elif config_path is None and not method_override:
-        methods = list(DEFAULT_COMPARISON)
-    else:
-        methods = None
+    methods = _methods_to_run(args.methods, config_path, method_override)
 
     if methods is None:
         config = config_from_dict(data)
@@ -148,7 +140,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if isinstance(one["method"], dict):
             one["method"]["name"] = method
         if isinstance(base_dir, str):
-            one["output_dir"] = str(Path(base_dir) / method)
+            one["output_dir"] = join(base_dir, method)
         configs.append(config_from_dict(one))  # validates each, base_dir included
     from fedsim.runtime import run_comparison
 
@@ -157,11 +149,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _methods_to_run(methods_arg: str | None, config_path: str | None, method_override: bool) -> list[str] | None:
+    """The methods of a side-by-side comparison (``--methods``, or the default's), or None for a single run."""
+    from fedsim.config import method_names
+
+    if methods_arg is not None:
+        if method_override:
+            raise UsageError("give either --methods or method.name=..., not both")
+        return _parse_methods(methods_arg, method_names())
+    if config_path is None and not method_override:
+        return list(DEFAULT_COMPARISON)
+    return None
+
+
 def _resume_config(run_dir: str, overrides: list[str]):
     from fedsim.config import apply_overrides, config_from_dict, read_yaml_file
+    from fedsim.storage import Location
 
-    path = Path(run_dir) / "config.yaml"
-    if not Path(run_dir).is_dir():
+    path = Location(run_dir) / "config.yaml"
+    if not Location(run_dir).is_dir():
         raise UsageError(f"--resume {run_dir}: no such directory")
     if not path.is_file():
         raise UsageError(
@@ -267,9 +273,10 @@ def _add_report(parser: argparse.ArgumentParser) -> None:
 def _cmd_report(args: argparse.Namespace) -> int:
     from analysis.comm import parse_ints
     from analysis.report import write_report
+    from fedsim.storage import Location
 
     for d in args.dirs:
-        if not Path(d).exists():
+        if not Location(d).exists() and not Location(d).is_dir():
             raise UsageError(f"report: {d}: no such folder; pass the output_dir of a fedsim run")
     report = write_report(args.dirs, args.out, clients=parse_ints(args.clients, "--clients"))
     print(report)
@@ -302,7 +309,99 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# The table of subcommands. Later: comm, report, submit, status, logs.
+# fedsim submit / status / logs (fedsim/jobs.py: the Ray Jobs API)
+# ---------------------------------------------------------------------------------------------
+
+
+def _add_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", metavar="URL",
+                        help="the Ray dashboard of the cluster, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS)")
+
+
+def _add_submit(parser: argparse.ArgumentParser) -> None:
+    _add_config_arguments(parser)
+    _add_address(parser)
+    parser.add_argument("--wait", action="store_true",
+                        help="stream the job's logs until it ends, and exit with its exit status")
+    parser.add_argument("--methods", metavar="M1,M2", help="run the config once per method, side by side (as fedsim run --methods)")
+    parser.add_argument("--overwrite", action="store_true", help="let the job replace the results already in output_dir")
+    parser.add_argument("--pip", default="project", metavar="project|none|FILE",
+                        help="the job's pip requirements: fedsim's own (project, default), none (the cluster's image has them), "
+                        "or a requirements file")
+    parser.add_argument("--job-id", metavar="ID", help="the job's submission id (default: Ray's)")
+    parser.add_argument("--entrypoint-cpus", type=float, metavar="N",
+                        help="CPUs reserved for the driver process (default: none, so the driver can run on the head node of a "
+                        "cluster whose CPUs all go to worker actors)")
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from fedsim import jobs
+    from fedsim.config import config_from_dict, method_names
+
+    config_path, overrides = _split_items(args.items)
+    method_override = any(o.split("=", 1)[0].strip() == "method.name" for o in overrides)
+    data = _read_config_dict(config_path, overrides)
+    methods = _methods_to_run(args.methods, config_path, method_override)
+    config = config_from_dict(data)
+    for method in methods or []:  # as fedsim run would: every method's config is valid
+        one = copy.deepcopy(data)
+        one.setdefault("method", {})["name"] = method
+        config_from_dict(one)
+    assert set(methods or []) <= set(method_names())
+    client, job_id = jobs.submit(config, args.address, methods=methods, pip=args.pip, overwrite=args.overwrite,
+                                 submission_id=args.job_id, entrypoint_num_cpus=args.entrypoint_cpus)
+    print(job_id, flush=True)
+    print(f"fedsim: submitted job {job_id}; results in {config.output_dir}", file=sys.stderr)
+    if not args.wait:
+        print(f"fedsim: follow it with `fedsim logs {job_id} --follow`, check it with `fedsim status {job_id}`", file=sys.stderr)
+        return 0
+    return _follow(client, job_id)
+
+
+def _follow(client, job_id: str) -> int:
+    from fedsim import jobs
+
+    try:
+        code = jobs.follow(client, job_id)
+    except KeyboardInterrupt:
+        print(f"fedsim: stopped following job {job_id}; it keeps running (stop it with `ray job stop {job_id}`)", file=sys.stderr)
+        return 130
+    status = jobs.status_name(jobs.job_info(client, job_id))
+    print(f"fedsim: job {job_id} {status} (exit status {code})", file=sys.stderr)
+    return code
+
+
+def _add_job(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("job_id", metavar="JOB", help="the job id that fedsim submit printed")
+    _add_address(parser)
+
+
+def _add_logs(parser: argparse.ArgumentParser) -> None:
+    _add_job(parser)
+    parser.add_argument("--follow", "-f", action="store_true", help="keep streaming until the job ends, then exit with its status")
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from fedsim import jobs
+
+    client = jobs.job_client(args.address)
+    print(jobs.describe(jobs.job_info(client, args.job_id)))
+    return 0
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    from fedsim import jobs
+
+    client = jobs.job_client(args.address)
+    if args.follow:
+        return _follow(client, args.job_id)
+    jobs.job_info(client, args.job_id)  # an unknown job is a one-line error
+    sys.stdout.write(client.get_job_logs(args.job_id))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The table of subcommands.
 # ---------------------------------------------------------------------------------------------
 
 COMMANDS: dict[str, Command] = {
@@ -357,6 +456,34 @@ COMMANDS: dict[str, Command] = {
         ),
         add_arguments=_add_report,
         handler=_cmd_report,
+    ),
+    "submit": Command(
+        help="submit a run to a Ray cluster as a job (Ray Jobs API); print its id",
+        description=(
+            "Resolve and check the config here, then submit it to a Ray cluster as a job: the project's code\n"
+            "is the job's working_dir and its requirements the job's pip list; on the cluster the job runs\n"
+            "`fedsim run` on the resolved config. output_dir must be shared storage: an absolute path every\n"
+            "node mounts, or a URI (s3://bucket/run, gs://…). Prints the job id on stdout.\n\n"
+            "examples:\n"
+            "  fedsim submit my.yaml output_dir=s3://bucket/runs/a --address http://HEAD:8265 --wait\n"
+            "  JOB=$(fedsim submit my.yaml output_dir=/shared/runs/b --pip none)"
+        ),
+        add_arguments=_add_submit,
+        handler=_cmd_submit,
+    ),
+    "status": Command(
+        help="the status of a submitted job",
+        description="Print a submitted job's status, entrypoint, times, exit code and fedsim metadata.\n\n"
+                    "example:\n  fedsim status raysubmit_abc123 --address http://HEAD:8265",
+        add_arguments=_add_job,
+        handler=_cmd_status,
+    ),
+    "logs": Command(
+        help="the logs of a submitted job",
+        description="Print a submitted job's logs so far; with --follow, stream them until it ends and exit with its status.\n\n"
+                    "example:\n  fedsim logs raysubmit_abc123 --address http://HEAD:8265 --follow",
+        add_arguments=_add_logs,
+        handler=_cmd_logs,
     ),
     "sweep": Command(
         help="run a grid of configs under one Ray session and gather the rounds in one Parquet table",

@@ -29,6 +29,7 @@ from typing import Any, Optional
 import yaml
 
 from fedsim.errors import UsageError
+from fedsim.storage import Location, is_uri
 
 TASKS = ("classification", "causal-lm")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -220,6 +221,8 @@ class RuntimeConfig:
     address: Optional[str] = None
     # Restarts of a worker actor that dies.
     max_restarts: int = 3
+    # On a cluster: how long to wait for the workers' resources (an autoscaler adding GPU nodes), seconds.
+    placement_timeout_s: float = 600.0
     # Straggler deadline per round, seconds; null = wait for every client.
     deadline_s: Optional[float] = None
     # Fault injection: worker 0 dies (os._exit) after its first client of this round, once; null = never.
@@ -307,19 +310,18 @@ def config_to_yaml(cfg: Config) -> str:
     return yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
 
 
-def save_config(cfg: Config, path: str | os.PathLike) -> Path:
-    """Write the resolved config as YAML (parent folders are created); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("# resolved fedsim config\n" + config_to_yaml(cfg), encoding="utf-8")
-    return path
+def save_config(cfg: Config, path) -> Location:
+    """Write the resolved config as YAML to a local path or a URI (``fedsim.storage``); returns where."""
+    location = Location(path)
+    location.write_text("# resolved fedsim config\n" + config_to_yaml(cfg))
+    return location
 
 
 def read_yaml_file(path: str | os.PathLike) -> dict[str, Any]:
     """A user config file as a dict; any problem becomes `config file PATH: ...`."""
     where = f"config file {os.fspath(path)}"
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Location(path).read_text() if is_uri(path) else Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UsageError(f"{where}: no such file") from None
     except IsADirectoryError:
@@ -613,6 +615,7 @@ def _validate(cfg: Config) -> None:
            "must be null (local Ray), 'auto', or an address such as ray://host:10001")
     _non_negative(r.max_restarts, "runtime.max_restarts")
     _positive(r.deadline_s, "runtime.deadline_s", optional=True)
+    _positive(r.placement_timeout_s, "runtime.placement_timeout_s")
 
     e = cfg.eval
     _positive_int(e.every, "eval.every")

@@ -21,14 +21,12 @@ leaves no client with fewer than `min_size` examples.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from fedsim.errors import UsageError
+from fedsim.storage import Location
 
 PARTITION_SCHEMES = ("iid", "dirichlet", "imbalanced")
 DEFAULT_DOMINANT_SHARE = 0.8
@@ -222,7 +220,7 @@ def label_counts(client_ids: np.ndarray, labels: np.ndarray, num_clients: int, n
     )
 
 
-def write_partitioned(table: pa.Table, client_ids: np.ndarray, path: str, rows_per_group: int = ROWS_PER_GROUP) -> None:
+def write_partitioned(table: pa.Table, client_ids: np.ndarray, path: str | Location, rows_per_group: int = ROWS_PER_GROUP) -> None:
     """Write `table` with `client_id` and `example_id` (its row index here) added to one Parquet file.
 
     Rows are sorted by client_id (stably, so each client's rows keep their order) and written in row
@@ -243,17 +241,16 @@ def write_partitioned(table: pa.Table, client_ids: np.ndarray, path: str, rows_p
     metadata = dict(out.schema.metadata or {})
     metadata[b"fedsim.num_clients"] = str(num_clients).encode()
     out = out.replace_schema_metadata(metadata)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(out, path, row_group_size=rows_per_group, write_statistics=True)
+    Location(path).write_table(out, row_group_size=rows_per_group, write_statistics=True)
 
 
-def read_clients(path: str, client_ids: list[int]) -> pa.Table:
+def read_clients(path: str | Location, client_ids: list[int]) -> pa.Table:
     """The rows of the given clients from a `write_partitioned` file, by client_id then original order."""
     wanted = sorted({int(c) for c in client_ids})
-    if not Path(path).exists():
+    source = Location(path)
+    if not source.exists():
         raise FileNotFoundError(f"{path}: no partitioned data here (write it with write_partitioned first)")
-    table = pq.read_table(path, filters=[(CLIENT_ID, "in", wanted)] if wanted else [(CLIENT_ID, "<", 0)])
+    table = source.read_table(filters=[(CLIENT_ID, "in", wanted)] if wanted else [(CLIENT_ID, "<", 0)])
     if table.num_rows:
         table = table.take(pc.sort_indices(table, sort_keys=[(CLIENT_ID, "ascending"), (EXAMPLE_ID, "ascending")]))
     return table.replace_schema_metadata(None)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
 from fedsim.config import config_from_dict
 from fedsim.methods import Upload, build_method, nbytes
 from fedsim.methods.base import State
 from fedsim.runtime.settings import method_settings
+from fedsim.storage import Location
 
 CHECKPOINTS_KEPT = 2
 
@@ -50,22 +50,23 @@ class Aggregator:
         return {"agg_error": result.agg_error, "layer_errors": result.layer_errors, "clients_aggregated": len(uploads)}
 
     def checkpoint(self, directory: str, round_idx: int) -> str:
-        """``round_XXXX.safetensors`` (the state; never pickle) and ``round_XXXX.json`` (what else resumes need)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        stem = directory / f"round_{round_idx:04d}"
-        save_file({key: value.contiguous() for key, value in self.state.items()}, f"{stem}.safetensors")
+        """``round_XXXX.safetensors`` (the state; never pickle) and ``round_XXXX.json`` (what else resumes need),
+        in ``directory``: a local path or a URI (``fedsim.storage``)."""
+        directory = Location(directory)
+        stem = f"round_{round_idx:04d}"
+        (directory / f"{stem}.safetensors").write_bytes(save({key: value.contiguous() for key, value in self.state.items()}))
         meta = {"round": round_idx, "broadcast_bytes": self.broadcast_bytes, "seen": sorted(self.seen)}
-        Path(f"{stem}.json.tmp").write_text(json.dumps(meta))
-        Path(f"{stem}.json.tmp").replace(f"{stem}.json")  # the json marks the checkpoint complete
-        for old in sorted(directory.glob("round_*.json"))[:-CHECKPOINTS_KEPT]:
-            old.unlink()
-            old.with_suffix(".safetensors").unlink(missing_ok=True)
-        return str(stem)
+        (directory / f"{stem}.json").write_text(json.dumps(meta))  # written last: the json marks the checkpoint complete
+        for old in directory.glob("round_*.json")[:-CHECKPOINTS_KEPT]:
+            old.delete()
+            (directory / old.name.replace(".json", ".safetensors")).delete()
+        return str(directory / stem)
 
     def restore(self, stem: str) -> int:
-        meta = json.loads(Path(f"{stem}.json").read_text())
-        self.state = canonical(load_file(f"{stem}.safetensors"))
+        """Load the checkpoint ``stem`` (``…/checkpoints/round_XXXX``, as ``latest_checkpoint`` names it)."""
+        directory, name = Location(stem).parent, Location(stem).name
+        meta = json.loads((directory / f"{name}.json").read_text())
+        self.state = canonical(load((directory / f"{name}.safetensors").read_bytes()))
         self.broadcast_bytes = meta["broadcast_bytes"]
         self.seen = set(meta["seen"])
         return meta["round"]
@@ -76,6 +77,8 @@ def canonical(state: State) -> State:
     return dict(sorted(state.items()))
 
 
-def latest_checkpoint(directory: Path) -> str | None:
-    complete = sorted(directory.glob("round_*.json"))
-    return str(complete[-1].with_suffix("")) if complete else None
+def latest_checkpoint(directory) -> str | None:
+    """The newest complete checkpoint in ``directory`` (a path or URI), as ``…/round_XXXX``; None if there is none."""
+    directory = Location(directory)
+    complete = directory.glob("round_*.json")
+    return str(directory / complete[-1].name.removesuffix(".json")) if complete else None

@@ -12,13 +12,11 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from fedsim.client import derive_seed
 from fedsim.config import Config, config_to_dict, save_config
@@ -30,6 +28,7 @@ from fedsim.privacy import calibrate_noise, epsilon_spent
 from fedsim.runtime.aggregator import Aggregator, latest_checkpoint
 from fedsim.runtime.settings import init_spends_privacy, method_settings, privacy_history
 from fedsim.runtime.worker import ClientWorker
+from fedsim.storage import Location
 
 ROUND_COLUMNS = ["round", "method", "clients_sampled", "clients_ok", "bytes_up", "bytes_down", "agg_error",
                  "train_loss", "eval_metric", "eval_loss", "wall_s", "epsilon_max"]
@@ -38,10 +37,10 @@ CLIENT_COLUMNS = ["round", "client_id", "worker_id", "rank", "samples", "steps",
 SAMPLING_STREAM, DROPOUT_STREAM = 1, 2
 
 
-def run(config: Config, resume: str | None = None, overwrite: bool = False, progress: bool = True) -> Path:
-    """Run (or resume) one federated experiment; return its output folder."""
+def run(config: Config, resume: str | None = None, overwrite: bool = False, progress: bool = True) -> Path | Location:
+    """Run (or resume) one federated experiment; return its output folder (a local path or a URI)."""
     offline_by_default()
-    output_dir = Path(config.output_dir)
+    output_dir = Location(config.output_dir)
     if resume is None:
         prepare_output_dir(output_dir, overwrite)
     elif latest_checkpoint(output_dir / "checkpoints") is None:
@@ -49,14 +48,14 @@ def run(config: Config, resume: str | None = None, overwrite: bool = False, prog
     experiment = Experiment(config, output_dir, resumed=resume is not None, progress=progress)
     experiment.prepare()
     with ray_session(config):
-        return experiment.run()
+        return experiment.run().native()
 
 
-def run_comparison(configs: list[Config], output_dir: str, overwrite: bool = False, progress: bool = True) -> Path:
+def run_comparison(configs: list[Config], output_dir: str, overwrite: bool = False, progress: bool = True) -> Path | Location:
     """Run several configs (e.g. one per method) side by side under one Ray session; plot them together."""
     for config in configs:
-        prepare_output_dir(Path(config.output_dir), overwrite)
-    experiments = [Experiment(config, Path(config.output_dir), resumed=False, progress=progress) for config in configs]
+        prepare_output_dir(Location(config.output_dir), overwrite)
+    experiments = [Experiment(config, Location(config.output_dir), resumed=False, progress=progress) for config in configs]
     for experiment in experiments:
         experiment.prepare()
     with ray_session(configs[0]):
@@ -64,19 +63,21 @@ def run_comparison(configs: list[Config], output_dir: str, overwrite: bool = Fal
             experiment.run()
     from analysis.plots import write_run_plots
 
-    write_run_plots(Path(output_dir))
-    return Path(output_dir)
+    write_run_plots(Location(output_dir))
+    return Location(output_dir).native()
 
 
-def prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
+def prepare_output_dir(output_dir: Location, overwrite: bool) -> None:
     """Refuse to write into an existing run unless asked; never delete a folder that is not a fedsim run."""
-    if not output_dir.exists() or not any(output_dir.iterdir()):
+    if output_dir.is_file():
+        raise UsageError(f"output_dir: {output_dir} is a file; give a folder (it is created if absent)")
+    if not output_dir.iterdir():
         return
     if not overwrite:
         raise UsageError(f"output_dir: {output_dir} already exists; pass --overwrite to replace it, --resume {output_dir} to continue it, or choose another output_dir")
     if not (output_dir / "config.yaml").exists():
         raise UsageError(f"output_dir: {output_dir} exists and is not a fedsim run folder; --overwrite only replaces fedsim runs")
-    shutil.rmtree(output_dir)
+    output_dir.delete()
 
 
 @contextlib.contextmanager
@@ -112,7 +113,7 @@ def ray_session(config: Config):
 class Experiment:
     """One run: its data on disk, its actors, its rounds."""
 
-    def __init__(self, config: Config, output_dir: Path, resumed: bool, progress: bool):
+    def __init__(self, config: Config, output_dir: Location, resumed: bool, progress: bool):
         self.config = config
         self.output_dir = output_dir
         self.resumed = resumed
@@ -154,14 +155,13 @@ class Experiment:
         client_ids = partition(labels, c.clients.count, c.clients.partition, alpha=c.clients.alpha, seed=c.seed,
                                dominant_share=c.clients.dominant_share)
         check_model(c, workload.num_labels)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
         save_config(c, self.output_dir / "config.yaml")
-        write_partitioned(workload.train, client_ids, str(self.data_dir / "train.parquet"))
+        write_partitioned(workload.train, client_ids, self.data_dir / "train.parquet")
         if public is not None:
-            write_partitioned(public, np.zeros(public.num_rows, dtype=np.int64), str(self.data_dir / "public.parquet"))
+            write_partitioned(public, np.zeros(public.num_rows, dtype=np.int64), self.data_dir / "public.parquet")
         eval_shards = np.arange(workload.eval.num_rows) % c.runtime.workers
-        write_partitioned(workload.eval, eval_shards, str(self.data_dir / "eval.parquet"))
-        pq.write_table(label_counts(client_ids, labels, c.clients.count, workload.num_labels), self.output_dir / "label_counts.parquet")
+        write_partitioned(workload.eval, eval_shards, self.data_dir / "eval.parquet")
+        (self.output_dir / "label_counts.parquet").write_table(label_counts(client_ids, labels, c.clients.count, workload.num_labels))
         self.meta = {"workload": workload.name, "num_labels": workload.num_labels, "label_names": workload.label_names,
                      "train_rows": workload.train.num_rows, "eval_rows": workload.eval.num_rows,
                      "client_sizes": np.bincount(client_ids, minlength=c.clients.count).tolist(),
@@ -204,19 +204,24 @@ class Experiment:
         return public
 
     # -- actors ---------------------------------------------------------------------------------
+    @property
+    def local_ray(self) -> bool:
+        """Ray on this machine alone (no ``runtime.address`` / ``RAY_ADDRESS``): no autoscaler to wait for."""
+        return not (self.config.runtime.address or os.environ.get("RAY_ADDRESS"))
+
     def start_actors(self, num_labels: int) -> None:
         import ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
         r = self.config.runtime
         bundle = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}
-        check_resources(r.workers, bundle)
-        self.placement_group = placement_group([bundle] * r.workers, strategy="SPREAD")
-        ray.get(self.placement_group.ready(), timeout=300)
+        self.placement_group, self.requested_resources = place_workers(r.workers, bundle, r.placement_timeout_s, self.local_ray)
         owners = np.arange(self.config.clients.count) % r.workers
         config_dict = config_to_dict(self.config)
-        worker_cls = ray.remote(max_restarts=r.max_restarts, max_task_retries=r.max_restarts)(ClientWorker)
+        # A call to a worker that dies waits for Ray to restart it (on another node if its node is gone: the placement
+        # group reschedules the bundle) and is retried there, however long the restart takes; a worker that dies more
+        # than max_restarts times fails its calls (ActorDiedError), and its clients are reported failed.
+        worker_cls = ray.remote(max_restarts=r.max_restarts, max_task_retries=-1)(ClientWorker)
         self.workers = [
             worker_cls.options(
                 num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker,
@@ -225,7 +230,9 @@ class Experiment:
             for i in range(r.workers)
         ]
         self.owner = owners
-        self.aggregator = ray.remote(Aggregator).options(num_cpus=0).remote(config_dict)
+        # The global state lives beside the driver: a lost worker node takes clients with it, never the state.
+        beside_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.aggregator = ray.remote(Aggregator).options(num_cpus=0, scheduling_strategy=beside_driver).remote(config_dict)
 
     def stop_actors(self) -> None:
         import ray
@@ -234,6 +241,10 @@ class Experiment:
         for actor in [*self.workers, self.aggregator]:
             ray.kill(actor)
         remove_placement_group(self.placement_group)
+        if self.requested_resources:  # withdraw the request, so that the autoscaler may scale down again
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=[])
 
     def initial_state(self) -> None:
         """Round-0 state; for LoRA-SB the calibration gradients come from the clients' own data (``adapters.init_data``)."""
@@ -256,8 +267,7 @@ class Experiment:
         ray.get(self.aggregator.set_state.remote(state))
 
     # -- rounds ---------------------------------------------------------------------------------
-    def run(self) -> Path:
-        import ray
+    def run(self) -> Location:
         from tqdm.auto import tqdm
 
         c = self.config
@@ -293,31 +303,19 @@ class Experiment:
         sampled, dropped = self.sample(round_idx)
         active = [cid for cid in sampled if cid not in dropped]
         bytes_down = ray.get(self.aggregator.downlink_bytes.remote(sampled))
-        state_ref = self.aggregator.get_state.remote()
-        calls = {}
-        for worker_id, worker in enumerate(self.workers):
-            cohort = [cid for cid in active if self.owner[cid] == worker_id]
-            if cohort:
-                calls[worker_id] = (cohort, *worker.run_cohort.options(num_returns=2).remote(round_idx, state_ref, cohort))
-        rows = [self.client_row(round_idx, cid, "dropped", bytes_down[cid]) for cid in sorted(dropped)]
-        upload_refs = []
-        pending = {call[2]: worker_id for worker_id, call in calls.items()}
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            worker_id = pending.pop(done[0])
-            cohort, uploads_ref, rows_ref = calls[worker_id]
+        for attempt in range(self.config.runtime.max_restarts + 1):
+            rows, upload_refs = self.train_cohorts(round_idx, active, bar)
             try:
-                worker_rows = ray.get(rows_ref)
-                upload_refs.append(uploads_ref)
-            except ray.exceptions.RayError as error:  # the actor died beyond its restarts: its clients failed
-                worker_rows = [self.client_row(round_idx, cid, "failed", 0, worker_id) for cid in cohort]
-                print(f"fedsim: worker {worker_id} failed in round {round_idx}: {type(error).__name__}")
-            for row in worker_rows:
-                row["bytes_down"] = bytes_down[row["client_id"]]
-            rows += worker_rows
-            bar.update(len(cohort))
+                aggregation = ray.get(self.aggregator.aggregate.remote(round_idx, *upload_refs))
+                break
+            except ray.exceptions.ObjectLostError as error:  # uploads held by a node that is gone
+                if attempt == self.config.runtime.max_restarts:
+                    raise
+                print(f"fedsim: round {round_idx}: uploads lost with a node ({type(error).__name__}); training the round's clients again")
+        rows += [self.client_row(round_idx, cid, "dropped", 0) for cid in sorted(dropped)]
         bar.update(len(dropped))
-        aggregation = ray.get(self.aggregator.aggregate.remote(round_idx, *upload_refs))
+        for row in rows:
+            row["bytes_down"] = bytes_down[row["client_id"]]
         eval_metric = eval_loss = float("nan")
         self.eval_by_set = {}
         if (round_idx + 1) % self.config.eval.every == 0 or round_idx == self.config.train.rounds - 1:
@@ -338,6 +336,35 @@ class Experiment:
         self.write_tables()
         ray.get(self.aggregator.checkpoint.remote(str(self.output_dir / "checkpoints"), round_idx))
         bar.set_postfix(round=round_idx, loss=f"{self.round_rows[-1]['train_loss']:.3f}", acc=f"{eval_metric:.3f}", refresh=False)
+
+    def train_cohorts(self, round_idx: int, active: list[int], bar) -> tuple[list[dict], list]:
+        """Each worker trains its clients of the round in one call; returns their rows and the references to their uploads.
+
+        A worker that dies is restarted by Ray (on another node if its node is gone) and its call retried;
+        one that dies beyond ``runtime.max_restarts`` leaves its clients ``failed``.
+        """
+        import ray
+
+        state_ref = self.aggregator.get_state.remote()
+        calls = {}
+        for worker_id, worker in enumerate(self.workers):
+            cohort = [cid for cid in active if self.owner[cid] == worker_id]
+            if cohort:
+                calls[worker_id] = (cohort, *worker.run_cohort.options(num_returns=2).remote(round_idx, state_ref, cohort))
+        rows, upload_refs = [], []
+        pending = {call[2]: worker_id for worker_id, call in calls.items()}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            worker_id = pending.pop(done[0])
+            cohort, uploads_ref, rows_ref = calls[worker_id]
+            try:
+                rows += ray.get(rows_ref)
+                upload_refs.append(uploads_ref)
+            except ray.exceptions.RayError as error:  # the actor died beyond its restarts: its clients failed
+                rows += [self.client_row(round_idx, cid, "failed", 0, worker_id) for cid in cohort]
+                print(f"fedsim: worker {worker_id} failed in round {round_idx}: {type(error).__name__}")
+            bar.update(len(cohort))
+        return rows, upload_refs
 
     def client_row(self, round_idx: int, client_id: int, status: str, bytes_down: int, worker_id: int | None = None) -> dict:
         return {"round": round_idx, "client_id": client_id,
@@ -368,7 +395,12 @@ class Experiment:
         import ray
 
         state_ref = self.aggregator.get_state.remote()
-        parts = ray.get([worker.evaluate.remote(state_ref) for worker in self.workers])
+        parts = []
+        for worker_id, call in enumerate([worker.evaluate.remote(state_ref) for worker in self.workers]):
+            try:
+                parts.append(ray.get(call))
+            except ray.exceptions.ActorDiedError:  # beyond its restarts: its evaluation shard goes unscored
+                print(f"fedsim: worker {worker_id} is gone; its share of the evaluation data is left out")
         count = sum(p["count"] for p in parts)
         if count == 0:
             return float("nan"), float("nan")
@@ -395,7 +427,7 @@ class Experiment:
         stem = latest_checkpoint(self.output_dir / "checkpoints")
         last_round = ray.get(self.aggregator.restore.remote(stem))
         for name, rows in (("rounds.parquet", self.round_rows), ("clients.parquet", self.client_rows)):
-            table = pq.read_table(self.output_dir / name)
+            table = (self.output_dir / name).read_table()
             rows += [row for row in table.to_pylist() if row["round"] <= last_round]
         for row in self.client_rows:
             self.client_history.setdefault(row["client_id"], []).append(row)
@@ -442,13 +474,10 @@ class Experiment:
         write_run_plots(self.output_dir)
 
 
-def write_rows(rows: list[dict], columns: list[str], path: Path) -> None:
-    """Write the rows as Parquet atomically (a temporary file, then a rename): a crash never leaves half a file."""
+def write_rows(rows: list[dict], columns: list[str], path: Location) -> None:
+    """Write the rows as Parquet, atomically (``Location.write_table``): a crash never leaves half a file."""
     table = pa.Table.from_pylist(rows, schema=None) if rows else pa.table({c: [] for c in columns})
-    table = table.select(columns)
-    tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    path.write_table(table.select(columns))
 
 
 def sum_tensors(parts: list[dict]) -> dict:
@@ -459,8 +488,39 @@ def sum_tensors(parts: list[dict]) -> dict:
     return total
 
 
-def check_resources(workers: int, bundle: dict) -> None:
-    """A clear error when the cluster cannot hold the workers asked for (instead of waiting for ever)."""
+def place_workers(workers: int, bundle: dict, timeout_s: float, local: bool):
+    """A placement group of one bundle a worker, spread over the nodes; and whether the autoscaler was asked for it.
+
+    A local Ray that cannot hold the workers is a clear error at once. On a cluster, what is missing may be
+    on its way (an autoscaler adding GPU nodes): fedsim asks the autoscaler for the bundles and waits up to
+    ``runtime.placement_timeout_s``, then fails with the same clear error.
+    """
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    short = missing_resources(workers, bundle)
+    if short and local:
+        raise UsageError(short)
+    if short:
+        from ray.autoscaler.sdk import request_resources
+
+        print(f"fedsim: waiting up to {timeout_s:g} s for the cluster to grow: {short.split(';')[0]}")
+        request_resources(bundles=[bundle] * workers)
+    group = placement_group([bundle] * workers, strategy="SPREAD")
+    try:
+        ray.get(group.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(group)
+        if short:
+            request_resources(bundles=[])
+        raise UsageError(missing_resources(workers, bundle) or
+                         f"runtime.placement_timeout_s: the {workers} workers' resources ({bundle} each) were not free "
+                         f"within {timeout_s:g} s; raise runtime.placement_timeout_s or free the cluster") from None
+    return group, bool(short)
+
+
+def missing_resources(workers: int, bundle: dict) -> str | None:
+    """What the cluster lacks to hold the workers asked for, as a one-line error; None if it has it all."""
     import ray
 
     available = ray.cluster_resources()
@@ -468,4 +528,6 @@ def check_resources(workers: int, bundle: dict) -> None:
         needed = workers * per_worker
         if needed > available.get(resource, 0) + 1e-9:
             key = {"CPU": "runtime.cpus_per_worker", "GPU": "runtime.gpus_per_worker"}[resource]
-            raise UsageError(f"{key}: {workers} workers × {per_worker} {resource} = {needed:g} {resource}s, but the Ray cluster has {available.get(resource, 0):g}; lower runtime.workers or {key}")
+            return (f"{key}: {workers} workers × {per_worker} {resource} = {needed:g} {resource}s, but the Ray cluster has "
+                    f"{available.get(resource, 0):g}; lower runtime.workers or {key}")
+    return None

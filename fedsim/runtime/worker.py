@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
-
 import numpy as np
 import torch
 
@@ -24,6 +22,7 @@ from fedsim.modeling import load_model, load_tokenizer, offline_by_default
 from fedsim.partition import assign_ranks, read_clients
 from fedsim.privacy import PrivacySettings, poisson_batches, private_gradient_sum
 from fedsim.runtime.settings import init_spends_privacy, method_settings, train_settings
+from fedsim.storage import Location
 
 
 class ClientWorker:
@@ -43,13 +42,13 @@ class ClientWorker:
         c = self.config
         self.ranks = assign_ranks(c.clients.ranks, c.clients.count, c.method.rank, c.seed)
         self.method.prepare(self.model, self.config.model.target_modules)
-        self.data_dir = Path(data_dir)
+        self.data_dir = Location(data_dir)  # a local folder or a URI on shared storage
         self.client_rows = self._read_clients(client_ids)
-        eval_table = read_clients(str(self.data_dir / "eval.parquet"), [worker_id % num_workers]) if (self.data_dir / "eval.parquet").exists() else None
+        eval_table = read_clients(self.data_dir / "eval.parquet", [worker_id % num_workers]) if (self.data_dir / "eval.parquet").exists() else None
         self.eval_rows = make_rows(eval_table, self.tokenizer, self.config) if eval_table is not None and eval_table.num_rows else None
 
     def _read_clients(self, client_ids: list[int]) -> dict[int, TokenizedRows | InstructionRows]:
-        table = read_clients(str(self.data_dir / "train.parquet"), client_ids)
+        table = read_clients(self.data_dir / "train.parquet", client_ids)
         column = table.column("client_id").to_numpy()
         rows = {}
         for client_id in client_ids:
@@ -116,7 +115,7 @@ class ClientWorker:
 
     def public_gradients(self, batch_size: int) -> dict[str, torch.Tensor]:
         """The LoRA-SB init's gradient sum on the public calibration sample (``data/public.parquet``; no client's data)."""
-        rows = make_rows(read_clients(str(self.data_dir / "public.parquet"), [0]), self.tokenizer, self.config)
+        rows = make_rows(read_clients(self.data_dir / "public.parquet", [0]), self.tokenizer, self.config)
         return self._base_gradient_sum(list(rows.in_order(batch_size)))
 
     def _base_gradient_sum(self, batches: list[dict], private_seed: int | None = None) -> dict[str, torch.Tensor]:
@@ -192,9 +191,10 @@ class ClientWorker:
         return evaluate(self.model, self.eval_rows, self.config.eval.batch_size, self.device, self.config.eval.max_new_tokens)
 
     def export(self, state: State, path: str) -> str:
-        """Write the global adapter in PEFT format (loads a fresh, un-adapted base model for it)."""
+        """Write the global adapter in PEFT format to ``path`` (a folder or URI; loads a fresh, un-adapted base model)."""
         from fedsim.adapters.export import export_peft
 
         base = load_model(self.config, self.model.config.num_labels)
-        export_peft(base, state, self.method.scaling, path)
+        with Location(path).local_folder() as folder:
+            export_peft(base, state, self.method.scaling, str(folder))
         return path

@@ -8,7 +8,6 @@ The loading code is the one real checkpoints go through (`AutoModelForCausalLM` 
 """
 
 import json
-import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -19,6 +18,7 @@ from fedsim.config import load_config
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 GSM8K, COMMONSENSE, SNLI = DATA / "gsm8k", DATA / "commonsense", DATA / "snli"
+SNLI_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "snli-minilm-fedsb.yaml"
 LLAMA_TARGETS = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
 CS_TRAIN = "[boolq/train.json,ARC-Easy/train.json,ARC-Challenge/train.json,openbookqa/train.json]"
 CS_EVAL = "[boolq,piqa,social_i_qa,ARC-Challenge,ARC-Easy,openbookqa,winogrande]"
@@ -135,31 +135,29 @@ def test_commonsense_federated_llama_scores_each_set(ray_local, llama_dir, tmp_p
     assert all(r[f"eval_metric_{sets[0]}"] != r[f"eval_metric_{sets[0]}"] for r in rounds[:-1])  # NaN where not evaluated
 
 
-@pytest.mark.skipif(not os.environ.get("FEDSIM_SLOW_TESTS"), reason=(
-    "slow and not yet passing: MiniLM's pooled [CLS] cross-encoder did not beat the SNLI majority class "
-    "(33.0% vs 35.3%) in 3 rounds x 10 clients x 10 steps; set FEDSIM_SLOW_TESTS=1 to run it"))
 def test_snli_minilm_beats_the_majority_class(ray_local, tmp_path):
+    """Fed-SB with the real MiniLM on real SNLI pairs, as configs/snli-minilm-fedsb.yaml runs it (about 2 minutes
+    on 2 cores): trained on SNLI dev (1,273 pairs), scored on 300 test pairs, it beats the majority class by far.
+
+    Measured (seed 0): 48.7%, 56.7%, 58.0% over the 3 rounds against a 35.3% majority class. At rank 8, with
+    10 clients x 10 steps a round, it stayed at chance (33.0%): R is r x r, and 64 numbers a layer barely move.
+    """
     needs(SNLI)
     from collections import Counter
 
     from fedsim.runtime import run
-
-    config = load_config(None, [f"{k}={v}" for k, v in {
-        "output_dir": str(tmp_path / "snli"), "model.name": "minilm", "workload.name": "snli",
-        "workload.path": str(SNLI), "workload.options": "{train_split: dev, eval_split: test}",
-        "workload.train_limit": "null", "workload.eval_limit": 300, "workload.max_length": 48,
-        "clients.count": 10, "clients.per_round": 10, "clients.partition": "iid", "method.name": "fed-sb",
-        "method.rank": 8, "train.rounds": 3, "train.local_steps": 10, "train.batch_size": 16, "train.lr": 0.02,
-        "adapters.init_samples": 64, "runtime.workers": 2, "eval.every": 3, "eval.batch_size": 100,
-    }.items()])
-    run(config, progress=False)
-    rounds = rounds_of(tmp_path / "snli")
     from workloads import load_workload
 
-    eval_labels = load_workload("snli", str(SNLI), None, 300, 0, train_split="dev", eval_split="test").eval.column("label").to_pylist()
+    config = load_config(SNLI_CONFIG, [f"output_dir={tmp_path / 'snli'}", f"workload.path={SNLI}"])
+    run(config, progress=False)
+    rounds = rounds_of(tmp_path / "snli")
+    eval_labels = load_workload("snli", str(SNLI), None, config.workload.eval_limit, config.seed,
+                                **config.workload.options).eval.column("label").to_pylist()  # the rows the run scored
+    assert len(eval_labels) == config.workload.eval_limit
     majority = Counter(eval_labels).most_common(1)[0][1] / len(eval_labels)
-    print(f"snli: accuracy {rounds[-1]['eval_metric']:.3f}, majority class {majority:.3f}, losses",
-          [round(r["train_loss"], 3) for r in rounds])
+    print(f"snli: majority class {majority:.3f}, accuracy per round", [round(r["eval_metric"], 3) for r in rounds],
+          "losses", [round(r["train_loss"], 3) for r in rounds])
+    assert len(rounds) == config.train.rounds and rounds[-1]["train_loss"] < rounds[0]["train_loss"]
     assert rounds[-1]["eval_metric"] > majority + 0.05
 
 
