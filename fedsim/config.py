@@ -239,6 +239,9 @@ class EvalConfig:
     batch_size: int = 64
     # causal-lm: greedy generation stops after this many new tokens (or at EOS).
     max_new_tokens: int = 32
+    # Share of each client's shard held out of its training and scored with the global model, per client
+    # per round (clients.parquet eval_metric/eval_loss); 0 = none. A measurement, outside any DP accounting.
+    per_client: float = 0.0
 
 
 @dataclass
@@ -621,6 +624,7 @@ def _validate(cfg: Config) -> None:
     _positive_int(e.every, "eval.every")
     _positive_int(e.batch_size, "eval.batch_size")
     _positive_int(e.max_new_tokens, "eval.max_new_tokens")
+    _check(0.0 <= e.per_client < 1.0, "eval.per_client", f"must be a share in [0, 1), got {e.per_client}")
 
 
 def _check(ok: bool, key: str, message: str) -> None:

@@ -33,6 +33,7 @@ DEFAULT_DOMINANT_SHARE = 0.8
 DIRICHLET_RESAMPLES = 100  # draws tried before the deterministic min-size repair
 CLIENT_ID = "client_id"
 EXAMPLE_ID = "example_id"  # the row's index in the table given to write_partitioned
+HELD_OUT = "held_out"  # True: the row is in its client's own evaluation share (eval.per_client), not trained on
 ROWS_PER_GROUP = 4096
 
 
@@ -254,6 +255,22 @@ def read_clients(path: str | Location, client_ids: list[int]) -> pa.Table:
     if table.num_rows:
         table = table.take(pc.sort_indices(table, sort_keys=[(CLIENT_ID, "ascending"), (EXAMPLE_ID, "ascending")]))
     return table.replace_schema_metadata(None)
+
+
+def hold_out_per_client(client_ids: np.ndarray, share: float, seed: int = 0) -> np.ndarray:
+    """A boolean mask: a seeded ``share`` of each client's rows (rounded, at least one where the client has two
+    or more, and never all of them) held out as that client's own evaluation data."""
+    client_ids = np.asarray(client_ids)
+    held_out = np.zeros(len(client_ids), dtype=bool)
+    if share <= 0:
+        return held_out
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xE7A1]))
+    for client_id in np.unique(client_ids):
+        rows = np.flatnonzero(client_ids == client_id)
+        count = min(len(rows) - 1, max(1, round(share * len(rows))))
+        if count > 0:
+            held_out[rng.choice(rows, size=count, replace=False)] = True
+    return held_out
 
 
 def assign_ranks(ranks: list[int], num_clients: int, full_rank: int, seed: int = 0) -> np.ndarray:

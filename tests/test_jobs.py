@@ -178,7 +178,8 @@ def test_a_node_lost_mid_run_is_survived(two_nodes, tiny_model_dir, tmp_path, ra
     client, job_id = jobs.submit(load_config(None, settings), two_nodes["dashboard"], pip="none")
     marker, deadline = tmp_path / "lost" / "checkpoints" / "round_0001.json", time.monotonic() + 300
     while not marker.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
+        assert jobs.status_name(jobs.job_info(client, job_id)) not in jobs.ENDED, client.get_job_logs(job_id)[-3000:]
+        time.sleep(0.2)
     assert marker.exists(), "the job did not reach round 1"
     two_nodes["process"].stdin.write("remove\n")
     two_nodes["process"].stdin.flush()

@@ -13,8 +13,10 @@ job agent never registers and every submission times out). The head has the reso
 
 import json
 import os
+import shutil
 import socket
 import sys
+import tempfile
 
 
 def free_port() -> int:
@@ -32,12 +34,15 @@ def agent_ports() -> dict:
 
 def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray._private.utils
+    # On a loaded 2-core machine the GCS can stall for a minute; Ray's default (60 s) then ends every process
+    # of the cluster that lost contact with it, the job's driver included.
+    os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", "300")
+    # A temp root of its own: Cluster records its address in <root>/ray/ray_current_cluster, where the job
+    # supervisor looks for the cluster to hand its drivers (RAY_ADDRESS). In the shared /tmp/ray it would also
+    # be where every later `ray.init()` on this machine looks (the tests' local Ray would join this cluster), and
+    # where another Ray's address would send this cluster's jobs to the wrong cluster.
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="fedsim-rc-", dir="/tmp")  # short: Unix socket paths
     from ray.cluster_utils import Cluster
-
-    # Cluster records its address in /tmp/ray/ray_current_cluster, where every later `ray.init()` on this
-    # machine would find it and join this cluster instead of starting its own (the tests' local Ray included).
-    ray._private.utils.write_ray_address = lambda *args, **kwargs: None
 
     cpus = int(os.environ.get("FEDSIM_TEST_NODE_CPUS", "2"))
     dashboard_port = free_port()
@@ -58,6 +63,7 @@ def main() -> None:
                 print(json.dumps({"removed": second.node_id}), flush=True)
     finally:
         cluster.shutdown()
+        shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
 
 
 if __name__ == "__main__":

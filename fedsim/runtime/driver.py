@@ -23,7 +23,7 @@ from fedsim.config import Config, config_to_dict, save_config
 from fedsim.errors import UsageError
 from fedsim.methods import build_method
 from fedsim.modeling import check_model, offline_by_default
-from fedsim.partition import assign_ranks, label_counts, partition, write_partitioned
+from fedsim.partition import HELD_OUT, assign_ranks, hold_out_per_client, label_counts, partition, write_partitioned
 from fedsim.privacy import calibrate_noise, epsilon_spent
 from fedsim.runtime.aggregator import Aggregator, latest_checkpoint
 from fedsim.runtime.settings import init_spends_privacy, method_settings, privacy_history
@@ -33,7 +33,7 @@ from fedsim.storage import Location
 ROUND_COLUMNS = ["round", "method", "clients_sampled", "clients_ok", "bytes_up", "bytes_down", "agg_error",
                  "train_loss", "eval_metric", "eval_loss", "wall_s", "epsilon_max"]
 CLIENT_COLUMNS = ["round", "client_id", "worker_id", "rank", "samples", "steps", "train_loss", "bytes_up",
-                  "bytes_down", "train_s", "status", "noise_multiplier", "sample_rate", "epsilon"]
+                  "bytes_down", "train_s", "status", "noise_multiplier", "sample_rate", "epsilon", "eval_metric", "eval_loss"]
 SAMPLING_STREAM, DROPOUT_STREAM = 1, 2
 
 
@@ -156,7 +156,9 @@ class Experiment:
                                dominant_share=c.clients.dominant_share)
         check_model(c, workload.num_labels)
         save_config(c, self.output_dir / "config.yaml")
-        write_partitioned(workload.train, client_ids, self.data_dir / "train.parquet")
+        held_out = hold_out_per_client(client_ids, c.eval.per_client, c.seed)
+        train = workload.train.append_column(HELD_OUT, pa.array(held_out)) if held_out.any() else workload.train
+        write_partitioned(train, client_ids, self.data_dir / "train.parquet")
         if public is not None:
             write_partitioned(public, np.zeros(public.num_rows, dtype=np.int64), self.data_dir / "public.parquet")
         eval_shards = np.arange(workload.eval.num_rows) % c.runtime.workers
@@ -164,7 +166,8 @@ class Experiment:
         (self.output_dir / "label_counts.parquet").write_table(label_counts(client_ids, labels, c.clients.count, workload.num_labels))
         self.meta = {"workload": workload.name, "num_labels": workload.num_labels, "label_names": workload.label_names,
                      "train_rows": workload.train.num_rows, "eval_rows": workload.eval.num_rows,
-                     "client_sizes": np.bincount(client_ids, minlength=c.clients.count).tolist(),
+                     "client_sizes": np.bincount(client_ids[~held_out], minlength=c.clients.count).tolist(),
+                     "client_eval_sizes": np.bincount(client_ids[held_out], minlength=c.clients.count).tolist(),
                      "eval_sets": sorted(set(workload.eval.column("subset").to_pylist())) if workload.task == "causal-lm" else []}
         self.meta["noise_multiplier"] = self.noise_multiplier(self.meta["client_sizes"])
         (self.data_dir / "meta.json").write_text(json.dumps(self.meta))
@@ -318,8 +321,12 @@ class Experiment:
             row["bytes_down"] = bytes_down[row["client_id"]]
         eval_metric = eval_loss = float("nan")
         self.eval_by_set = {}
+        for row in rows:
+            row["eval_metric"] = row["eval_loss"] = float("nan")
         if (round_idx + 1) % self.config.eval.every == 0 or round_idx == self.config.train.rounds - 1:
             eval_metric, eval_loss = self.evaluate()
+            if self.config.eval.per_client > 0:
+                self.evaluate_clients(rows)
         rows.sort(key=lambda row: row["client_id"])
         self.account(rows)
         ok = [row for row in rows if row["status"] == "ok"]
@@ -414,6 +421,24 @@ class Experiment:
                 totals[name][1] += tally["count"]
         self.eval_by_set = {name: c / n for name, (c, n) in totals.items() if n > 0}
         return float(np.mean(list(self.eval_by_set.values()))), loss
+
+    def evaluate_clients(self, rows: list[dict]) -> None:
+        """``eval.per_client``: the new global model scored on each of the round's clients' own held-out rows."""
+        import ray
+
+        state_ref = self.aggregator.get_state.remote()
+        calls = [worker.evaluate_clients.remote(state_ref, [row["client_id"] for row in rows if self.owner[row["client_id"]] == i])
+                 for i, worker in enumerate(self.workers)]
+        scores = {}
+        for worker_id, call in enumerate(calls):
+            try:
+                scores.update(ray.get(call))
+            except ray.exceptions.ActorDiedError:
+                print(f"fedsim: worker {worker_id} is gone; its clients' own evaluation is left out")
+        for row in rows:
+            score = scores.get(row["client_id"])
+            if score and score["count"]:
+                row["eval_metric"], row["eval_loss"] = score["correct"] / score["count"], score["loss_sum"] / score["count"]
 
     # -- results --------------------------------------------------------------------------------
     def write_tables(self) -> None:

@@ -19,7 +19,7 @@ from fedsim.data import InstructionRows, TokenizedRows, evaluate, make_rows
 from fedsim.methods import build_method, nbytes
 from fedsim.methods.base import State
 from fedsim.modeling import load_model, load_tokenizer, offline_by_default
-from fedsim.partition import assign_ranks, read_clients
+from fedsim.partition import HELD_OUT, assign_ranks, read_clients
 from fedsim.privacy import PrivacySettings, poisson_batches, private_gradient_sum
 from fedsim.runtime.settings import init_spends_privacy, method_settings, train_settings
 from fedsim.storage import Location
@@ -48,12 +48,16 @@ class ClientWorker:
         self.eval_rows = make_rows(eval_table, self.tokenizer, self.config) if eval_table is not None and eval_table.num_rows else None
 
     def _read_clients(self, client_ids: list[int]) -> dict[int, TokenizedRows | InstructionRows]:
+        """Each client's training rows; its held-out rows (``eval.per_client``) go to ``self.client_eval_rows``."""
         table = read_clients(self.data_dir / "train.parquet", client_ids)
         column = table.column("client_id").to_numpy()
-        rows = {}
+        held_out = table.column(HELD_OUT).to_numpy(zero_copy_only=False) if HELD_OUT in table.column_names else np.zeros(len(column), bool)
+        rows, self.client_eval_rows = {}, {}
         for client_id in client_ids:
-            index = np.flatnonzero(column == client_id)
-            rows[client_id] = make_rows(table.take(index), self.tokenizer, self.config)
+            mine = column == client_id
+            rows[client_id] = make_rows(table.take(np.flatnonzero(mine & ~held_out)), self.tokenizer, self.config)
+            if (mine & held_out).any():
+                self.client_eval_rows[client_id] = make_rows(table.take(np.flatnonzero(mine & held_out)), self.tokenizer, self.config)
         return rows
 
     def info(self) -> dict:
@@ -189,6 +193,13 @@ class ClientWorker:
             return {"correct": 0.0, "loss_sum": 0.0, "count": 0.0}
         self.method.load_state(self.model, {key: value.to(self.device) for key, value in state.items()})
         return evaluate(self.model, self.eval_rows, self.config.eval.batch_size, self.device, self.config.eval.max_new_tokens)
+
+    def evaluate_clients(self, state: State, client_ids: list[int]) -> dict[int, dict[str, float]]:
+        """The global model on each given client's own held-out rows: ``{client_id: {correct, loss_sum, count}}``."""
+        self.method.load_state(self.model, {key: value.to(self.device) for key, value in state.items()})
+        c = self.config.eval
+        return {client_id: evaluate(self.model, self.client_eval_rows[client_id], c.batch_size, self.device, c.max_new_tokens)
+                for client_id in client_ids if client_id in self.client_eval_rows}
 
     def export(self, state: State, path: str) -> str:
         """Write the global adapter in PEFT format to ``path`` (a folder or URI; loads a fresh, un-adapted base model)."""
