@@ -399,15 +399,8 @@ class Experiment:
     def evaluate(self) -> tuple[float, float]:
         """(eval_metric, eval_loss). Classification: accuracy. Causal LM: the mean of the per-subset accuracies
         (each also kept in ``self.eval_by_set``), as the paper averages its commonsense sets."""
-        import ray
-
         state_ref = self.aggregator.get_state.remote()
-        parts = []
-        for worker_id, call in enumerate([worker.evaluate.remote(state_ref) for worker in self.workers]):
-            try:
-                parts.append(ray.get(call))
-            except ray.exceptions.ActorDiedError:  # beyond its restarts: its evaluation shard goes unscored
-                print(f"fedsim: worker {worker_id} is gone; its share of the evaluation data is left out")
+        parts = from_live_workers([worker.evaluate.remote(state_ref) for worker in self.workers], "its share of the evaluation data")
         count = sum(p["count"] for p in parts)
         if count == 0:
             return float("nan"), float("nan")
@@ -424,17 +417,10 @@ class Experiment:
 
     def evaluate_clients(self, rows: list[dict]) -> None:
         """``eval.per_client``: the new global model scored on each of the round's clients' own held-out rows."""
-        import ray
-
         state_ref = self.aggregator.get_state.remote()
         calls = [worker.evaluate_clients.remote(state_ref, [row["client_id"] for row in rows if self.owner[row["client_id"]] == i])
                  for i, worker in enumerate(self.workers)]
-        scores = {}
-        for worker_id, call in enumerate(calls):
-            try:
-                scores.update(ray.get(call))
-            except ray.exceptions.ActorDiedError:
-                print(f"fedsim: worker {worker_id} is gone; its clients' own evaluation is left out")
+        scores = {client_id: score for part in from_live_workers(calls, "its clients' own evaluation") for client_id, score in part.items()}
         for row in rows:
             score = scores.get(row["client_id"])
             if score and score["count"]:
@@ -497,6 +483,19 @@ class Experiment:
         from analysis.plots import write_run_plots
 
         write_run_plots(self.output_dir)
+
+
+def from_live_workers(calls: list, what: str) -> list:
+    """The results of one call per worker; a worker gone beyond its restarts is left out, with a message saying what is missing."""
+    import ray
+
+    results = []
+    for worker_id, call in enumerate(calls):
+        try:
+            results.append(ray.get(call))
+        except ray.exceptions.ActorDiedError:
+            print(f"fedsim: worker {worker_id} is gone; {what} is left out")
+    return results
 
 
 def write_rows(rows: list[dict], columns: list[str], path: Location) -> None:
