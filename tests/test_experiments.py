@@ -1,0 +1,67 @@
+"""experiments/: every sweep that run.sh starts resolves to valid configs, and seeds.py's mean and spread. No Ray."""
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from analysis.sweep import gather, parse_grid, sweep_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_SH = ROOT / "experiments" / "run.sh"
+
+
+def sweep_commands() -> list[list[str]]:
+    """The arguments of every `fedsim sweep` in run.sh (continuation lines joined, $out expanded)."""
+    text = RUN_SH.read_text().replace("\\\n", " ").replace("$out", "experiments/results")
+    return [shlex.split(line.strip())[2:] for line in text.splitlines() if line.strip().startswith("fedsim sweep ")]
+
+
+def test_run_sh_starts_a_sweep_for_each_experiment():
+    configs = {args[0] for args in sweep_commands()}
+    assert configs == {"experiments/matched-comm/sst2.yaml", "experiments/private-snli/snli.yaml",
+                       "experiments/fra-study/balanced.yaml", "experiments/fra-study/imbalanced.yaml"}
+
+
+@pytest.mark.parametrize("args", sweep_commands(), ids=lambda args: " ".join(args[1:3]))
+def test_every_sweep_point_is_a_valid_config(args):
+    grid_at = args.index("--grid")
+    config_path, overrides, grid = args[0], args[1:grid_at], parse_grid(args[grid_at + 1:])
+    _, points = sweep_configs(str(ROOT / config_path), grid, overrides)
+    assert points and all(str(config.output_dir).startswith("experiments/results/") for _, _, config in points)
+
+
+def test_matched_comm_gives_fed_sb_about_fedits_upload():
+    """Experiment 1's equal-communication rank: Fed-SB's r² a layer within 2% of FedIT's 2·8·384 at rank 8."""
+    equal_comm = next(args for args in sweep_commands() if "equal-comm" in " ".join(args))
+    rank = int(next(a for a in equal_comm if a.startswith("method.rank=")).split("=")[1])
+    hidden = 384  # MiniLM-L6's query and value are 384×384
+    assert abs(rank ** 2 - 2 * 8 * hidden) / (2 * 8 * hidden) < 0.02
+
+
+def test_seeds_table_gives_mean_and_spread_over_seeds(tmp_path):
+    sweep = tmp_path / "sweep"
+    points = []
+    for seed, final in ((0, 0.70), (1, 0.80), (2, 0.90)):
+        name = f"seed-{seed}"
+        (sweep / name).mkdir(parents=True)
+        (sweep / name / "config.yaml").write_text(yaml.safe_dump({"method": {"rank": 8}}))
+        rounds = pa.table({"round": [0, 1], "method": ["fedit"] * 2, "clients_sampled": [2, 2], "clients_ok": [2, 2],
+                           "bytes_up": [200, 200], "bytes_down": [100, 300], "agg_error": [0.1, 0.3],
+                           "train_loss": [0.6, 0.5], "eval_metric": [0.5, final], "eval_loss": [0.7, 0.6],
+                           "wall_s": [1.0, 1.0], "epsilon_max": [float("nan")] * 2})
+        pq.write_table(rounds, sweep / name / "rounds.parquet")
+        points.append(({"seed": seed}, name))
+    gather(sweep, points)
+    out = subprocess.run([sys.executable, str(ROOT / "experiments" / "seeds.py"), str(sweep), "--out", str(tmp_path)],
+                         capture_output=True, text=True, check=True).stdout
+    row = next(line for line in out.splitlines() if line.startswith("| fedit r=8"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # 3 seeds; mean 0.80, sample sd 0.10; (200+100)/2 and (200+300)/2 bytes per client → 200 a round, 400 a run
+    assert cells[1:7] == ["3", "0.800 ± 0.100", "0.700 – 0.900", "200", "400", "3.00e-01"]
+    assert (tmp_path / "accuracy_vs_bytes.png").stat().st_size > 0
