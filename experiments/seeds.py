@@ -22,16 +22,13 @@ import pyarrow.parquet as pq
 import yaml
 from matplotlib.figure import Figure
 
-FIXED = ("point", "round", "method", "clients_sampled", "clients_ok", "bytes_up", "bytes_down", "agg_error",
-         "train_loss", "eval_metric", "eval_loss", "wall_s", "epsilon_max")
-
-
 def settings(sweep_dirs: list[str]) -> dict[str, dict[int, list[dict]]]:
     """``{setting label: {seed: rounds (sorted)}}`` from the sweeps' tables; the label names the grid values but seed."""
     found: dict[str, dict[int, list[dict]]] = defaultdict(dict)
     for folder in sweep_dirs:
         rows = pq.read_table(Path(folder) / "sweep.parquet").to_pylist()
-        grid_keys = [k for k in rows[0] if k not in FIXED and k != "seed"]
+        rounds_columns = pq.read_schema(Path(folder) / rows[0]["point"] / "rounds.parquet").names
+        grid_keys = [k for k in rows[0] if k not in (*rounds_columns, "point", "seed")]  # the columns gather() added
         by_point: dict[str, list[dict]] = defaultdict(list)
         for row in rows:
             by_point[row["point"]].append(row)
@@ -53,7 +50,11 @@ def main() -> None:
     parser.add_argument("sweeps", nargs="+", help="sweep folders (each with sweep.parquet)")
     parser.add_argument("--out", required=True, help="folder for accuracy_vs_bytes.png")
     args = parser.parse_args()
+    for folder in args.sweeps:
+        if not (Path(folder) / "sweep.parquet").is_file():
+            parser.error(f"{folder}: no sweep.parquet there; give folders that `fedsim sweep` wrote")
     found = settings(args.sweeps)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     fig = Figure(figsize=(12, 4.6), layout="constrained")
     ax_bytes, ax_rounds = fig.subplots(1, 2)
     lines = ["| setting | seeds | final accuracy, mean ± sd | min – max | bytes per client per round (up + down) "

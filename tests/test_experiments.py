@@ -65,3 +65,9 @@ def test_seeds_table_gives_mean_and_spread_over_seeds(tmp_path):
     # 3 seeds; mean 0.80, sample sd 0.10; (200+100)/2 and (200+300)/2 bytes per client → 200 a round, 400 a run
     assert cells[1:7] == ["3", "0.800 ± 0.100", "0.700 – 0.900", "200", "400", "3.00e-01"]
     assert (tmp_path / "accuracy_vs_bytes.png").stat().st_size > 0
+
+
+def test_seeds_refuses_a_folder_without_a_sweep(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "experiments" / "seeds.py"), str(tmp_path), "--out", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "no sweep.parquet" in done.stderr and "Traceback" not in done.stderr
