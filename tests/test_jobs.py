@@ -194,7 +194,8 @@ def test_a_node_lost_mid_run_is_survived(two_nodes, tiny_model_dir, tmp_path, ra
     assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4] and all(r["clients_ok"] == 8 for r in rounds)
     workers = json.loads((tmp_path / "lost" / "summary.json").read_text())["workers"]
     assert {w["node_id"] for w in workers} == {two_nodes["head_node_id"]}  # both on the head now
-    assert [w["restarted"] for w in workers] == [False, True]
+    # exactly one worker was restarted: the one of the lost node (SPREAD gives each node one, but either bundle may land there)
+    assert sorted(w["restarted"] for w in workers) == [False, True]
 
     reference = load_config(None, [*settings[1:], f"output_dir={tmp_path / 'reference'}"])
     run(reference, progress=False)  # the same run, no node lost (on the tests' local Ray)
