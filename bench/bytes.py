@@ -18,10 +18,9 @@ import os
 import shutil
 import statistics
 
-from common import (SCRATCH, SST2, fedsim_config, local_ray, machine_info, read_run, sst2_available, table,
-                    write_result)
+from common import SCRATCH, bytes_config, local_ray, machine_info, read_run, table, write_result
 
-METHODS = ("fed-sb", "fedit", "fedex-lora", "ffa-lora", "flora", "fra-lora", "fra-then-ffa", "central")
+from fedsim.methods import METHOD_NAMES as METHODS
 
 
 def per_client(clients: list[dict], round_idx: int, key: str) -> float | None:
@@ -32,12 +31,7 @@ def per_client(clients: list[dict], round_idx: int, key: str) -> float | None:
 def measure(method: str, count: int) -> dict:
     from fedsim.runtime import run
 
-    data = ({"workload.name": "sst2", "workload.path": str(SST2), "workload.train_limit": max(2000, 2 * count)}
-            if sst2_available() else {"workload.name": "bbc-news", "workload.train_limit": "null"})
-    config = fedsim_config(str(SCRATCH / "bytes" / f"{method}-{count}"), **{
-        "method.name": method, "clients.count": count, "clients.per_round": count, "train.rounds": 2,
-        "train.local_steps": 1, "train.batch_size": 2, "workload.eval_limit": 16, "method.switch_round": 1,
-        "method.rank": 8, **data})
+    config = bytes_config(str(SCRATCH / "bytes" / f"{method}-{count}"), method, count)
     shutil.rmtree(config.output_dir, ignore_errors=True)
     run(config, progress=False)
     rounds, clients, summary = read_run(config.output_dir)

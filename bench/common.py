@@ -158,6 +158,17 @@ def fedsim_config(output_dir: str, model: str = "tiny-bert", **overrides):
     return load_config(None, [f"{k}={v}" for k, v in base.items()])
 
 
+def bytes_config(output_dir: str, method: str, count: int):
+    """The bytes measurement's run: ``count`` clients all sampled, 2 rounds × 1 local step, rank 8 (the bytes do not
+    depend on training); real SST-2 where it is, else bbc-news; fra-then-ffa switches at round 1."""
+    data = ({"workload.name": "sst2", "workload.path": str(SST2), "workload.train_limit": max(2000, 2 * count)}
+            if sst2_available() else {"workload.name": "bbc-news", "workload.train_limit": "null"})
+    return fedsim_config(output_dir, **{
+        "method.name": method, "clients.count": count, "clients.per_round": count, "train.rounds": 2,
+        "train.local_steps": 1, "train.batch_size": 2, "workload.eval_limit": 16, "method.switch_round": 1,
+        "method.rank": 8, **data})
+
+
 def read_run(output_dir) -> tuple[list[dict], list[dict], dict]:
     import pyarrow.parquet as pq
 

@@ -59,7 +59,7 @@ def main(root: str) -> None:
         ax.set_visible(False)
     fig.savefig(root / "per_client.png", dpi=110)
     print("\n".join(lines))
-    print(f"\n![per-client accuracy per round](per_client.png)")
+    print("\n![per-client accuracy per round](per_client.png)")
 
 
 if __name__ == "__main__":

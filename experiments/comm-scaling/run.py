@@ -20,7 +20,6 @@ Writes bytes.parquet, bytes.png and bytes.md under --out; the run folders are de
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -38,9 +37,9 @@ import pyarrow.parquet as pq  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from analysis.comm import broadcast_items, bytes_of, predict_run, run_shapes, state_items, upload_items  # noqa: E402
-from common import SST2, fedsim_config, local_ray, read_run, sst2_available  # noqa: E402  (bench/common.py)
+from common import bytes_config, local_ray, machine_info, read_run, sst2_available  # noqa: E402  (bench/common.py)
+from fedsim.methods import METHOD_NAMES as METHODS  # noqa: E402
 
-METHODS = ("fed-sb", "fedit", "fedex-lora", "ffa-lora", "flora", "fra-lora", "fra-then-ffa", "central")
 QUANTITIES = ("up", "down_first", "down_returning")
 
 
@@ -56,12 +55,7 @@ def analytic(shapes, spec, aggregated):
 
 
 def measure(method, count, scratch):
-    data = ({"workload.name": "sst2", "workload.path": str(SST2), "workload.train_limit": max(2000, 2 * count)}
-            if sst2_available() else {"workload.name": "bbc-news", "workload.train_limit": "null"})
-    config = fedsim_config(str(scratch / f"{method}-{count}"), **{
-        "method.name": method, "clients.count": count, "clients.per_round": count, "train.rounds": 2,
-        "train.local_steps": 1, "train.batch_size": 2, "workload.eval_limit": 16, "method.switch_round": 1,
-        "method.rank": 8, **data})
+    config = bytes_config(str(scratch / f"{method}-{count}"), method, count)
     from fedsim.runtime import run
 
     shutil.rmtree(config.output_dir, ignore_errors=True)
@@ -148,14 +142,10 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="comm-scaling-"))
-    import psutil
-    import ray
-    import torch
-
-    machine = (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
-               f"{psutil.virtual_memory().total / 2**30:.1f} GiB, {'GPU ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}, "
-               f"Python {platform.python_version()}, torch {torch.__version__}, Ray {ray.__version__}; "
-               f"load average at start {os.getloadavg()[0]:.2f} (other work beside it)")
+    info = machine_info()
+    machine = (f"{info['cpu_count']} CPU cores ({info['cpu_model']}), {info['ram_gib']} GiB, "
+               f"{'GPU ' + ', '.join(info['gpu']) if info['gpu'] else 'no GPU'}, Python {info['python']}, "
+               f"torch {info['torch']}, Ray {info['ray']}; load average at start {info['load_average_at_start'][0]:.2f}")
     data = "SST-2 (../shared/data/sst2)" if sst2_available() else "bbc-news (packaged)"
     plan = [("central", 1)] + [(m, n) for n in counts for m in METHODS if m != "central"]
     rows, models = [], {}
