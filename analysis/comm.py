@@ -7,52 +7,36 @@
     fedsim comm --model mistral-7b --method all --rank 200 --clients 10,100,1000
 
 A model's shapes come from its architecture facts — an HF ``config.json`` (a file, or a model
-folder) or a built-in preset (``PRESETS``) — never from its weights. For each adapted layer
-(``d`` out × ``k`` in) and rank ``r``: ``A`` is r×k, ``B`` d×r, ``R`` r×r, a folded ``base_delta`` /
-``residual`` d×k (float32). What goes up and down is exactly what the runtime sends
-(``fedsim.runtime.aggregator.downlink_bytes`` and each method's ``aggregate``):
-
-==============  ============================  ==============================================================
-method          up (per client, per round)    down (per returning client, per round: last round's broadcast)
-==============  ============================  ==============================================================
-fed-sb          Σ r²                          Σ r²
-fedit           Σ r(d+k)                      Σ r(d+k)
-fedex-lora      Σ r(d+k)                      Σ r(d+k) + Σ d·k residual (``fedex_down="residual"``, as the
-                                              runtime sends it), or c·Σ r(d+k) (``"adapters"``, the papers')
-ffa-lora        Σ r·d                         Σ r·d
-flora           Σ r(d+k)                      c·Σ r(d+k) (+ c float64 weights + 1 int64 round)
-fra-lora        Σ r(d+k)                      Σ r(d+k)
-fra-then-ffa    Σ r(d+k), then Σ r·d          same, one round later
-central         Σ r² (lora-sb) or Σ r(d+k)    same (one client)
-==============  ============================  ==============================================================
-
-plus the classification head (``head:<param>``) both ways where it is trained. A client taking part
-for the first time receives the whole global state instead: A and B (and R), the folded
-``base_delta`` (d×k a layer) for fedex-lora and flora once a round has been aggregated, and the
-head. Bytes are ``numel × element size + len(key)`` for every tensor, as ``fedsim.methods.nbytes``.
+folder) or a built-in preset (``PRESETS``) — never from its weights. What each method sends is not
+modelled here a second time: ``MessageReplay`` runs the method's own code (``meta_state``,
+``meta_upload``, ``aggregate``, ``downlink``: ``fedsim.methods.base``) on meta tensors of those shapes,
+the way the runtime's aggregator runs it on real tensors, and counts the bytes as
+``fedsim.methods.nbytes`` does (``numel × element size + len(key)`` for every tensor). A client taking
+part for the first time receives the whole global state; a returning client the last round's broadcast.
+A method registered with ``fedsim.methods.register`` is counted with no change here.
 
 ``predict_run(run_dir)`` replays a finished run's schedule (its ``clients.parquet``: who took part,
-who was new, who was aggregated) through the same messages and sets the prediction beside the
-measured bytes of ``rounds.parquet``; ``check_run`` flags rounds that differ by more than a few
-percent.
+who was new, who was aggregated, at which rank) through the same code and sets the prediction beside
+the measured bytes of ``rounds.parquet``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from fedsim.config import MethodConfig
 from fedsim.errors import UsageError
+from fedsim.methods import build_method, method_names, nbytes
+from fedsim.methods.base import Method, State, Upload
+from fedsim.methods.downlink import Downlinks
+from fedsim.shapes import DTYPES, Linear, ModelShapes
 from fedsim.storage import Location
 
-METHOD_NAMES = ("fed-sb", "fedit", "fedex-lora", "ffa-lora", "flora", "fra-lora", "fra-then-ffa", "central")
-FEDEX_DOWN = ("residual", "adapters")
-CENTRAL_ADAPTERS = ("lora-sb", "lora")
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
-FOLD_BYTES = 4  # base_delta and residual are float32 whatever the model's dtype
 TOLERANCE = 0.03  # measured vs predicted: a larger relative difference is flagged
 
 # Architecture facts (the fields of each model's HF config.json that fix the linear layers' shapes).
@@ -85,42 +69,6 @@ DEFAULT_TARGETS = {"bert": ["query", "value"], "roberta": ["query", "value"], **
 # ---------------------------------------------------------------------------------------------
 # Shapes
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Linear:
-    """One adapted layer: its module path and weight shape (out × in)."""
-
-    name: str
-    out_features: int  # d
-    in_features: int  # k
-
-
-@dataclass(frozen=True)
-class ModelShapes:
-    """What the cost model needs from a model: the adapted layers and (optionally) the head's parameters."""
-
-    name: str
-    layers: tuple[Linear, ...]
-    head: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (parameter name, shape); empty when no head is trained
-    dtype: str = "float32"
-
-    @property
-    def itemsize(self) -> int:
-        return DTYPE_BYTES[self.dtype]
-
-    def sum_dk(self) -> int:
-        """Σ (d + k): LoRA's A and B hold r·Σ(d+k) numbers."""
-        return sum(l.out_features + l.in_features for l in self.layers)
-
-    def sum_d(self) -> int:
-        return sum(l.out_features for l in self.layers)
-
-    def sum_dxk(self) -> int:
-        return sum(l.out_features * l.in_features for l in self.layers)
-
-    def head_params(self) -> int:
-        return sum(math.prod(shape) for _, shape in self.head)
 
 
 def _preset_key(name: str) -> str | None:
@@ -255,7 +203,7 @@ def model_shapes(
     (what ``method.train_head`` sends). Known families (BERT, RoBERTa, Llama, Mistral, Gemma-2,
     Qwen-2) are read by formula; others (or ``exact=True``) are built on the meta device.
     """
-    if dtype not in DTYPE_BYTES or dtype == "float64":
+    if dtype not in DTYPES or dtype == "float64":
         raise UsageError(f"--dtype: unknown dtype {dtype!r}; valid: float32, bfloat16, float16")
     if task not in ("classification", "causal-lm"):
         raise UsageError(f"model.task: unknown task {task!r}; valid: classification, causal-lm")
@@ -280,113 +228,53 @@ def model_shapes(
 
 
 # ---------------------------------------------------------------------------------------------
-# Messages: (key, numel, bytes per element) of every tensor, as the runtime builds them
+# Messages: the method's own code on meta tensors
 # ---------------------------------------------------------------------------------------------
 
-Item = tuple[str, int, int]
+
+def method_of(name: str, rank: int, **settings) -> Method:
+    """A method as the runtime builds it, from ``method.*`` settings (``switch_round``, ``adapter``, ``fedex_downlink``, …)."""
+    if name not in method_names():
+        raise UsageError(f"--method: unknown method {name!r}; valid: {', '.join(method_names())}, all")
+    if not isinstance(rank, int) or rank <= 0:
+        raise UsageError(f"--rank: must be a positive integer, got {rank!r}")
+    return build_method(MethodConfig(name=name, rank=rank, **settings))
 
 
-@dataclass(frozen=True)
-class MethodSpec:
-    """What of a method the cost depends on."""
+class MessageReplay:
+    """What a schedule of rounds sends, as the runtime's aggregator sends it, from the method's own code on meta
+    tensors: what a client receives follows ``fedsim.methods.downlink``'s rule (the whole state at first contact, the
+    last broadcast after a round it took part in, what changed otherwise); a client that trained sends
+    ``meta_upload`` at its rank; a round's broadcast is the method's ``aggregate`` over the clients aggregated in it."""
 
-    name: str
-    rank: int
-    switch_round: int = 3  # fra-then-ffa
-    adapter: str = "lora-sb"  # central
-    fedex_down: str = "residual"  # fedex-lora: what its broadcast is counted as
-
-    def __post_init__(self):
-        if self.name not in METHOD_NAMES:
-            raise UsageError(f"--method: unknown method {self.name!r}; valid: {', '.join(METHOD_NAMES)}, all")
-        if not isinstance(self.rank, int) or self.rank <= 0:
-            raise UsageError(f"--rank: must be a positive integer, got {self.rank!r}")
-        if self.adapter not in CENTRAL_ADAPTERS:
-            raise UsageError(f"method.adapter: unknown adapter {self.adapter!r}; valid: {', '.join(CENTRAL_ADAPTERS)}")
-        if self.fedex_down not in FEDEX_DOWN:
-            raise UsageError(f"--fedex-down: unknown value {self.fedex_down!r}; valid: {', '.join(FEDEX_DOWN)}")
+    def __init__(self, method: Method, shapes: ModelShapes):
+        self.method = method
+        self.state: State = method.meta_state(shapes)
+        self.downlinks = Downlinks(method)
 
     @property
-    def lora_sb(self) -> bool:
-        return self.name == "fed-sb" or (self.name == "central" and self.adapter == "lora-sb")
+    def broadcast(self) -> State:
+        return self.downlinks.broadcast
 
-    @property
-    def folds(self) -> bool:
-        """Methods whose global state holds a ``base_delta`` once a round is aggregated."""
-        return self.name in ("fedex-lora", "flora")
+    def down(self, client_id: int, rank: int, round_idx: int) -> State:
+        return self.downlinks.message(self.state, client_id, rank, round_idx)
 
-    def trained_kinds(self, round_idx: int) -> tuple[str, ...]:
-        if self.lora_sb:
-            return ("lora_R",)
-        if self.name == "ffa-lora" or (self.name == "fra-then-ffa" and round_idx >= self.switch_round):
-            return ("lora_B",)
-        return ("lora_A", "lora_B")
+    def up(self, round_idx: int, rank: int) -> State:
+        return self.method.meta_upload(self.state, round_idx, rank)
 
-
-def _numel(kind: str, layer: Linear, rank: int) -> int:
-    return {"lora_A": rank * layer.in_features, "lora_B": layer.out_features * rank, "lora_R": rank * rank,
-            "base_delta": layer.out_features * layer.in_features, "residual": layer.out_features * layer.in_features,
-            "stack_A": rank * layer.in_features, "stack_B": layer.out_features * rank}[kind]
+    def aggregate(self, round_idx: int, ranks: dict[int, int]) -> None:
+        """Aggregate the clients ``{client_id: rank}`` of round ``round_idx``."""
+        old_state, broadcast = self.state, {}
+        if ranks:
+            messages = {rank: self.up(round_idx, rank) for rank in set(ranks.values())}  # meta: one serves every client
+            uploads = [Upload(cid, 1, messages[rank]) for cid, rank in sorted(ranks.items())]
+            result = self.method.aggregate(self.state, uploads, round_idx)
+            self.state, broadcast = dict(sorted(result.state.items())), result.broadcast
+        self.downlinks.aggregated(old_state, self.state, broadcast, round_idx)
 
 
-def _head_items(shapes: ModelShapes) -> list[Item]:
-    return [(f"head:{name}", math.prod(shape), shapes.itemsize) for name, shape in shapes.head]
-
-
-def upload_items(shapes: ModelShapes, spec: MethodSpec, round_idx: int, rank: int | None = None) -> list[Item]:
-    """One client's upload in round ``round_idx``: its trained tensors (and the head).
-
-    ``rank``: a rank-heterogeneous client's own rank r_i ≤ r (it sends its leading block); default r.
-    """
-    r = rank or spec.rank
-    items = [(f"{l.name}.{kind}", _numel(kind, l, r), shapes.itemsize)
-             for l in shapes.layers for kind in spec.trained_kinds(round_idx)]
-    return items + _head_items(shapes)
-
-
-def broadcast_items(shapes: ModelShapes, spec: MethodSpec, round_idx: int, aggregated: int | Sequence[int]) -> list[Item]:
-    """What the aggregation of round ``round_idx`` sends every returning client.
-
-    ``aggregated``: how many clients were aggregated, or their ranks (FLoRA stacks them as they are).
-    """
-    ranks = [spec.rank] * aggregated if isinstance(aggregated, int) else list(aggregated)
-    if not ranks:
-        return []
-    r, size = spec.rank, shapes.itemsize
-    if spec.name == "flora":
-        # weights (float64), ranks (int64) and the round (int64), then every client's A and B stacked along the rank
-        items = [("flora.weights", len(ranks), 8), ("flora.ranks", len(ranks), 8), ("flora.round", 1, 8)]
-        for l in shapes.layers:
-            items += [(f"{l.name}.stack_A", sum(_numel("stack_A", l, ri) for ri in ranks), size),
-                      (f"{l.name}.stack_B", sum(_numel("stack_B", l, ri) for ri in ranks), size)]
-        return items + _head_items(shapes)
-    aggregated = len(ranks)
-    items = upload_items(shapes, spec, round_idx)
-    if spec.name == "fedex-lora":
-        if spec.fedex_down == "residual":
-            items += [(f"{l.name}.residual", _numel("residual", l, r), FOLD_BYTES) for l in shapes.layers]
-        else:  # the clients' adapters, stacked, as the papers count it: c·Σ r(d+k)
-            items = [(k, n * aggregated, s) if not k.startswith("head:") else (k, n, s) for k, n, s in items]
-    return items
-
-
-def state_items(shapes: ModelShapes, spec: MethodSpec, folded: bool) -> list[Item]:
-    """The whole global state (what a client receives the first time it takes part)."""
-    kinds = ("lora_A", "lora_B", "lora_R") if spec.lora_sb else ("lora_A", "lora_B")
-    if folded and spec.folds:
-        kinds = kinds + ("base_delta",)
-    items = [(f"{l.name}.{kind}", _numel(kind, l, spec.rank), FOLD_BYTES if kind == "base_delta" else shapes.itemsize)
-             for l in shapes.layers for kind in kinds]
-    return items + _head_items(shapes)
-
-
-def numel_of(items: Iterable[Item]) -> int:
-    return sum(n for _, n, _ in items)
-
-
-def bytes_of(items: Iterable[Item]) -> int:
-    """As ``fedsim.methods.nbytes``: data plus UTF-8 keys."""
-    return sum(n * size + len(key.encode()) for key, n, size in items)
+def numel_of(message: State) -> int:
+    return sum(t.numel() for t in message.values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,15 +307,16 @@ class CommRow:
 
 
 def parse_methods(text) -> list[str]:
+    valid = method_names()
     if text is None or text == "all" or text == ["all"]:
-        return list(METHOD_NAMES)
+        return list(valid)
     items = text.split(",") if isinstance(text, str) else list(text)
     methods = [m.strip() for m in items if m.strip()]
     for m in methods:
-        if m not in METHOD_NAMES:
-            raise UsageError(f"--method: unknown method {m!r}; valid: {', '.join(METHOD_NAMES)}, all")
+        if m not in valid:
+            raise UsageError(f"--method: unknown method {m!r}; valid: {', '.join(valid)}, all")
     if not methods:
-        raise UsageError(f"--method: give a method or 'all'; valid: {', '.join(METHOD_NAMES)}")
+        raise UsageError(f"--method: give a method or 'all'; valid: {', '.join(valid)}")
     return methods
 
 
@@ -447,34 +336,41 @@ def parse_ints(text, flag: str, minimum: int = 1) -> list[int]:
     return values
 
 
-def method_cost(shapes: ModelShapes, spec: MethodSpec, clients: int, rounds: int = 1) -> CommRow:
-    """The cost of one method for ``clients`` clients a round over ``rounds`` rounds."""
+def _schedule(method: Method, shapes: ModelShapes, clients: int, rounds: int) -> list[dict[str, int]]:
+    """Per round: what one of ``clients`` clients (all taking part and aggregated every round, at the full rank) sends
+    and receives — ``up``, ``down`` (``first`` at round 0) — in bytes and numbers (``up_n``, ``down_n``)."""
+    replay = MessageReplay(method, shapes)
+    rows = []
+    for round_idx in range(rounds):
+        down = [replay.down(cid, method.rank, round_idx) for cid in range(clients)][0]
+        up = replay.up(round_idx, method.rank)
+        rows.append({"up": nbytes(up), "down": nbytes(down), "up_n": numel_of(up), "down_n": numel_of(down)})
+        replay.aggregate(round_idx, {cid: method.rank for cid in range(clients)})
+    return rows
+
+
+def schedules(method: Method, shapes: ModelShapes, rounds: int):
+    """``clients -> _schedule(method, shapes, clients, rounds)``, each count run once."""
+    return functools.cache(lambda clients: _schedule(method, shapes, clients, rounds))
+
+
+def method_cost(shapes: ModelShapes, method: Method, clients: int, rounds: int = 1, notes: str = "", at=None) -> CommRow:
+    """The cost of one method for ``clients`` clients a round over ``rounds`` rounds (``at``: its ``schedules``, if made)."""
     if clients < 1:
         raise UsageError(f"--clients: must be ≥ 1, got {clients}")
     if rounds < 1:
         raise UsageError(f"--rounds: must be ≥ 1, got {rounds}")
-    c = 1 if spec.name == "central" else clients
-    steady = max(spec.switch_round + 1, 1) if spec.name == "fra-then-ffa" else 1
-    up = upload_items(shapes, spec, steady)
-    down = broadcast_items(shapes, spec, steady - 1, c)
-    first = state_items(shapes, spec, folded=False)
-    total = 0
-    for round_idx in range(rounds):
-        up_r = bytes_of(upload_items(shapes, spec, round_idx))
-        down_r = bytes_of(state_items(shapes, spec, folded=False)) if round_idx == 0 else bytes_of(broadcast_items(shapes, spec, round_idx - 1, c))
-        total += c * (up_r + down_r)
-    notes = []
-    if spec.name == "fedex-lora":
-        notes.append(f"down: {spec.fedex_down}")
-    if spec.name == "fra-then-ffa":
-        notes.append(f"FFA from round {spec.switch_round}")
-    if spec.name == "central":
-        notes.append(f"{spec.adapter}, 1 client")
+    c = method.num_clients or clients
+    steady = method.steady_round()
+    schedule = (at or schedules(method, shapes, max(rounds, steady + 1)))(c)
+    first, row = schedule[0], schedule[steady]
+    if method.num_clients is not None:
+        notes = "; ".join(filter(None, [notes, f"{c} client"]))
     return CommRow(
-        model=shapes.name, method=spec.name, rank=spec.rank, clients=c, layers=len(shapes.layers),
-        up_params=numel_of(up), down_params=numel_of(down), up_bytes=bytes_of(up), down_bytes=bytes_of(down),
-        first_down_params=numel_of(first), first_down_bytes=bytes_of(first),
-        round_bytes=c * (bytes_of(up) + bytes_of(down)), rounds=rounds, total_bytes=total, notes="; ".join(notes),
+        model=shapes.name, method=method.name, rank=method.rank, clients=c, layers=len(shapes.layers),
+        up_params=row["up_n"], down_params=row["down_n"], up_bytes=row["up"], down_bytes=row["down"],
+        first_down_params=first["down_n"], first_down_bytes=first["down"], round_bytes=c * (row["up"] + row["down"]),
+        rounds=rounds, total_bytes=sum(c * (r["up"] + r["down"]) for r in schedule[:rounds]), notes=notes,
     )
 
 
@@ -490,20 +386,32 @@ def comm_table(
     head: bool = False,
     num_labels: int | None = None,
     dtype: str = "float32",
-    switch_round: int = 3,
-    adapter: str = "lora-sb",
-    fedex_down: str = "residual",
+    **settings,
 ) -> list[CommRow]:
-    """Rows for every (method, rank, client count). ``model``: a preset, config.json, folder or ``ModelShapes``."""
+    """Rows for every (method, rank, client count). ``model``: a preset, config.json, folder or ``ModelShapes``.
+
+    ``settings``: ``method.*`` settings (``switch_round``, ``adapter``, ``fedex_downlink``, …). A method's
+    ``comm_variants`` (FedEx-LoRA: its residual and its stacked downlink) each get a row unless a setting fixes them.
+    """
     shapes = model if isinstance(model, ModelShapes) else model_shapes(
         model, target_modules, task=task, num_labels=num_labels, head=head, dtype=dtype)
     rows = []
-    for method in parse_methods(methods):
+    for name in parse_methods(methods):
         for rank in ranks:
-            spec = MethodSpec(method, int(rank), switch_round=switch_round, adapter=adapter, fedex_down=fedex_down)
-            for count in clients:
-                rows.append(method_cost(shapes, spec, int(count), rounds))
+            for variant in _variants(name, settings):
+                method = method_of(name, int(rank), train_head=bool(shapes.head), **{**settings, **variant})
+                notes = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in variant.items())
+                at = schedules(method, shapes, max(rounds, method.steady_round() + 1))
+                for count in clients:
+                    rows.append(method_cost(shapes, method, int(count), rounds, notes, at))
     return rows
+
+
+def _variants(name: str, settings: dict) -> list[dict]:
+    from fedsim.methods import METHODS
+
+    variants = [v for v in METHODS[name].comm_variants if not set(v) & set(settings)]
+    return variants or [{}]
 
 
 def human(value: float, unit: str = "") -> str:
@@ -532,12 +440,13 @@ def format_table(rows: Sequence[CommRow]) -> str:
     return "\n".join(lines)
 
 
-def per_round_vs_clients(shapes: ModelShapes, methods, rank: int, clients: Sequence[int], **spec_args) -> dict[str, list[CommRow]]:
+def per_round_vs_clients(shapes: ModelShapes, methods, rank: int, clients: Sequence[int], **settings) -> dict[str, list[CommRow]]:
     """For plots: each method's steady-state row at every client count."""
     out = {}
-    for method in parse_methods(methods):
-        spec = MethodSpec(method, rank, **spec_args)
-        out[method] = [method_cost(shapes, spec, c) for c in clients]
+    for name in parse_methods(methods):
+        method = method_of(name, rank, train_head=bool(shapes.head), **settings)
+        at = schedules(method, shapes, method.steady_round() + 1)
+        out[name] = [method_cost(shapes, method, c, at=at) for c in clients]
     return out
 
 
@@ -578,9 +487,11 @@ def _rel(measured: float, predicted: float) -> float:
     return abs(measured - predicted) / predicted
 
 
-def run_shapes(run_dir, config: dict | None = None) -> tuple[ModelShapes, MethodSpec]:
-    """The model shapes and method of a run folder (its config.yaml, and the number of labels it trained)."""
+def run_shapes(run_dir, config: dict | None = None) -> tuple[ModelShapes, Method]:
+    """The model shapes and the method of a run folder (its config.yaml, and the number of labels it trained)."""
     import yaml
+
+    from fedsim.config import config_from_dict, resolve_model_path
 
     run_dir = Location(run_dir)
     if config is None:
@@ -588,7 +499,7 @@ def run_shapes(run_dir, config: dict | None = None) -> tuple[ModelShapes, Method
         if not path.is_file():
             raise UsageError(f"results: {run_dir} has no config.yaml; the prediction needs the run's config")
         config = yaml.safe_load(path.read_text()) or {}
-    model_cfg, method_cfg = config.get("model", {}), config.get("method", {})
+    model_cfg = config.get("model", {})
     num_labels = None
     meta = run_dir / "data" / "meta.json"
     if meta.is_file():
@@ -596,62 +507,52 @@ def run_shapes(run_dir, config: dict | None = None) -> tuple[ModelShapes, Method
     elif (run_dir / "label_counts.parquet").is_file():
         labels = (run_dir / "label_counts.parquet").read_table(columns=["label"])["label"].to_pylist()
         num_labels = len(set(labels)) or None
-    from fedsim.config import resolve_model_path
-
     source = resolve_model_path(model_cfg.get("name", "minilm"))
     if not Path(source).exists() and _preset_key(source) is None:
         raise UsageError(f"results: the model {model_cfg.get('name')!r} of {run_dir} is neither a local folder nor a preset")
+    full = config_from_dict({key: config[key] for key in ("seed", "method", "clients") if key in config})
     shapes = model_shapes(
         source if Path(source).exists() else _preset_key(source), model_cfg.get("target_modules"),
         task=model_cfg.get("task", "classification"), num_labels=num_labels,
-        head=bool(method_cfg.get("train_head", True)), dtype=model_cfg.get("dtype", "float32"),
+        head=full.method.train_head, dtype=model_cfg.get("dtype", "float32"),
     )  # known families by formula (tests check it against the model built on the meta device), others on meta
     shapes = replace(shapes, name=str(model_cfg.get("name", shapes.name)))
-    spec = MethodSpec(method_cfg.get("name", "fed-sb"), int(method_cfg.get("rank", 4)),
-                      switch_round=int(method_cfg.get("switch_round", 3)), adapter=method_cfg.get("adapter", "lora-sb"))
-    return shapes, spec
+    return shapes, build_method(full.method, full.clients, full.seed)
 
 
 def predict_run(run_dir, tolerance: float = TOLERANCE) -> RunPrediction:
-    """Replay a run's schedule (``clients.parquet``) through the runtime's messages; compare with ``rounds.parquet``.
+    """Replay a run's schedule (``clients.parquet``) through the method's own messages; compare with ``rounds.parquet``.
 
-    A sampled client receives the whole state at its first round and the last round's broadcast
-    after that (dropped clients too); a client that trained (``ok`` or ``nonfinite``, or a
-    straggler that trained) sends its upload; the broadcast of round t is built over the clients
-    aggregated in round t (those ``ok``).
+    A sampled client receives the whole state at its first round and the last round's broadcast after that
+    (dropped clients too); a client that trained (``ok`` or ``nonfinite``, or a straggler that trained)
+    sends its upload at its rank; the broadcast of round t comes from the clients aggregated in round t (``ok``).
     """
     run_dir = Location(run_dir)
     for name in ("rounds.parquet", "clients.parquet"):
         if not (run_dir / name).is_file():
             raise UsageError(f"results: {run_dir} has no {name}; pass the output_dir of a finished fedsim run")
-    shapes, spec = run_shapes(run_dir)
+    shapes, method = run_shapes(run_dir)
     clients = (run_dir / "clients.parquet").read_table().to_pylist()
     rounds = sorted((run_dir / "rounds.parquet").read_table().to_pylist(), key=lambda r: r["round"])
     by_round: dict[int, list[dict]] = {}
     for row in clients:
         by_round.setdefault(row["round"], []).append(row)
-    seen: set[int] = set()
-    folded = False
-    broadcast: list[Item] = []
-    prediction = RunPrediction(run_dir, spec.name, tolerance=tolerance)
+    replay = MessageReplay(method, shapes)
+    prediction = RunPrediction(run_dir, method.name, tolerance=tolerance)
     for measured in rounds:
         t = measured["round"]
-        rows = by_round.get(t, [])
-        state = state_items(shapes, spec, folded)
+        rows = sorted(by_round.get(t, []), key=lambda r: r["client_id"])
         pred = {"pred_bytes_up": 0, "pred_bytes_down": 0, "pred_params_up": 0, "pred_params_down": 0}
         for row in rows:
-            down = broadcast if row["client_id"] in seen else state
-            pred["pred_bytes_down"] += bytes_of(down)
+            rank = _client_rank(row, method.rank)
+            down = replay.down(row["client_id"], rank, t)
+            pred["pred_bytes_down"] += nbytes(down)
             pred["pred_params_down"] += numel_of(down)
-            trained = row["status"] in TRAINED_STATUSES or (row["status"] == "straggler" and (row.get("steps") or 0) > 0)
-            if trained:
-                up = upload_items(shapes, spec, t, _client_rank(row, spec))
-                pred["pred_bytes_up"] += bytes_of(up)
+            if row["status"] in TRAINED_STATUSES or (row["status"] == "straggler" and (row.get("steps") or 0) > 0):
+                up = replay.up(t, rank)
+                pred["pred_bytes_up"] += nbytes(up)
                 pred["pred_params_up"] += numel_of(up)
-        seen.update(row["client_id"] for row in rows)
-        aggregated = [_client_rank(row, spec) for row in sorted(rows, key=lambda r: r["client_id"]) if row["status"] == "ok"]
-        broadcast = broadcast_items(shapes, spec, t, aggregated)
-        folded = folded or bool(aggregated)
+        replay.aggregate(t, {row["client_id"]: _client_rank(row, method.rank) for row in rows if row["status"] == "ok"})
         entry = {"round": t, "bytes_up": int(measured["bytes_up"]), "bytes_down": int(measured["bytes_down"]), **pred}
         entry["rel_err_up"] = _rel(entry["bytes_up"], pred["pred_bytes_up"])
         entry["rel_err_down"] = _rel(entry["bytes_down"], pred["pred_bytes_down"])
@@ -660,11 +561,6 @@ def predict_run(run_dir, tolerance: float = TOLERANCE) -> RunPrediction:
     return prediction
 
 
-def _client_rank(row: dict, spec: MethodSpec) -> int:
+def _client_rank(row: dict, full_rank: int) -> int:
     rank = row.get("rank")
-    return int(rank) if rank and 0 < int(rank) <= spec.rank else spec.rank
-
-
-def check_run(run_dir, tolerance: float = TOLERANCE) -> RunPrediction:
-    """``predict_run``, printing nothing; the flagged rounds are in ``.flagged``."""
-    return predict_run(run_dir, tolerance)
+    return int(rank) if rank and 0 < int(rank) <= full_rank else full_rank

@@ -27,7 +27,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from analysis.comm import METHOD_NAMES, TOLERANCE, RunPrediction, human, per_round_vs_clients, predict_run, run_shapes
+from analysis.comm import TOLERANCE, RunPrediction, human, per_round_vs_clients, predict_run, run_shapes
 from analysis.plots import AGG_ERROR_FLOOR, _column, _describe, _metric_name, save_figure
 from analysis.results import Run, _as_runs, run_labels
 from fedsim.errors import UsageError
@@ -94,17 +94,20 @@ def plot_accuracy_vs_comm(runs: list[Run], labels: list[str], params: list[float
 
 def plot_comm_vs_clients(run: Run, path, clients=CLIENT_COUNTS) -> Location:
     """Analytic: bytes a round against the number of clients, per client and for the whole round, every method."""
-    shapes, spec = run_shapes(run.path)
-    table = per_round_vs_clients(shapes, [m for m in METHOD_NAMES if m != "central"], spec.rank, clients,
-                                 switch_round=spec.switch_round)
+    from fedsim.methods import METHODS
+
+    shapes, method = run_shapes(run.path)
+    federated = [name for name, cls in METHODS.items() if cls.num_clients is None]
+    table = per_round_vs_clients(shapes, federated, method.rank, clients, switch_round=method.config.switch_round)
     fig = Figure(figsize=(13, 5.5), layout="constrained")
     ax_client, ax_round = fig.subplots(1, 2)
     # dashed styles for the methods that coincide with another (fra-lora = fedit, fra-then-ffa = ffa-lora in steady state)
-    styles = ["-o", "-s", "-^", "-v", "-D", "--P", "--X"]
-    for (method, rows), style in zip(table.items(), styles):
+    markers = "os^vDPXhp*<>d"
+    for i, (name, rows) in enumerate(table.items()):
+        style = ("-" if i < 7 else "--") + markers[i % len(markers)]
         x = [r.clients for r in rows]
-        ax_client.plot(x, [r.up_bytes + r.down_bytes for r in rows], style, label=method, markersize=5, alpha=0.85)
-        ax_round.plot(x, [r.round_bytes for r in rows], style, label=method, markersize=5, alpha=0.85)
+        ax_client.plot(x, [r.up_bytes + r.down_bytes for r in rows], style, label=name, markersize=5, alpha=0.85)
+        ax_round.plot(x, [r.round_bytes for r in rows], style, label=name, markersize=5, alpha=0.85)
     ax_client.set(title="per client per round (steady state, up + down)", xlabel="clients per round (log)", ylabel="bytes per client (log)")
     ax_round.set(title="per round, all clients (up + down)", xlabel="clients per round (log)", ylabel="bytes per round (log)")
     for ax in (ax_client, ax_round):
@@ -112,7 +115,7 @@ def plot_comm_vs_clients(run: Run, path, clients=CLIENT_COUNTS) -> Location:
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
-    fig.suptitle(f"analytic communication: {shapes.name}, {len(shapes.layers)} adapted layers, rank {spec.rank}, "
+    fig.suptitle(f"analytic communication: {shapes.name}, {len(shapes.layers)} adapted layers, rank {method.rank}, "
                  f"{shapes.dtype}" + (", head included" if shapes.head else ""), fontweight="bold")
     return save_figure(fig, path)
 
@@ -256,7 +259,8 @@ def write_demo_runs(root, methods=("fed-sb", "fedit", "ffa-lora", "flora"), roun
     import pyarrow.parquet as pq
     import yaml
 
-    from analysis.comm import bytes_of, broadcast_items, model_shapes, state_items, upload_items, MethodSpec
+    from analysis.comm import MessageReplay, method_of, model_shapes
+    from fedsim.methods import nbytes
 
     root = Path(root)
     rng = np.random.default_rng(seed)
@@ -275,22 +279,19 @@ def write_demo_runs(root, methods=("fed-sb", "fedit", "ffa-lora", "flora"), roun
         (folder / "data").mkdir(exist_ok=True)
         (folder / "data" / "meta.json").write_text(json.dumps({"num_labels": 5}))
         shapes = model_shapes(model, ["query", "value"], num_labels=5, head=True)
-        spec = MethodSpec(method, rank)
-        seen, broadcast, folded = set(), [], False
+        replay = MessageReplay(method_of(method, rank), shapes)
         round_rows, client_rows = [], []
         for t, cohort in enumerate(schedule):
-            state = state_items(shapes, spec, folded)
-            up = bytes_of(upload_items(shapes, spec, t))
-            down = {cid: bytes_of(broadcast if cid in seen else state) for cid in cohort}
-            seen.update(cohort)
-            broadcast, folded = broadcast_items(shapes, spec, t, len(cohort)), True
+            up = nbytes(replay.up(t, rank))
+            down = {cid: nbytes(replay.down(cid, rank, t)) for cid in cohort}
+            replay.aggregate(t, {cid: rank for cid in cohort})
             loss = 1.6 * math.exp(-0.35 * (t + 1)) + rng.normal(0, 0.02)
             acc = skill.get(method, 0.8) * (1 - math.exp(-0.6 * (t + 1))) + rng.normal(0, 0.005)
             for cid in cohort:
                 client_rows.append({"round": t, "client_id": cid, "worker_id": cid % 2, "rank": rank, "samples": 50,
                                     "steps": 5, "train_loss": loss, "bytes_up": up, "bytes_down": down[cid],
                                     "train_s": 0.1, "status": "ok"})
-            exact = method in ("fed-sb", "ffa-lora", "flora", "fedex-lora", "central")
+            exact = replay.method.about.exact in ("yes", "—")
             round_rows.append({"round": t, "method": method, "clients_sampled": per_round, "clients_ok": per_round,
                                "bytes_up": up * per_round, "bytes_down": sum(down.values()),
                                "agg_error": 0.0 if exact else 0.05 / (t + 1), "train_loss": loss, "eval_metric": acc,

@@ -20,7 +20,7 @@ import statistics
 
 from common import SCRATCH, bytes_config, local_ray, machine_info, read_run, table, write_result
 
-from fedsim.methods import METHOD_NAMES as METHODS
+from fedsim.methods import METHODS
 
 
 def per_client(clients: list[dict], round_idx: int, key: str) -> float | None:

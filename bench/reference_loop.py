@@ -30,12 +30,11 @@ def run_reference(config, rounds: int) -> dict:
 
     from fedsim.adapters.init import accumulate_gradients
     from fedsim.adapters.layers import adapted_layers
-    from fedsim.client import derive_seed
     from fedsim.data import TokenizedRows
     from fedsim.methods.fed_sb import FedSB
     from fedsim.modeling import load_model, load_tokenizer
     from fedsim.partition import partition
-    from fedsim.runtime.settings import method_settings
+    from fedsim.seeds import derive_seed, rng
     from workloads import load_workload
 
     started = time.perf_counter()
@@ -43,12 +42,12 @@ def run_reference(config, rounds: int) -> dict:
     workload = load_workload(c.workload.name, c.workload.path, c.workload.train_limit, c.workload.eval_limit, c.seed,
                              **c.workload.options)
     client_of_row = partition(workload.train_labels, c.clients.count, c.clients.partition, alpha=c.clients.alpha,
-                              seed=c.seed, dominant_share=c.clients.dominant_share)
+                              seed=derive_seed(c.seed, "partition"), dominant_share=c.clients.dominant_share)
     tokenizer = load_tokenizer(c)
     clients = [TokenizedRows(workload.train.take(np.flatnonzero(client_of_row == cid)), tokenizer, c.workload.max_length)
                for cid in range(c.clients.count)]
     model = load_model(c, workload.num_labels)
-    method = FedSB(method_settings(c))
+    method = FedSB(c.method, c.clients, c.seed)
     method.prepare(model, c.model.target_modules)
 
     # LoRA-SB initialisation from a pooled calibration sample (as fedsim's default adapters.init_data=pooled)
@@ -57,7 +56,7 @@ def run_reference(config, rounds: int) -> dict:
     for cid in range(min(c.clients.count, c.adapters.init_samples)):
         rows = clients[cid]
         take = min(len(rows), share)
-        order = np.random.default_rng(derive_seed(c.seed, 0, cid, 3)).permutation(len(rows))[:take]
+        order = rng(c.seed, "init-sample", cid).permutation(len(rows))[:take]
         batches += [rows.batch(order[i : i + c.adapters.init_batch_size]) for i in range(0, take, c.adapters.init_batch_size)]
     layer_names = [f"{name}.base_layer" for name in adapted_layers(model)]
     grads = {n.removesuffix(".base_layer"): g for n, g in accumulate_gradients(model, layer_names, batches).items()}
@@ -73,8 +72,8 @@ def run_reference(config, rounds: int) -> dict:
 
     def train_client(local, params, round_idx: int, cid: int) -> None:
         optimizer = torch.optim.AdamW(list(params.values()), lr=c.train.lr, weight_decay=c.train.weight_decay)
-        torch.manual_seed(derive_seed(c.seed, round_idx, cid))
-        data = clients[cid].batches(c.train.batch_size, derive_seed(c.seed, round_idx, cid, 1))
+        torch.manual_seed(derive_seed(c.seed, "training", round_idx, cid))
+        data = clients[cid].batches(c.train.batch_size, derive_seed(c.seed, "batches", round_idx, cid))
         local.train()
         for _ in range(c.train.local_steps):
             loss = local(**next(data)).loss
@@ -92,7 +91,7 @@ def run_reference(config, rounds: int) -> dict:
     round_s, train_s, copy_s = [], [], []
     for round_idx in range(rounds):
         round_start = time.perf_counter()
-        sampled = sorted(np.random.default_rng(derive_seed(c.seed, round_idx, 1)).choice(
+        sampled = sorted(rng(c.seed, "sampling", round_idx).choice(
             c.clients.count, size=c.clients.per_round, replace=False).tolist())
         uploads, sizes, round_train, round_copy = [], [], 0.0, 0.0
         for cid in sampled:

@@ -201,14 +201,33 @@ def _parse_methods(text: str, valid: tuple[str, ...]) -> list[str]:
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
     _add_config_arguments(parser)
+    parser.add_argument("--list", action="store_true", help="list every setting: key, type, default, valid values, help")
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from fedsim.config import config_from_dict, config_to_yaml
+    from fedsim.config import config_from_dict, config_to_yaml, describe_settings
 
+    if args.list:
+        rows = describe_settings()
+        widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in ("key", "type", "default", "valid")}
+        for row in [{"key": "key", "type": "type", "default": "default", "valid": "valid", "help": "help"}, *rows]:
+            print("  ".join(row[k].ljust(w) for k, w in widths.items()) + "  " + row["help"])
+        return 0
     config_path, overrides = _split_items(args.items)
     config = config_from_dict(_read_config_dict(config_path, overrides))
     sys.stdout.write(config_to_yaml(config))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# fedsim methods
+# ---------------------------------------------------------------------------------------------
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from fedsim.methods import methods_table
+
+    print(methods_table())
     return 0
 
 
@@ -231,11 +250,10 @@ def _add_comm(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head", action="store_true", help="count the classification head (method.train_head) both ways")
     parser.add_argument("--labels", type=int, metavar="N", help="classes of the head (default: the config's, else 2)")
     parser.add_argument("--task", default="classification", help="classification (default) or causal-lm (names of the layers)")
-    parser.add_argument("--fedex-down", default="residual", help="fedex-lora's broadcast: residual (as the runtime sends it, "
-                        "default) or adapters (c·Σr(d+k), as the papers count it)")
-    parser.add_argument("--switch-round", type=int, default=3, help="fra-then-ffa: first FFA round (default 3)")
-    parser.add_argument("--adapter", default="lora-sb", help="central: lora-sb (default) or lora")
     parser.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
+    parser.add_argument("settings", nargs="*", metavar="method.KEY=VALUE",
+                        help="method settings, as in a config: method.switch_round=2 method.adapter=lora "
+                        "method.fedex_downlink=stacked (fedex-lora shows its residual and stacked downlinks unless set)")
 
 
 def _cmd_comm(args: argparse.Namespace) -> int:
@@ -249,13 +267,31 @@ def _cmd_comm(args: argparse.Namespace) -> int:
     rows = comm_table(
         args.model, args.method, parse_ints(args.rank, "--rank"), parse_ints(args.clients, "--clients"),
         target_modules=targets, rounds=args.rounds, task=args.task, head=args.head, num_labels=args.labels,
-        dtype=args.dtype, switch_round=args.switch_round, adapter=args.adapter, fedex_down=args.fedex_down,
+        dtype=args.dtype, **_method_settings(args.settings),
     )
     if args.json:
         print(json.dumps([row.as_dict() for row in rows], indent=1))
     else:
         print(format_table(rows))
     return 0
+
+
+def _method_settings(items: list[str]) -> dict:
+    """``method.KEY=VALUE`` items as MethodConfig keyword arguments, checked as a config's method section is."""
+    from fedsim.config import parse_override
+
+    settings = {}
+    for item in items:
+        key, value = parse_override(item)
+        section, _, name = key.rpartition(".")
+        if section != "method" or name in ("name", "rank"):
+            raise UsageError(f"{key}: fedsim comm takes method.* settings here (method.name and method.rank are "
+                             "--method and --rank); e.g. method.switch_round=2")
+        settings[name] = value
+    from fedsim.config import config_from_dict
+
+    config_from_dict({"method": settings})  # an unknown key or a bad value: one line naming it
+    return settings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,6 +468,12 @@ COMMANDS: dict[str, Command] = {
         add_arguments=_add_config,
         handler=_cmd_config,
     ),
+    "methods": Command(
+        help="the registered methods as a Markdown table (what a client trains, the aggregate, exactness, paper)",
+        description="Print every registered method (fedsim.methods) as the Markdown table README.md shows.",
+        add_arguments=lambda parser: None,
+        handler=_cmd_methods,
+    ),
     "comm": Command(
         help="communication cost per client and round of every method, from a model's shapes (analytic)",
         description=(
@@ -439,7 +481,8 @@ COMMANDS: dict[str, Command] = {
             "totals, from a model's architecture (a preset, an HF config.json or a model folder; no weights).\n\n"
             "examples:\n"
             "  fedsim comm --model llama-3.2-3b --method all --rank 32,120 --clients 10,100,1000\n"
-            "  fedsim comm --model bert-base --targets query,value --method fed-sb,fedit --rank 16 --json"
+            "  fedsim comm --model bert-base --targets query,value --method fed-sb,fedit --rank 16 --json\n"
+            "  fedsim comm --model mistral-7b --method fedex-lora --rank 32 --clients 25   # residual and stacked downlinks"
         ),
         add_arguments=_add_comm,
         handler=_cmd_comm,

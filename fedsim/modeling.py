@@ -9,6 +9,7 @@ from torch import nn
 
 from fedsim.config import Config, resolve_model_path
 from fedsim.errors import UsageError
+from fedsim.seeds import derive_seed
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,7 +38,7 @@ def load_model(config: Config, num_labels: int, device: str = "cpu") -> nn.Modul
     """The base model: for classification with its new head seeded by ``config.seed`` (so every worker
     builds the same one); for ``causal-lm`` the LM as pretrained (no new head; ``num_labels`` unused)."""
     path = resolve_model_path(config.model.name)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(derive_seed(config.seed, "head-init"))
     causal = config.model.task == "causal-lm"
     kwargs = {} if causal else {"num_labels": num_labels, "ignore_mismatched_sizes": True}
     try:

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fedsim.errors import UsageError
+from fedsim.seeds import rng
 from fedsim.storage import Location
 
 PARTITION_SCHEMES = ("iid", "dirichlet", "imbalanced")
@@ -264,12 +265,12 @@ def hold_out_per_client(client_ids: np.ndarray, share: float, seed: int = 0) -> 
     held_out = np.zeros(len(client_ids), dtype=bool)
     if share <= 0:
         return held_out
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xE7A1]))
+    generator = rng(seed, "held-out")
     for client_id in np.unique(client_ids):
         rows = np.flatnonzero(client_ids == client_id)
         count = min(len(rows) - 1, max(1, round(share * len(rows))))
         if count > 0:
-            held_out[rng.choice(rows, size=count, replace=False)] = True
+            held_out[generator.choice(rows, size=count, replace=False)] = True
     return held_out
 
 
@@ -280,5 +281,4 @@ def assign_ranks(ranks: list[int], num_clients: int, full_rank: int, seed: int =
         return np.full(num_clients, full_rank, dtype=np.int64)
     if len(ranks) == num_clients:
         return np.asarray(ranks, dtype=np.int64)
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5A4E]))
-    return np.asarray(ranks, dtype=np.int64)[rng.integers(0, len(ranks), size=num_clients)]
+    return np.asarray(ranks, dtype=np.int64)[rng(seed, "ranks").integers(0, len(ranks), size=num_clients)]

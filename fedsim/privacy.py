@@ -29,6 +29,55 @@ from torch import nn
 History = list[tuple[float, float, int]]  # (noise multiplier σ, sample rate q, steps)
 
 
+# -- the run's privacy plan: who pays for the init, what σ every client trains with --------------------
+
+
+def init_spends_privacy(config, needs_init_gradients: bool, client_id: int) -> bool:
+    """Whether the LoRA-SB initialisation read this client's records under DP (and so spent its privacy)."""
+    uses_client = config.adapters.init_data == "pooled" or (config.adapters.init_data == "client" and client_id == 0)
+    return config.privacy.enabled and needs_init_gradients and uses_client
+
+
+def privacy_history(config, needs_init_gradients: bool, client_id: int, rows: list[dict]) -> History:
+    """A client's DP mechanisms so far: the private init (if it read the client's data) and every round it trained in
+    (its result rows: ``noise_multiplier``, ``sample_rate``, ``steps``)."""
+    history = []
+    if init_spends_privacy(config, needs_init_gradients, client_id):
+        history.append((config.privacy.init_noise_multiplier, 1.0, 1))
+    history += [(row["noise_multiplier"], row["sample_rate"], row["steps"]) for row in rows if row["steps"] > 0]
+    return history
+
+
+def check_private_init(config, needs_init_gradients: bool) -> None:
+    """A private run whose LoRA-SB init would read client data without counting it is refused."""
+    from fedsim.errors import UsageError
+
+    p, a = config.privacy, config.adapters
+    if p.enabled and needs_init_gradients and a.init_data != "public" and p.init_noise_multiplier is None:
+        raise UsageError(f"privacy.init_noise_multiplier: LoRA-SB's initialisation reads client data (adapters.init_data={a.init_data}); "
+                         "set adapters.init_data=public, or a privacy.init_noise_multiplier so that it is computed privately and counted")
+
+
+def plan_noise_multiplier(config, needs_init_gradients: bool, client_sizes: list[int]) -> float | None:
+    """DP-SGD's σ for every client: ``privacy.noise_multiplier``, or calibrated so that the smallest client (the
+    largest sampling rate) spends at most ``privacy.epsilon`` if it took part in every round — after the cost of a
+    private LoRA-SB init where that read client data. Every other client then spends less. None without DP."""
+    from fedsim.errors import UsageError
+
+    p, c = config.privacy, config
+    if not p.enabled:
+        return None
+    if p.noise_multiplier is not None:
+        return p.noise_multiplier
+    sample_rate = min(1.0, c.train.batch_size / max(1, min(client_sizes)))
+    spends = any(init_spends_privacy(c, needs_init_gradients, cid) for cid in range(c.clients.count))
+    spent = [(p.init_noise_multiplier, 1.0, 1)] if spends else []
+    try:
+        return calibrate_noise(p.epsilon, p.delta, sample_rate, c.train.rounds * c.train.local_steps, p.accountant, spent)
+    except ValueError as error:
+        raise UsageError(f"privacy.init_noise_multiplier: {error}; raise it or use adapters.init_data=public") from None
+
+
 @dataclass(frozen=True)
 class PrivacySettings:
     """One client's DP-SGD parameters for its local steps."""

@@ -41,7 +41,7 @@ def error_of(overrides, path=None):
 
 def test_defaults_load_and_match_the_dataclasses():
     cfg = load_config(None, [])
-    assert cfg == Config()  # default.yaml and the dataclass defaults agree
+    assert cfg == Config()  # the defaults survive the trip through a dict
     assert cfg.method.name == "fed-sb"
     assert cfg.model.name == "minilm"
     assert cfg.model.target_modules == ["query", "value"]
@@ -51,17 +51,39 @@ def test_defaults_load_and_match_the_dataclasses():
     assert cfg.workload.options == {}
 
 
-def test_default_yaml_has_exactly_the_schema_keys():
-    def leaves(d, prefix=""):
-        out = []
-        for k, v in d.items():
-            if isinstance(v, dict) and k != "options":
-                out += leaves(v, f"{prefix}{k}.")
-            else:
-                out.append(prefix + k)
-        return out
+def test_every_setting_is_defined_once_with_its_help_and_rule():
+    """Each leaf key's type, default, help and valid values come from its one field: `fedsim config --list` shows them."""
+    from fedsim.config import describe_settings
 
-    assert leaves(default_config_dict()) == field_paths()
+    rows = describe_settings()
+    assert [row["key"] for row in rows] == field_paths()
+    assert all(row["help"].strip() and row["type"] for row in rows)
+    assert {row["key"]: row["valid"] for row in rows}["clients.dropout"] == "in [0, 1)"
+    assert "fed-sb | fedit" in {row["key"]: row["valid"] for row in rows}["method.name"]
+
+
+def test_resolved_yaml_carries_each_setting_help_and_round_trips():
+    cfg = load_config(None, ["method.rank=8", "workload.options={text_column: body}"])
+    text = config_to_yaml(cfg)
+    assert "  rank: 8" in text and "# adapter rank r" in text
+    assert config_from_dict(yaml.safe_load(text)) == cfg
+    assert len([line for line in text.splitlines() if "  # " in line]) == len(field_paths()) + 9  # and the 9 sections
+
+
+def test_a_section_checks_itself_when_built_directly():
+    from fedsim.config import ClientsConfig, TrainConfig
+
+    with pytest.raises(UsageError, match=r"^train.lr: must be > 0, got 0$"):
+        TrainConfig(lr=0)
+    with pytest.raises(UsageError, match="clients.partition: unknown 'x'"):
+        ClientsConfig(partition="x")
+    with pytest.raises(UsageError, match="method.rank: expected an integer"):
+        MethodConfig(rank="8")
+
+
+def test_privacy_settings_without_privacy_enabled_are_refused():
+    for key in ("privacy.epsilon=3", "privacy.noise_multiplier=1.0", "privacy.init_noise_multiplier=2"):
+        assert error_of([key]).startswith("privacy.enabled: is false, so " + key.split("=")[0])
 
 
 def test_default_is_a_fresh_copy():
@@ -296,7 +318,8 @@ def test_save_load_round_trip(tmp_path):
 def test_yaml_output_is_readable():
     text = config_to_yaml(Config())
     assert "target_modules: [query, value]" in text
-    assert "train:\n  rounds: 5\n" in text
+    assert "\ntrain:" in text and "\n  rounds: 5 " in text
+    assert "train:\n  rounds: 5\n" in config_to_yaml(Config(), comments=False)
 
 
 def test_dataclasses_are_plain():

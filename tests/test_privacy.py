@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
-from tiny_models import BERT_TARGETS, tiny_bert
+from tiny_models import BERT_TARGETS, tiny_bert, make_method
 
 from fedsim.adapters import adapted_layers
-from fedsim.methods import MethodSettings, build_method
 from fedsim.privacy import PrivacySettings, PrivateStep, calibrate_noise, epsilon_spent, poisson_batches, private_gradient_sum
 
 C = 0.05  # small enough that real per-sample gradients get clipped
@@ -32,7 +31,7 @@ def real_batch():
 
 def fed_sb_model():
     model = tiny_bert()
-    method = build_method("fed-sb", MethodSettings(rank=4))
+    method = make_method("fed-sb", rank=4)
     method.prepare(model, BERT_TARGETS)
     generator = torch.Generator().manual_seed(0)
     for layer in adapted_layers(model).values():  # a non-trivial adapter, so R has real gradients

@@ -61,3 +61,12 @@ def tiny_bert_with_tokenizer(path) -> None:
     )
     BertForSequenceClassification(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
+
+
+def make_method(name: str, *, weights: str = "samples", rank_aggregation: str = "zero-pad", seed: int = 0, **method):
+    """A method as the runtime builds it: ``method`` keys (rank, alpha, train_head, …) form the ``method`` section;
+    ``weights`` and ``rank_aggregation`` the ``clients`` section's keys of those names; ``seed`` the run seed."""
+    from fedsim.config import ClientsConfig, MethodConfig
+    from fedsim.methods import build_method
+
+    return build_method(MethodConfig(name=name, **method), ClientsConfig(weights=weights, rank_aggregation=rank_aggregation), seed)

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from fedsim.errors import UsageError
+from fedsim.seeds import derive_seed
 from workloads.base import CLASSIFICATION_SCHEMA, INSTRUCTION_SCHEMA, Workload, classification_table, instruction_table
 from workloads.classification import load_bbc_news, load_mnli, load_snli, load_sst2, load_text_file, option_field
 from workloads.instruction import load_commonsense, load_gsm8k, load_math, load_metamathqa
@@ -92,8 +93,8 @@ def load_workload(
                 f"{option_field(key)}: not an option of {name}; valid: {', '.join(valid) if valid else '(none besides path)'}"
             )
     workload = loader(path, **options)
-    train = limit_rows(workload.train, train_limit, seed=[int(seed), 0])
-    eval_ = limit_rows(workload.eval, eval_limit, seed=[int(seed), 1])
+    train = limit_rows(workload.train, train_limit, seed=derive_seed(seed, "train-limit"))
+    eval_ = limit_rows(workload.eval, eval_limit, seed=derive_seed(seed, "eval-limit"))
     if train_limit is not None or eval_limit is not None:
         workload.info.update(train_limit=train_limit, eval_limit=eval_limit, limit_seed=int(seed))
     workload.train, workload.eval = train, eval_

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from fedsim.errors import UsageError
+from fedsim.seeds import rng
 from workloads.base import Workload, classification_table
 
 SNLI_LABELS = ["entailment", "neutral", "contradiction"]
@@ -39,15 +40,15 @@ TEXT_FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 def stratified_split(labels: np.ndarray, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded stratified split: (train_index, eval_index), each sorted ascending.
 
-    For every label, its examples are shuffled with `default_rng(seed)` and `round(eval_fraction * n)`
+    For every label, its examples are shuffled with the `eval-split` stream of `seed` (fedsim.seeds) and `round(eval_fraction * n)`
     of them go to eval (at least one when the label has two or more examples and eval_fraction > 0).
     """
     labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
+    generator = rng(seed, "eval-split")
     eval_parts = []
     for label in np.unique(labels):
         index = np.flatnonzero(labels == label)
-        index = index[rng.permutation(len(index))]
+        index = index[generator.permutation(len(index))]
         n_eval = int(round(eval_fraction * len(index)))
         if eval_fraction > 0 and n_eval == 0 and len(index) >= 2:
             n_eval = 1

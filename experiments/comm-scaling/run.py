@@ -36,9 +36,9 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from analysis.comm import broadcast_items, bytes_of, predict_run, run_shapes, state_items, upload_items  # noqa: E402
+from analysis.comm import MessageReplay, predict_run, run_shapes  # noqa: E402
 from common import bytes_config, local_ray, machine_info, read_run, sst2_available  # noqa: E402  (bench/common.py)
-from fedsim.methods import METHOD_NAMES as METHODS  # noqa: E402
+from fedsim.methods import METHODS, nbytes  # noqa: E402
 
 QUANTITIES = ("up", "down_first", "down_returning")
 
@@ -47,11 +47,13 @@ def mean_of(clients, round_idx, key):
     return statistics.fmean(c[key] for c in clients if c["round"] == round_idx and c["status"] == "ok")
 
 
-def analytic(shapes, spec, aggregated):
-    """Per client: upload in round 1, the whole state at first contact, round 0's broadcast of `aggregated` clients."""
-    return {"up": bytes_of(upload_items(shapes, spec, 1)),
-            "down_first": bytes_of(state_items(shapes, spec, folded=False)),
-            "down_returning": bytes_of(broadcast_items(shapes, spec, 0, aggregated))}
+def analytic(shapes, method, aggregated):
+    """Per client: upload in round 1, the whole state at first contact, round 0's broadcast of `aggregated` clients
+    (the method's own messages on meta tensors: analysis.comm.MessageReplay)."""
+    replay = MessageReplay(method, shapes)
+    first = nbytes(replay.down(0, method.rank, 0))
+    replay.aggregate(0, {cid: method.rank for cid in range(aggregated)})
+    return {"up": nbytes(replay.up(1, method.rank)), "down_first": first, "down_returning": nbytes(replay.down(0, method.rank, 1))}
 
 
 def measure(method, count, scratch):

@@ -1,29 +1,56 @@
-"""Aggregation methods, one file each, behind the interface of ``fedsim.methods.base.Method``.
+"""Aggregation methods, one file each, behind the interface of ``fedsim.methods.base.Method``, and their registry.
 
-``build_method(name, settings)`` is the registry; the runtime never asks which method it runs.
+A method is one class in one file, registered with ``@register``; that makes it a valid ``method.name``,
+runnable, counted by ``fedsim comm`` (which runs the method's own upload and aggregate on meta tensors),
+listed in reports and in the README's method table (``fedsim methods``). The runtime never asks which
+method it runs.
 """
 
-from fedsim.errors import UsageError
-from fedsim.methods.base import Method, MethodSettings, RoundResult, State, Upload, nbytes
-from fedsim.methods.central import Central
-from fedsim.methods.fed_sb import FedSB
-from fedsim.methods.fedex_lora import FedExLoRA
-from fedsim.methods.fedit import FedIT
-from fedsim.methods.ffa_lora import FFALoRA
-from fedsim.methods.flora import FLoRA
-from fedsim.methods.fra_lora import FRALoRA
-from fedsim.methods.fra_then_ffa import FRAThenFFA
+from __future__ import annotations
 
-METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (FedSB, FedIT, FedExLoRA, FFALoRA, FLoRA, FRALoRA, FRAThenFFA, Central)
-}
-METHOD_NAMES = tuple(METHODS)
+from fedsim.config import ClientsConfig, MethodConfig
+from fedsim.methods.base import About, Method, RoundResult, State, Upload, nbytes
+
+METHODS: dict[str, type[Method]] = {}
 
 
-def build_method(name: str, settings: MethodSettings) -> Method:
-    if name not in METHODS:
-        raise UsageError(f"method.name: unknown method '{name}'; valid: {', '.join(METHOD_NAMES)}")
-    return METHODS[name](settings)
+def register(name: str, paper: str = "", **about: str):
+    """A class decorator: the method class under ``name`` in the registry, with its paper's link and its ``About``
+    (``trains``, ``rule``, ``exact``: what the README's table says of it).
+
+        @register("fed-sb", paper="https://arxiv.org/abs/2502.15436", trains="R (r×r); B, A frozen", rule="`R = Σ w_i R_i`")
+        class FedSB(Method): ...
+    """
+
+    def add(cls: type[Method]) -> type[Method]:
+        cls.name, cls.paper, cls.about = name, paper, About(**about)
+        METHODS[name] = cls
+        return cls
+
+    return add
 
 
-__all__ = ["METHODS", "METHOD_NAMES", "Method", "MethodSettings", "RoundResult", "State", "Upload", "build_method", "nbytes"]
+def method_names() -> tuple[str, ...]:
+    """Every registered method's name, in registration order."""
+    return tuple(METHODS)
+
+
+def build_method(config: MethodConfig, clients: ClientsConfig | None = None, seed: int = 0) -> Method:
+    """The method named by ``config.name`` (the ``method`` section), with ``clients.weights``,
+    ``clients.rank_aggregation`` and the run seed. ``config`` was validated when it was built."""
+    return METHODS[config.name](config, clients, seed)
+
+
+def methods_table() -> str:
+    """Every registered method as a Markdown table (README.md's method table is this, ``fedsim methods``)."""
+    lines = ["| `method.name` | client trains | server aggregate | exact? | paper |", "|---|---|---|---|---|"]
+    for name, cls in METHODS.items():
+        paper = f"[{cls.paper.rsplit('/', 1)[-1]}]({cls.paper})" if cls.paper else "reference"
+        lines.append(f"| `{name}` | {cls.about.trains} | {cls.about.rule} | {cls.about.exact} | {paper} |")
+    return "\n".join(lines)
+
+
+# The built-in methods register themselves on import.
+from fedsim.methods import fed_sb, fedit, fedex_lora, ffa_lora, flora, fra_lora, fra_then_ffa, central  # noqa: E402,F401,I001
+
+__all__ = ["METHODS", "Method", "RoundResult", "State", "Upload", "build_method", "method_names", "methods_table", "nbytes", "register"]

@@ -26,26 +26,14 @@ from torch import nn
 from fedsim.adapters.layers import adapted_layers, adapter_product, leading_block, set_rank
 from fedsim.adapters.lora_sb import inject_lora_sb, target_linear_names
 from fedsim.adapters.init import lora_sb_factors
+from fedsim.config import ClientsConfig, MethodConfig
 from fedsim.errors import UsageError
+from fedsim.seeds import torch_generator
+from fedsim.shapes import ModelShapes
 
 State = dict[str, torch.Tensor]
-ADAPTER_KINDS = ("lora_A", "lora_B", "lora_R")
 HEAD_PREFIX = "head:"
 HEAD_MODULE_NAMES = ("classifier", "score")
-
-
-@dataclass(frozen=True)
-class MethodSettings:
-    """What a method needs from the config (``method.*`` and ``clients.weights``)."""
-
-    rank: int = 4
-    alpha: float | None = None  # LoRA alpha; None means alpha = rank (scaling 1)
-    train_head: bool = True  # train the classification head and average it (the Fed-SB paper does)
-    switch_round: int = 3  # fra-then-ffa: rounds < switch_round use FRA, the rest FFA
-    adapter: str = "lora-sb"  # central: "lora-sb" or "lora"
-    weights: str = "samples"  # "samples" (w_i ∝ n_i) or "uniform" (w_i = 1/c)
-    seed: int = 0
-    rank_aggregation: str = "zero-pad"  # rank-heterogeneous clients: "zero-pad" or "partitioned" (DESIGN.md)
 
 
 @dataclass
@@ -82,8 +70,10 @@ def layer_names_of(state: State) -> list[str]:
 
 
 def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """``Σ w_i t_i``, accumulated in float64 in the order given, returned in the inputs' dtype."""
-    total = torch.zeros(tensors[0].shape, dtype=torch.float64)
+    """``Σ w_i t_i``, accumulated in float64 in the order given (on the inputs' device), returned in the inputs' dtype."""
+    if tensors[0].is_meta:  # counting bytes (analysis.comm): the shape is all there is, and meta arithmetic is slow
+        return torch.empty_like(tensors[0])
+    total = torch.zeros(tensors[0].shape, dtype=torch.float64, device=tensors[0].device)
     for tensor, weight in zip(tensors, weights):
         total += weight * tensor.to(torch.float64)
     return total.to(tensors[0].dtype)
@@ -113,27 +103,45 @@ def kaiming_uniform_A(rank: int, in_features: int, generator: torch.Generator) -
     return (torch.rand(rank, in_features, generator=generator, dtype=torch.float64) * 2 - 1) * bound
 
 
+@dataclass(frozen=True)
+class About:
+    """A method in words, for people: ``fedsim methods``, the README's table, reports."""
+
+    trains: str = "A, B"  # what a client trains
+    rule: str = "FedAvg of the trained tensors"  # the server's aggregate
+    exact: str = "yes"  # "yes", or "no (…)": whether the clients' next model holds exactly Σ w_i B_i A_i
+
+
 class Method:
-    """Base class; one subclass a file in ``fedsim.methods``."""
+    """Base class; one subclass a file in ``fedsim.methods``, registered with ``@fedsim.methods.register``.
+
+    The class attributes below describe the method for people (``fedsim methods``, the README's table,
+    reports); what it sends is not described but computed, by running its own code on meta tensors
+    (``meta_state``, ``meta_upload``, ``aggregate``, ``downlink``: see ``analysis.comm``).
+    """
 
     name: str = ""
-    paper: str = ""
+    paper: str = ""  # the paper's link
+    about: About = About()
     adapter: str = "lora"  # which injector: "lora" (PEFT) or "lora-sb" (fedsim.adapters.lora_sb)
     num_clients: int | None = None  # set where the method fixes the client count (central)
+    comm_variants: tuple[dict, ...] = ({},)  # method.* settings that `fedsim comm` shows a row each for by default
 
-    def __init__(self, settings: MethodSettings):
-        if settings.rank <= 0:
-            raise UsageError(f"method.rank: must be a positive integer, got {settings.rank}")
-        self.settings = settings
-        self.rank = settings.rank
+    def __init__(self, config: MethodConfig, clients: ClientsConfig | None = None, seed: int = 0):
+        """``config``: the ``method`` section; ``clients``: for ``clients.weights`` and ``clients.rank_aggregation``;
+        ``seed``: the run seed (LoRA's A initialisation, FLoRA's redraws)."""
+        self.config = config
+        self.clients = clients if clients is not None else ClientsConfig()
+        self.seed = seed
+        self.rank = config.rank
 
     # -- 1. set up the adapters -------------------------------------------------------------
     @property
     def scaling(self) -> float:
         """The adapter product's factor: 1 for LoRA-SB; alpha/r for LoRA."""
-        if self.adapter == "lora-sb" or self.settings.alpha is None:
+        if self.adapter == "lora-sb" or self.config.alpha is None:
             return 1.0
-        return self.settings.alpha / self.rank
+        return self.config.alpha / self.rank
 
     @property
     def needs_init_gradients(self) -> bool:
@@ -154,7 +162,7 @@ class Method:
 
             config = LoraConfig(
                 r=self.rank,
-                lora_alpha=self.settings.alpha if self.settings.alpha is not None else self.rank,
+                lora_alpha=self.config.alpha if self.config.alpha is not None else self.rank,
                 target_modules=names,
                 lora_dropout=0.0,
                 bias="none",
@@ -167,11 +175,11 @@ class Method:
     def init_state(self, model: nn.Module, grad_sums: dict[str, torch.Tensor] | None = None, init_lr: float = 1e-3) -> State:
         """The round-0 global state for a prepared ``model``.
 
-        LoRA: A from LoRA's Kaiming-uniform initialisation (seeded by ``settings.seed``), B = 0.
+        LoRA: A from LoRA's Kaiming-uniform initialisation (seeded by the run seed), B = 0.
         LoRA-SB: B, R, A from the update approximation of ``grad_sums`` (``fedsim.adapters.init``).
         """
         state: State = {}
-        generator = torch.Generator().manual_seed(self.settings.seed)
+        generator = torch_generator(self.seed, "lora-init")
         for name, layer in adapted_layers(model).items():
             dtype = layer.base.weight.dtype
             if self.adapter == "lora-sb":
@@ -184,7 +192,7 @@ class Method:
                 B = torch.zeros(layer.base.out_features, self.rank, dtype=torch.float64)
             state[state_key(name, "lora_A")] = A.to(dtype).contiguous()
             state[state_key(name, "lora_B")] = B.to(dtype).contiguous()
-        if self.settings.train_head:
+        if self.config.train_head:
             for name, param in head_parameters(model).items():
                 state[HEAD_PREFIX + name] = param.detach().to("cpu", copy=True)
         return state
@@ -202,7 +210,7 @@ class Method:
         for name, layer in adapted_layers(model).items():
             for kind in kinds:
                 params[state_key(name, kind)] = layer.module(kind).weight
-        if self.settings.train_head:
+        if self.config.train_head:
             for name, param in head_parameters(model).items():
                 params[HEAD_PREFIX + name] = param
         for param in params.values():
@@ -242,10 +250,49 @@ class Method:
         """Client side: the global state after applying the server's broadcast to the previous one."""
         return {**state, **broadcast}
 
+    def downlink(self, message: State, rank: int) -> State:
+        """What a returning client of adapter rank ``rank`` receives of a broadcast (or, at its first round, of the
+        whole state). Default: all of it."""
+        return message
+
+    def steady_round(self) -> int:
+        """The first round whose messages are those of every later round (what `fedsim comm` shows per round)."""
+        return 1
+
+    # -- the same messages without a model: meta tensors of a model's shapes --------------------
+    def meta_state(self, shapes: ModelShapes) -> State:
+        """The round-0 global state as meta tensors (shapes and dtypes, no data): what ``init_state`` builds for
+        a model of these shapes. Run through ``meta_upload``, ``aggregate`` and ``downlink``, it gives the bytes
+        each message takes, from the method's own code (``analysis.comm``)."""
+        meta = {"device": "meta", "dtype": shapes.torch_dtype}
+        state: State = {}
+        for layer in shapes.layers:
+            d, k, r = layer.out_features, layer.in_features, self.rank
+            if self.adapter == "lora-sb":
+                state[state_key(layer.name, "lora_R")] = torch.empty(r, r, **meta)
+            state[state_key(layer.name, "lora_A")] = torch.empty(r, k, **meta)
+            state[state_key(layer.name, "lora_B")] = torch.empty(d, r, **meta)
+        if self.config.train_head:
+            state.update({HEAD_PREFIX + name: torch.empty(shape, **meta) for name, shape in shapes.head})
+        return state
+
+    def meta_upload(self, state: State, round_idx: int, rank: int | None = None) -> State:
+        """A client's upload, as ``upload`` builds it from a model at rank ``rank``, built from a (meta) state."""
+        rank = rank or self.rank
+        kinds = self.trained_kinds(round_idx)
+        upload = {}
+        for key, value in state.items():
+            kind = key.rsplit(".", 1)[-1]
+            if key.startswith(HEAD_PREFIX):
+                upload[key] = value
+            elif kind in kinds:
+                upload[key] = leading_block(value, rank_shape(kind, value.shape, rank))
+        return upload
+
     # -- 4. aggregate -------------------------------------------------------------------------
     def client_weights(self, uploads: Sequence[Upload]) -> list[float]:
         """``w_i``: by sample count (``n_i / Σ n``) or uniform (``1/c``), in the order of ``uploads``."""
-        if self.settings.weights == "uniform":
+        if self.clients.weights == "uniform":
             return [1.0 / len(uploads)] * len(uploads)
         total = sum(u.num_samples for u in uploads)
         return [u.num_samples / total for u in uploads]
@@ -266,12 +313,14 @@ class Method:
     def average(self, state: State, uploads: Sequence[Upload], weights: Sequence[float]) -> State:
         """``Σ w_i t_i`` for every uploaded tensor. Lower-rank clients' blocks are zero-padded to the global
         shape; ``partitioned`` divides each entry by the weight of the clients that trained it instead."""
+        if uploads[0].tensors and next(iter(uploads[0].tensors.values())).is_meta:  # counting bytes: shapes only
+            return {key: torch.empty_like(state.get(key, value)) for key, value in uploads[0].tensors.items()}
         averaged = {}
         for key in uploads[0].tensors:
             shape = state[key].shape if key in state else uploads[0].tensors[key].shape
             tensors = [pad_to(u.tensors[key], shape) for u in uploads]
             partial = any(u.tensors[key].shape != shape for u in uploads)
-            if self.settings.rank_aggregation == "partitioned" and partial:
+            if self.clients.rank_aggregation == "partitioned" and partial:
                 total = weighted_mean([t.to(torch.float64) for t in tensors], weights)
                 coverage = weighted_mean([pad_to(torch.ones(u.tensors[key].shape, dtype=torch.float64), shape) for u in uploads], weights)
                 untrained = state[key].to(torch.float64)  # entries no client trained keep their value
@@ -290,8 +339,7 @@ class Method:
             tensor = upload.tensors.get(key, state.get(key))
             if tensor is None:
                 return None
-            block = {"lora_A": (rank, tensor.shape[1]), "lora_B": (tensor.shape[0], rank), "lora_R": (rank, rank)}[kind]
-            return leading_block(tensor, block).to(torch.float64)
+            return leading_block(tensor, rank_shape(kind, tensor.shape, rank)).to(torch.float64)
 
         return get("lora_B"), get("lora_R"), get("lora_A")
 
@@ -301,6 +349,9 @@ class Method:
         Where every client shares the outer factors (Fed-SB: B and A; FFA: A) and the rank, the sum is
         taken inside first — one d×k product a layer instead of one a client.
         """
+        if state[state_key(layer, "lora_A")].is_meta:  # counting bytes (analysis.comm): the shape is all there is
+            d, k = state[state_key(layer, "lora_B")].shape[0], state[state_key(layer, "lora_A")].shape[1]
+            return torch.empty(d, k, dtype=torch.float64, device="meta")
         factors = [self.client_factors(state, upload, layer) for upload in uploads]
         uploaded = {key.rsplit(".", 1)[1] for key in uploads[0].tensors if key.startswith(f"{layer}.")}
         same_rank = len({client_rank(u, layer, self.rank) for u in uploads}) == 1
@@ -339,7 +390,11 @@ class Method:
         weights: Sequence[float],
         ideal: dict[str, torch.Tensor] | None = None,
     ) -> RoundResult:
-        """Measure the aggregation error of ``new_state`` and package the round's result."""
+        """Measure the aggregation error of ``new_state`` and package the round's result (no error on meta tensors)."""
+        result = RoundResult(state=new_state, broadcast=broadcast, agg_error=float("nan"),
+                             weights={u.client_id: w for u, w in zip(uploads, weights)})
+        if any(t.is_meta for t in new_state.values()):
+            return result
         squared_error = squared_norm = 0.0
         layer_errors: dict[str, float] = {}
         for layer in layer_names_of(new_state):
@@ -349,14 +404,9 @@ class Method:
             layer_errors[layer] = error / norm if norm > 0 else 0.0
             squared_error += error**2
             squared_norm += norm**2
-        agg_error = math.sqrt(squared_error / squared_norm) if squared_norm > 0 else 0.0
-        return RoundResult(
-            state=new_state,
-            broadcast=broadcast,
-            agg_error=agg_error,
-            layer_errors=layer_errors,
-            weights={u.client_id: w for u, w in zip(uploads, weights)},
-        )
+        result.agg_error = math.sqrt(squared_error / squared_norm) if squared_norm > 0 else 0.0
+        result.layer_errors = layer_errors
+        return result
 
 
 def client_rank(upload: Upload, layer: str, full_rank: int) -> int:
@@ -369,6 +419,52 @@ def client_rank(upload: Upload, layer: str, full_rank: int) -> int:
     if state_key(layer, "lora_B") in tensors:
         return tensors[state_key(layer, "lora_B")].shape[1]
     return full_rank
+
+
+STACK_WEIGHTS, STACK_RANKS = "stack.weights", "stack.ranks"
+
+
+def stack_uploads(layers: Sequence[str], uploads: Sequence[Upload], weights: Sequence[float], full_rank: int) -> State:
+    """Every client's A and B of each layer stacked along the rank (A's rows, B's columns), with the clients'
+    weights (float64) and ranks: what FLoRA, and FedEx-LoRA's ``stacked`` downlink, send to every client."""
+    ranks = [client_rank(u, layers[0], full_rank) for u in uploads]
+    message: State = {STACK_WEIGHTS: torch.tensor(list(weights), dtype=torch.float64),
+                      STACK_RANKS: torch.tensor(ranks, dtype=torch.int64)}
+    for layer in layers:
+        A = [u.tensors[state_key(layer, "lora_A")] for u in uploads]
+        B = [u.tensors[state_key(layer, "lora_B")] for u in uploads]
+        if A[0].is_meta:  # counting bytes (analysis.comm): shapes only, and meta concatenation is slow
+            message[state_key(layer, "stack_A")] = A[0].new_empty(sum(a.shape[0] for a in A), A[0].shape[1])
+            message[state_key(layer, "stack_B")] = B[0].new_empty(B[0].shape[0], sum(b.shape[1] for b in B))
+        else:
+            message[state_key(layer, "stack_A")] = torch.cat(A, dim=0)
+            message[state_key(layer, "stack_B")] = torch.cat(B, dim=1)
+    return message
+
+
+def unstack(message: State) -> tuple[list[Upload], list[float]]:
+    """The clients' adapter uploads and weights back from a ``stack_uploads`` message (client ids 0..c-1, in order)."""
+    weights = message[STACK_WEIGHTS].tolist()
+    ranks = message[STACK_RANKS].tolist()
+    uploads = [Upload(i, 1, {}) for i in range(len(ranks))]
+    for key, value in message.items():
+        layer, _, kind = key.rpartition(".")
+        if kind in ("stack_A", "stack_B"):
+            parts = value.split(ranks, dim=0 if kind == "stack_A" else 1)
+            for upload, part in zip(uploads, parts):
+                upload.tensors[state_key(layer, "lora_" + kind[-1])] = part
+    return uploads, weights
+
+
+def rank_shape(kind: str, shape: torch.Size, rank: int) -> tuple[int, ...]:
+    """The shape of a rank-``rank`` client's block of an adapter tensor of ``kind`` (A: r×k, B: d×r, R: r×r)."""
+    if kind == "lora_A":
+        return (rank, shape[1])
+    if kind == "lora_B":
+        return (shape[0], rank)
+    if kind == "lora_R":
+        return (rank, rank)
+    return tuple(shape)
 
 
 def pad_to(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:

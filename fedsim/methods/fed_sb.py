@@ -7,12 +7,12 @@ B and A are frozen and shared (from the LoRA-SB initialisation), so ``Σ w_i B R
 averaging R is exact, and a client's message is r² numbers a layer whatever the number of clients.
 """
 
+from fedsim.methods import register
 from fedsim.methods.base import Method
 
 
+@register("fed-sb", paper="https://arxiv.org/abs/2502.15436", trains="R (r×r); B, A frozen", rule="`R = Σ w_i R_i`")
 class FedSB(Method):
-    name = "fed-sb"
-    paper = "https://arxiv.org/abs/2502.15436"
     adapter = "lora-sb"
 
     def trained_kinds(self, round_idx: int) -> tuple[str, ...]:

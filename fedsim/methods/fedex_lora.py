@@ -3,8 +3,12 @@
 Singhal, Ponkshe, Vepakomma, "FedEx-LoRA: Exact Aggregation for Federated and Efficient Fine-Tuning
 of Foundation Models", arXiv:2410.09432.
 
-What goes down each round is the averaged A and B and the residual (d×k a layer), which the client
-adds to its W0.
+What goes down each round (``method.fedex_downlink``):
+- ``residual``: the averaged A and B and the residual (d×k a layer, float32), which the client adds to W0;
+- ``stacked``: every aggregated client's A and B (c·Σ r(d+k), with their weights), from which a client
+  computes Ā, B̄ and the residual itself — the message the Fed-SB paper counts for FedEx-LoRA;
+- ``auto``: whichever of the two is smaller in that round (stacked wins while c·r(d+k) < d·k).
+Both give the client bit-for-bit the state the server keeps: one function (``fold``) computes it on both sides.
 """
 
 from collections.abc import Sequence
@@ -12,34 +16,31 @@ from collections.abc import Sequence
 import torch
 
 from fedsim.adapters.layers import adapter_product
-from fedsim.methods.base import Method, RoundResult, State, Upload, layer_names_of, state_key
+from fedsim.methods import register
+from fedsim.methods.base import (HEAD_PREFIX, Method, RoundResult, State, Upload, layer_names_of, nbytes, stack_uploads,
+                                 state_key, unstack)
 
 
+@register("fedex-lora", paper="https://arxiv.org/abs/2410.09432", rule="FedIT + residual `Σ w_i B_i A_i − B̄Ā` folded into W0")
 class FedExLoRA(Method):
-    name = "fedex-lora"
-    paper = "https://arxiv.org/abs/2410.09432"
+    comm_variants = ({"fedex_downlink": "residual"}, {"fedex_downlink": "stacked"})
 
     def aggregate(self, state: State, uploads: Sequence[Upload], round_idx: int) -> RoundResult:
         uploads, weights = self.ordered(uploads)
-        averaged = self.average(state, uploads, weights)
-        new_state = {**state, **averaged}
-        broadcast = dict(averaged)
-        ideal = {}
-        for layer in layer_names_of(state):
-            ideal[layer] = self.ideal_update(state, uploads, weights, layer)
-            mean_product = adapter_product(
-                averaged[state_key(layer, "lora_B")].to(torch.float64),
-                None,
-                averaged[state_key(layer, "lora_A")].to(torch.float64),
-                self.scaling,
-            )
-            residual = (ideal[layer] - mean_product).to(torch.float32)
-            delta_key = state_key(layer, "base_delta")
-            new_state[delta_key] = add_residual(state.get(delta_key), residual)
-            broadcast[state_key(layer, "residual")] = residual
+        new_state, averaged, residuals, ideal = self.fold(state, uploads, weights)
+        broadcast = {**averaged, **{state_key(layer, "residual"): residual for layer, residual in residuals.items()}}
+        if self.config.fedex_downlink != "residual":
+            head = {key: value for key, value in averaged.items() if key.startswith(HEAD_PREFIX)}
+            stacked = {**stack_uploads(layer_names_of(state), uploads, weights, self.rank), **head}
+            if self.config.fedex_downlink == "stacked" or nbytes(stacked) < nbytes(broadcast):
+                broadcast = stacked
         return self.finish(state, new_state, broadcast, uploads, weights, ideal)
 
     def receive(self, state: State, broadcast: State) -> State:
+        head = {key: value for key, value in broadcast.items() if key.startswith(HEAD_PREFIX)}
+        if any(key.endswith(".stack_A") for key in broadcast):  # stacked: the client computes the fold itself
+            uploads, weights = unstack(broadcast)
+            return {**self.fold(state, uploads, weights)[0], **head}
         new_state = dict(state)
         for key, value in broadcast.items():
             layer, kind = key.rsplit(".", 1)
@@ -49,6 +50,24 @@ class FedExLoRA(Method):
             else:
                 new_state[key] = value
         return new_state
+
+    def fold(self, state: State, uploads: Sequence[Upload], weights: Sequence[float]):
+        """(new state, the averaged tensors, each layer's residual (float32), each layer's ideal update (float64))."""
+        averaged = self.average(state, uploads, weights)
+        new_state = {**state, **averaged}
+        residuals, ideal = {}, {}
+        for layer in layer_names_of(state):
+            ideal[layer] = self.ideal_update(state, uploads, weights, layer)
+            mean_product = adapter_product(
+                averaged[state_key(layer, "lora_B")].to(torch.float64),
+                None,
+                averaged[state_key(layer, "lora_A")].to(torch.float64),
+                self.scaling,
+            )
+            residuals[layer] = (ideal[layer] - mean_product).to(torch.float32)
+            delta_key = state_key(layer, "base_delta")
+            new_state[delta_key] = add_residual(state.get(delta_key), residuals[layer])
+        return new_state, averaged, residuals, ideal
 
 
 def add_residual(base_delta: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:

@@ -4,9 +4,10 @@ Zhang et al., "Towards Building the Federated GPT: Federated Instruction Tuning"
 arXiv:2305.05644.
 """
 
+from fedsim.methods import register
 from fedsim.methods.base import Method
 
 
+@register("fedit", paper="https://arxiv.org/abs/2305.05644", rule="`A = Σ w_i A_i`, `B = Σ w_i B_i`", exact="no (error reported)")
 class FedIT(Method):
-    name = "fedit"
-    paper = "https://arxiv.org/abs/2305.05644"
+    """The base class's FedAvg of every trained tensor, applied to A and B; the error it leaves is measured."""

@@ -4,12 +4,11 @@ Sun, Li, Li, Ding, "Improving LoRA in Privacy-preserving Federated Learning", IC
 arXiv:2403.12313.
 """
 
+from fedsim.methods import register
 from fedsim.methods.base import Method
 
 
+@register("ffa-lora", paper="https://arxiv.org/abs/2403.12313", trains="B; A frozen random", rule="`B = Σ w_i B_i`")
 class FFALoRA(Method):
-    name = "ffa-lora"
-    paper = "https://arxiv.org/abs/2403.12313"
-
     def trained_kinds(self, round_idx: int) -> tuple[str, ...]:
         return ("lora_B",)

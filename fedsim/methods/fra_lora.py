@@ -12,13 +12,12 @@ from collections.abc import Sequence
 
 import torch
 
+from fedsim.methods import register
 from fedsim.methods.base import Method, RoundResult, State, Upload, layer_names_of, state_key
 
 
+@register("fra-lora", paper="https://arxiv.org/abs/2501.06332", rule="rank-r truncated SVD of `Σ w_i B_i A_i`", exact="no (truncation reported)")
 class FRALoRA(Method):
-    name = "fra-lora"
-    paper = "https://arxiv.org/abs/2501.06332"
-
     def aggregate(self, state: State, uploads: Sequence[Upload], round_idx: int) -> RoundResult:
         uploads, weights = self.ordered(uploads)
         averaged = self.average(state, uploads, weights)  # the head (and a baseline for the broadcast keys)

@@ -7,18 +7,20 @@ full-rank aggregation early, when the adapters move most, then the exact and che
 
 from collections.abc import Sequence
 
+from fedsim.methods import register
 from fedsim.methods.base import Method, RoundResult, State, Upload
 from fedsim.methods.fra_lora import FRALoRA
 
 
+@register("fra-then-ffa", paper="https://arxiv.org/abs/2501.06332", trains="A, B, then B", rule="FRA before `method.switch_round`, FFA after", exact="FFA rounds")
 class FRAThenFFA(FRALoRA):
-    name = "fra-then-ffa"
-    paper = "https://arxiv.org/abs/2501.06332"
-
     def trained_kinds(self, round_idx: int) -> tuple[str, ...]:
-        return ("lora_A", "lora_B") if round_idx < self.settings.switch_round else ("lora_B",)
+        return ("lora_A", "lora_B") if round_idx < self.config.switch_round else ("lora_B",)
+
+    def steady_round(self) -> int:
+        return self.config.switch_round + 1
 
     def aggregate(self, state: State, uploads: Sequence[Upload], round_idx: int) -> RoundResult:
-        if round_idx < self.settings.switch_round:
+        if round_idx < self.config.switch_round:
             return FRALoRA.aggregate(self, state, uploads, round_idx)
         return Method.aggregate(self, state, uploads, round_idx)

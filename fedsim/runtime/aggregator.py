@@ -3,27 +3,31 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 from safetensors.torch import load, save
 
-from fedsim.config import config_from_dict
-from fedsim.methods import Upload, build_method, nbytes
+from fedsim.methods import Upload, nbytes
 from fedsim.methods.base import State
-from fedsim.runtime.settings import method_settings
+from fedsim.methods.downlink import Downlinks
+from fedsim.runtime.plan import RunPlan
 from fedsim.storage import Location
 
 CHECKPOINTS_KEPT = 2
 
 
 class Aggregator:
-    """Ray actor (wrapped with ``ray.remote`` by the driver); also usable as a plain object in tests."""
+    """Ray actor (wrapped with ``ray.remote`` by the driver, threaded so that a checkpoint is written while the next
+    round runs); also usable as a plain object in tests."""
 
-    def __init__(self, config: dict):
-        self.config = config_from_dict(config)
-        self.method = build_method(self.config.method.name, method_settings(self.config))
+    def __init__(self, plan: RunPlan):
+        self.plan = plan
+        self.method = plan.method
         self.state: State = {}
-        self.broadcast_bytes = 0  # what a returning client receives next round
-        self.seen: set[int] = set()  # clients that already hold the global state (first contact gets all of it)
+        self.downlinks = Downlinks(self.method)  # what each client receives (fedsim.methods.downlink)
+        self.snapshots: dict[int, tuple[State, dict]] = {}  # rounds aggregated but not yet checkpointed
+        self.lock = threading.Lock()
 
     def set_state(self, state: State) -> None:
         self.state = canonical({key: value.cpu() for key, value in state.items()})
@@ -31,31 +35,40 @@ class Aggregator:
     def get_state(self) -> State:
         return self.state
 
-    def downlink_bytes(self, client_ids: list[int]) -> dict[int, int]:
-        """Bytes each client of the round receives: the whole state at first contact, else the last broadcast."""
-        full = nbytes(self.state)
-        sent = {cid: (self.broadcast_bytes if cid in self.seen else full) for cid in client_ids}
-        self.seen.update(client_ids)
-        return sent
+    def downlink_bytes(self, client_ids: list[int], round_idx: int) -> dict[int, int]:
+        """Bytes each client receives at the start of ``round_idx`` (``fedsim.methods.downlink``)."""
+        ranks = self.plan.client_ranks
+        return {cid: nbytes(self.downlinks.message(self.state, cid, ranks[cid], round_idx)) for cid in client_ids}
 
-    def aggregate(self, round_idx: int, *upload_lists: list[dict]) -> dict:
-        """Aggregate the round's finite uploads; keep the new state; return the round's aggregation stats."""
+    def aggregate(self, round_idx: int, sampled: list[int], *upload_lists: list[dict]) -> dict:
+        """The round's downlink bytes (to ``sampled``, before the state changes), then the aggregate of its finite
+        uploads: the new state is kept (and held for its checkpoint); returns the round's aggregation stats."""
+        start = time.perf_counter()
+        bytes_down = self.downlink_bytes(sampled, round_idx)
         uploads = [Upload(u["client_id"], u["num_samples"], u["tensors"]) for batch in upload_lists for u in batch]
-        if not uploads:
-            self.broadcast_bytes = 0
-            return {"agg_error": float("nan"), "layer_errors": {}, "clients_aggregated": 0}
-        result = self.method.aggregate(self.state, uploads, round_idx)
-        self.state = canonical(result.state)
-        self.broadcast_bytes = nbytes(result.broadcast)
-        return {"agg_error": result.agg_error, "layer_errors": result.layer_errors, "clients_aggregated": len(uploads)}
+        stats = {"bytes_down": bytes_down, "agg_error": float("nan"), "layer_errors": {}, "clients_aggregated": len(uploads)}
+        old_state, broadcast = self.state, {}
+        if uploads:
+            result = self.method.aggregate(self.state, uploads, round_idx)
+            self.state, broadcast = canonical(result.state), result.broadcast
+            stats.update(agg_error=result.agg_error, layer_errors=result.layer_errors)
+        self.downlinks.aggregated(old_state, self.state, broadcast, round_idx)
+        with self.lock:
+            self.snapshots[round_idx] = (self.state, self._meta(round_idx))
+        stats["aggregate_s"] = time.perf_counter() - start
+        return stats
+
+    def _meta(self, round_idx: int) -> dict:
+        return {"round": round_idx, "downlinks": self.downlinks.to_json()}
 
     def checkpoint(self, directory: str, round_idx: int) -> str:
-        """``round_XXXX.safetensors`` (the state; never pickle) and ``round_XXXX.json`` (what else resumes need),
-        in ``directory``: a local path or a URI (``fedsim.storage``)."""
+        """``round_XXXX.safetensors`` (the state after round ``round_idx``; never pickle) and ``round_XXXX.json`` (what
+        else a resume needs), in ``directory``: a local path or a URI (``fedsim.storage``)."""
+        with self.lock:
+            state, meta = self.snapshots.pop(round_idx) if round_idx in self.snapshots else (self.state, self._meta(round_idx))
         directory = Location(directory)
         stem = f"round_{round_idx:04d}"
-        (directory / f"{stem}.safetensors").write_bytes(save({key: value.contiguous() for key, value in self.state.items()}))
-        meta = {"round": round_idx, "broadcast_bytes": self.broadcast_bytes, "seen": sorted(self.seen)}
+        (directory / f"{stem}.safetensors").write_bytes(save({key: value.contiguous() for key, value in state.items()}))
         (directory / f"{stem}.json").write_text(json.dumps(meta))  # written last: the json marks the checkpoint complete
         for old in directory.glob("round_*.json")[:-CHECKPOINTS_KEPT]:
             old.delete()
@@ -67,8 +80,7 @@ class Aggregator:
         directory, name = Location(stem).parent, Location(stem).name
         meta = json.loads((directory / f"{name}.json").read_text())
         self.state = canonical(load((directory / f"{name}.safetensors").read_bytes()))
-        self.broadcast_bytes = meta["broadcast_bytes"]
-        self.seen = set(meta["seen"])
+        self.downlinks.load_json(meta["downlinks"])
         return meta["round"]
 
 

@@ -1,9 +1,11 @@
-"""The driver: partitions the data once, starts the actors, runs the rounds, writes results, checkpoints, resumes.
+"""The driver: orchestrates a run — prepares its data once, starts the actors, runs the rounds, resumes.
 
-Round r: sample clients (seeded by (seed, r)); simulate dropout; give each worker its cohort in one
-call with a reference to the global state; pass the workers' uploads, by reference, to the
-aggregator; evaluate; write a row per round and per client; checkpoint. The driver never holds
-training data or adapter tensors, only the per-client statistics.
+Round r: sample clients (seeded by (seed, r)); simulate dropout; balance the round's clients over the
+workers by their predicted work and give each worker its share in one call, with a reference to the
+global state; pass the workers' uploads, by reference, to the aggregator; evaluate; hand the rows to the
+``RoundWriter``, which writes them and the round's checkpoint while the next round trains. The driver
+never holds training data or adapter tensors, only per-client statistics. The data (``fedsim.prepare``),
+the privacy plan (``fedsim.privacy``) and the result tables (``fedsim.results``) live in their own modules.
 """
 
 from __future__ import annotations
@@ -16,25 +18,19 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
-from fedsim.client import derive_seed
-from fedsim.config import Config, config_to_dict, save_config
+from fedsim.config import Config, save_config
 from fedsim.errors import UsageError
 from fedsim.methods import build_method
 from fedsim.modeling import check_model, offline_by_default
-from fedsim.partition import HELD_OUT, assign_ranks, hold_out_per_client, label_counts, partition, write_partitioned
-from fedsim.privacy import calibrate_noise, epsilon_spent
+from fedsim.prepare import DataPlan, split_data, write_data
+from fedsim.privacy import check_private_init, epsilon_spent, plan_noise_multiplier, privacy_history
+from fedsim.results import CLIENT_COLUMNS, ROUND_COLUMNS, RoundWriter, read_rows
 from fedsim.runtime.aggregator import Aggregator, latest_checkpoint
-from fedsim.runtime.settings import init_spends_privacy, method_settings, privacy_history
+from fedsim.runtime.plan import RunPlan
 from fedsim.runtime.worker import ClientWorker
+from fedsim.seeds import rng
 from fedsim.storage import Location
-
-ROUND_COLUMNS = ["round", "method", "clients_sampled", "clients_ok", "bytes_up", "bytes_down", "agg_error",
-                 "train_loss", "eval_metric", "eval_loss", "wall_s", "epsilon_max"]
-CLIENT_COLUMNS = ["round", "client_id", "worker_id", "rank", "samples", "steps", "train_loss", "bytes_up",
-                  "bytes_down", "train_s", "status", "noise_multiplier", "sample_rate", "epsilon", "eval_metric", "eval_loss"]
-SAMPLING_STREAM, DROPOUT_STREAM = 1, 2
 
 
 def run(config: Config, resume: str | None = None, overwrite: bool = False, progress: bool = True) -> Path | Location:
@@ -111,100 +107,42 @@ def ray_session(config: Config):
 
 
 class Experiment:
-    """One run: its data on disk, its actors, its rounds."""
+    """One run: its plan, its actors, its rounds."""
 
     def __init__(self, config: Config, output_dir: Location, resumed: bool, progress: bool):
+        self.method = build_method(config.method, config.clients, config.seed)
+        if self.method.num_clients is not None:
+            config.clients.count = config.clients.per_round = self.method.num_clients
+        check_private_init(config, self.method.needs_init_gradients)
         self.config = config
         self.output_dir = output_dir
         self.resumed = resumed
         self.progress = progress
-        self.method = build_method(config.method.name, method_settings(config))  # validates name and rank early
-        p, a = config.privacy, config.adapters
-        if p.enabled and self.method.needs_init_gradients and a.init_data != "public" and p.init_noise_multiplier is None:
-            raise UsageError(f"privacy.init_noise_multiplier: LoRA-SB's initialisation reads client data (adapters.init_data={a.init_data}); "
-                             "set adapters.init_data=public, or a privacy.init_noise_multiplier so that it is computed privately and counted")
-        if self.method.num_clients is not None:
-            config.clients.count = config.clients.per_round = self.method.num_clients
-        self.data_dir = output_dir / "data"
         self.round_rows: list[dict] = []
         self.client_rows: list[dict] = []
         self.client_history: dict[int, list[dict]] = {}  # a client's rows so far (its privacy history)
-        c = config
-        self.ranks = assign_ranks(c.clients.ranks, c.clients.count, c.method.rank, c.seed)
+        self.measured_s: dict[int, float] = {}  # each client's last training time (the scheduler's estimate of its work)
 
-    # -- data ---------------------------------------------------------------------------------
+    # -- before Ray -------------------------------------------------------------------------------
     def prepare(self) -> None:
-        """Check the inputs and write ``config.yaml``, ``data/`` and ``label_counts.parquet`` — before Ray starts.
+        """Check the inputs, then write ``config.yaml``, ``data/`` and ``label_counts.parquet`` — before Ray starts.
 
-        Everything that can be wrong with the input (workload, partition, model) fails here, before a
+        Everything that can be wrong with the input (workload, partition, model, privacy calibration) fails before a
         single file is written. A resumed run reads what its first start wrote.
         """
-        if self.resumed:
-            self.meta = json.loads((self.data_dir / "meta.json").read_text())
-            check_model(self.config, self.meta["num_labels"])
-            return
-        from workloads import load_workload
-
         c = self.config
-        workload = load_workload(c.workload.name, c.workload.path, c.workload.train_limit, c.workload.eval_limit,
-                                 c.seed, **c.workload.options)
-        if workload.task != c.model.task:
-            raise UsageError(f"model.task: {c.model.task} does not fit workload {workload.name}, a {workload.task} task; set model.task={workload.task}")
-        public = self.hold_out_public(workload)  # before partitioning: the public sample belongs to no client
-        labels = workload.train_labels
-        client_ids = partition(labels, c.clients.count, c.clients.partition, alpha=c.clients.alpha, seed=c.seed,
-                               dominant_share=c.clients.dominant_share)
-        check_model(c, workload.num_labels)
-        save_config(c, self.output_dir / "config.yaml")
-        held_out = hold_out_per_client(client_ids, c.eval.per_client, c.seed)
-        train = workload.train.append_column(HELD_OUT, pa.array(held_out)) if held_out.any() else workload.train
-        write_partitioned(train, client_ids, self.data_dir / "train.parquet")
-        if public is not None:
-            write_partitioned(public, np.zeros(public.num_rows, dtype=np.int64), self.data_dir / "public.parquet")
-        eval_shards = np.arange(workload.eval.num_rows) % c.runtime.workers
-        write_partitioned(workload.eval, eval_shards, self.data_dir / "eval.parquet")
-        (self.output_dir / "label_counts.parquet").write_table(label_counts(client_ids, labels, c.clients.count, workload.num_labels))
-        self.meta = {"workload": workload.name, "num_labels": workload.num_labels, "label_names": workload.label_names,
-                     "train_rows": workload.train.num_rows, "eval_rows": workload.eval.num_rows,
-                     "client_sizes": np.bincount(client_ids[~held_out], minlength=c.clients.count).tolist(),
-                     "client_eval_sizes": np.bincount(client_ids[held_out], minlength=c.clients.count).tolist(),
-                     "eval_sets": sorted(set(workload.eval.column("subset").to_pylist())) if workload.task == "causal-lm" else []}
-        self.meta["noise_multiplier"] = self.noise_multiplier(self.meta["client_sizes"])
-        (self.data_dir / "meta.json").write_text(json.dumps(self.meta))
-
-    def noise_multiplier(self, client_sizes: list[int]) -> float | None:
-        """DP-SGD's σ for every client: ``privacy.noise_multiplier``, or calibrated so that the smallest client (the
-        largest sampling rate) spends at most ``privacy.epsilon`` if it took part in every round — after the cost of
-        a private LoRA-SB init where that read client data. Every other client then spends less."""
-        p, c = self.config.privacy, self.config
-        if not p.enabled:
-            return None
-        if p.noise_multiplier is not None:
-            return p.noise_multiplier
-        sample_rate = min(1.0, c.train.batch_size / max(1, min(client_sizes)))
-        spends = any(init_spends_privacy(c, self.method.needs_init_gradients, cid) for cid in range(c.clients.count))
-        spent = [(p.init_noise_multiplier, 1.0, 1)] if spends else []
-        try:
-            return calibrate_noise(p.epsilon, p.delta, sample_rate, c.train.rounds * c.train.local_steps, p.accountant, spent)
-        except ValueError as error:
-            raise UsageError(f"privacy.init_noise_multiplier: {error}; raise it or use adapters.init_data=public") from None
-
-    def hold_out_public(self, workload):
-        """``adapters.init_data: public``: a seeded sample of ``adapters.init_samples`` training rows, taken out of
-        the training data before it is partitioned, is the public calibration set of the LoRA-SB init.
-        It belongs to no client, so reading it costs no client any privacy."""
-        a = self.config.adapters
-        if a.init_data != "public" or not self.method.needs_init_gradients:
-            return None
-        rows = workload.train.num_rows
-        if a.init_samples >= rows:
-            raise UsageError(f"adapters.init_samples: {a.init_samples} public rows would leave no training data ({rows} rows); use fewer")
-        rng = np.random.default_rng(derive_seed(self.config.seed, 0, 0, 5))
-        public_index = np.sort(rng.choice(rows, size=a.init_samples, replace=False))
-        keep = np.setdiff1d(np.arange(rows), public_index)
-        public = workload.train.take(public_index)
-        workload.train = workload.train.take(keep)
-        return public
+        if self.resumed:
+            data = DataPlan.read(self.output_dir / "data")
+            check_model(c, data.num_labels)
+            client_sizes = data.client_sizes
+        else:
+            split = split_data(c, public_sample=self.method.needs_init_gradients and c.adapters.init_data == "public")
+            client_sizes = split.client_sizes
+        self.noise_multiplier = plan_noise_multiplier(c, self.method.needs_init_gradients, client_sizes)
+        if not self.resumed:
+            save_config(c, self.output_dir / "config.yaml")
+            data = write_data(split, self.output_dir)
+        self.plan = RunPlan.resolve(c, data)
 
     # -- actors ---------------------------------------------------------------------------------
     @property
@@ -212,30 +150,30 @@ class Experiment:
         """Ray on this machine alone (no ``runtime.address`` / ``RAY_ADDRESS``): no autoscaler to wait for."""
         return not (self.config.runtime.address or os.environ.get("RAY_ADDRESS"))
 
-    def start_actors(self, num_labels: int) -> None:
+    def start_actors(self) -> None:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
         r = self.config.runtime
         bundle = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}
         self.placement_group, self.requested_resources = place_workers(r.workers, bundle, r.placement_timeout_s, self.local_ray)
-        owners = np.arange(self.config.clients.count) % r.workers
-        config_dict = config_to_dict(self.config)
         # A call to a worker that dies waits for Ray to restart it (on another node if its node is gone: the placement
         # group reschedules the bundle) and is retried there, however long the restart takes; a worker that dies more
-        # than max_restarts times fails its calls (ActorDiedError), and its clients are reported failed.
+        # than max_restarts times fails its calls (ActorDiedError): its clients are reported failed and it gets no more.
         worker_cls = ray.remote(max_restarts=r.max_restarts, max_task_retries=-1)(ClientWorker)
         self.workers = [
             worker_cls.options(
                 num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
-            ).remote(config_dict, i, r.workers, str(self.data_dir), np.flatnonzero(owners == i).tolist(), num_labels)
+            ).remote(self.plan, i)
             for i in range(r.workers)
         ]
-        self.owner = owners
+        self.live = list(range(r.workers))  # workers not gone beyond their restarts
         # The global state lives beside the driver: a lost worker node takes clients with it, never the state.
+        # Two threads: a round's checkpoint is written while the next round's calls come in.
         beside_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.aggregator = ray.remote(Aggregator).options(num_cpus=0, scheduling_strategy=beside_driver).remote(config_dict)
+        self.aggregator = ray.remote(Aggregator).options(num_cpus=0, max_concurrency=2,
+                                                         scheduling_strategy=beside_driver).remote(self.plan)
 
     def stop_actors(self) -> None:
         import ray
@@ -250,42 +188,33 @@ class Experiment:
             request_resources(bundles=[])
 
     def initial_state(self) -> None:
-        """Round-0 state; for LoRA-SB the calibration gradients come from the clients' own data (``adapters.init_data``)."""
+        """Round 0's global state, made by one worker (the LoRA-SB init reads calibration data: ``adapters.init_data``)."""
         import ray
 
-        grad_sums = None
-        a = self.config.adapters
-        if self.method.needs_init_gradients:
-            if a.init_data == "public":
-                parts = [self.workers[0].public_gradients.remote(a.init_batch_size)]
-            elif a.init_data == "client":
-                parts = [self.workers[int(self.owner[0])].init_gradients.remote([0], a.init_samples, a.init_batch_size)]
-            else:  # pooled: every client contributes a share of the calibration sample
-                count = self.config.clients.count
-                share = max(1, math.ceil(a.init_samples / count))
-                parts = [w.init_gradients.remote(np.flatnonzero(self.owner == i).tolist()[: a.init_samples], share, a.init_batch_size)
-                         for i, w in enumerate(self.workers)]
-            grad_sums = sum_tensors(ray.get(parts))
-        state = ray.get(self.workers[0].initial_state.remote(grad_sums))
-        ray.get(self.aggregator.set_state.remote(state))
+        ray.get(self.aggregator.set_state.remote(self.workers[0].initial_state.remote()))
 
     # -- rounds ---------------------------------------------------------------------------------
     def run(self) -> Location:
+        import ray
         from tqdm.auto import tqdm
 
         c = self.config
         started = time.perf_counter()
-        self.start_actors(self.meta["num_labels"])
+        self.start_actors()
         try:
             start_round = self.restore() if self.resumed else 0
             if not self.resumed:
                 self.initial_state()
             save_config(c, self.output_dir / "config.yaml")
+            checkpoints = str(self.output_dir / "checkpoints")
+            self.writer = RoundWriter(self.output_dir, self.round_columns,
+                                      lambda round_idx: ray.get(self.aggregator.checkpoint.remote(checkpoints, round_idx)))
             bar = tqdm(total=c.train.rounds * c.clients.per_round, initial=start_round * c.clients.per_round,
                        unit="client", desc=f"{c.method.name}", disable=not self.progress, dynamic_ncols=True)
             for round_idx in range(start_round, c.train.rounds):
                 self.run_round(round_idx, bar)
             bar.close()
+            self.writer.close()
             self.finish(time.perf_counter() - started)
         finally:
             self.stop_actors()
@@ -293,10 +222,8 @@ class Experiment:
 
     def sample(self, round_idx: int) -> tuple[list[int], set[int]]:
         c = self.config.clients
-        rng = np.random.default_rng(derive_seed(self.config.seed, round_idx, SAMPLING_STREAM))
-        sampled = sorted(rng.choice(c.count, size=c.per_round, replace=False).tolist())
-        dropped = {cid for cid in sampled
-                   if np.random.default_rng(derive_seed(self.config.seed, round_idx, cid, DROPOUT_STREAM)).random() < c.dropout}
+        sampled = sorted(rng(self.config.seed, "sampling", round_idx).choice(c.count, size=c.per_round, replace=False).tolist())
+        dropped = {cid for cid in sampled if rng(self.config.seed, "dropout", round_idx, cid).random() < c.dropout}
         return sampled, dropped
 
     def run_round(self, round_idx: int, bar) -> None:
@@ -305,78 +232,104 @@ class Experiment:
         start = time.perf_counter()
         sampled, dropped = self.sample(round_idx)
         active = [cid for cid in sampled if cid not in dropped]
-        bytes_down = ray.get(self.aggregator.downlink_bytes.remote(sampled))
         for attempt in range(self.config.runtime.max_restarts + 1):
-            rows, upload_refs = self.train_cohorts(round_idx, active, bar)
+            rows, upload_refs, train_s_max = self.train_clients(round_idx, active, bar)
             try:
-                aggregation = ray.get(self.aggregator.aggregate.remote(round_idx, *upload_refs))
+                aggregation = ray.get(self.aggregator.aggregate.remote(round_idx, sampled, *upload_refs))
                 break
             except ray.exceptions.ObjectLostError as error:  # uploads held by a node that is gone
                 if attempt == self.config.runtime.max_restarts:
                     raise
                 print(f"fedsim: round {round_idx}: uploads lost with a node ({type(error).__name__}); training the round's clients again")
-        rows += [self.client_row(round_idx, cid, "dropped", 0) for cid in sorted(dropped)]
+        rows += [self.client_row(round_idx, cid, "dropped") for cid in sorted(dropped)]
         bar.update(len(dropped))
         for row in rows:
-            row["bytes_down"] = bytes_down[row["client_id"]]
-        eval_metric = eval_loss = float("nan")
-        self.eval_by_set = {}
-        for row in rows:
+            row["bytes_down"] = aggregation["bytes_down"][row["client_id"]]
             row["eval_metric"] = row["eval_loss"] = float("nan")
+        eval_started = time.perf_counter()
+        eval_metric, eval_loss, by_set = float("nan"), float("nan"), {}
         if (round_idx + 1) % self.config.eval.every == 0 or round_idx == self.config.train.rounds - 1:
-            eval_metric, eval_loss = self.evaluate()
+            eval_metric, eval_loss, by_set = self.evaluate()
             if self.config.eval.per_client > 0:
                 self.evaluate_clients(rows)
+        eval_s = time.perf_counter() - eval_started
         rows.sort(key=lambda row: row["client_id"])
         self.account(rows)
         ok = [row for row in rows if row["status"] == "ok"]
         self.client_rows += rows
+        wall_s = time.perf_counter() - start
         self.round_rows.append({
             "round": round_idx, "method": self.config.method.name, "clients_sampled": len(sampled),
             "clients_ok": len(ok), "bytes_up": sum(row["bytes_up"] for row in rows),
             "bytes_down": sum(row["bytes_down"] for row in rows), "agg_error": aggregation["agg_error"],
             "train_loss": float(np.mean([row["train_loss"] for row in ok])) if ok else float("nan"),
-            "eval_metric": eval_metric, "eval_loss": eval_loss, "wall_s": time.perf_counter() - start,
+            "eval_metric": eval_metric, "eval_loss": eval_loss, "wall_s": wall_s, "train_s_max": train_s_max,
+            "aggregate_s": aggregation["aggregate_s"], "eval_s": eval_s,
+            "overhead_s": wall_s - train_s_max - aggregation["aggregate_s"] - eval_s,
+            "noise_multiplier": float("nan") if self.noise_multiplier is None else self.noise_multiplier,
             "epsilon_max": max((row["epsilon"] for row in rows), default=float("nan")),
-            **{f"eval_metric_{name}": self.eval_by_set.get(name, float("nan")) for name in self.eval_sets},
+            **{f"eval_metric_{name}": by_set.get(name, float("nan")) for name in self.plan.data.eval_sets},
         })
-        self.write_tables()
-        ray.get(self.aggregator.checkpoint.remote(str(self.output_dir / "checkpoints"), round_idx))
+        self.writer.submit(round_idx, self.round_rows, self.client_rows)
         bar.set_postfix(round=round_idx, loss=f"{self.round_rows[-1]['train_loss']:.3f}", acc=f"{eval_metric:.3f}", refresh=False)
 
-    def train_cohorts(self, round_idx: int, active: list[int], bar) -> tuple[list[dict], list]:
-        """Each worker trains its clients of the round in one call; returns their rows and the references to their uploads.
+    def assign(self, client_ids: list[int]) -> dict[int, list[int]]:
+        """The round's clients over the live workers, balanced by predicted work (longest first, each to the least loaded
+        worker): a client's last measured training time, or, before it has one, its steps × rows a step × characters a
+        row at the rate measured so far. Which worker trains a client never changes what it computes."""
+        data, train = self.plan.data, self.config.train
+        units = {cid: train.local_steps * min(train.batch_size, data.client_sizes[cid])
+                 * data.client_chars[cid] / max(1, data.client_sizes[cid]) for cid in client_ids}
+        known_units = sum(train.local_steps * min(train.batch_size, data.client_sizes[cid]) * data.client_chars[cid]
+                          / max(1, data.client_sizes[cid]) for cid in self.measured_s)
+        rate = sum(self.measured_s.values()) / known_units if known_units > 0 else 1.0
+        cost = {cid: self.measured_s.get(cid, rate * units[cid]) for cid in client_ids}
+        loads = {worker_id: 0.0 for worker_id in self.live}
+        shares: dict[int, list[int]] = {worker_id: [] for worker_id in self.live}
+        for cid in sorted(client_ids, key=lambda cid: (-cost[cid], cid)):
+            worker_id = min(self.live, key=lambda w: (loads[w], w))
+            shares[worker_id].append(cid)
+            loads[worker_id] += cost[cid]
+        return {worker_id: sorted(share) for worker_id, share in shares.items() if share}
 
-        A worker that dies is restarted by Ray (on another node if its node is gone) and its call retried;
-        one that dies beyond ``runtime.max_restarts`` leaves its clients ``failed``.
+    def train_clients(self, round_idx: int, active: list[int], bar) -> tuple[list[dict], list, float]:
+        """Each worker trains its share of the round in one call; returns their rows, the references to their uploads,
+        and the slowest worker's training time (the sum of its clients' ``train_s``).
+
+        A worker that dies is restarted by Ray (on another node if its node is gone) and its call retried; one that
+        dies beyond ``runtime.max_restarts`` leaves its clients ``failed`` and is given no more clients.
         """
         import ray
 
+        if not self.live:
+            raise RuntimeError("every worker is gone beyond runtime.max_restarts")
         state_ref = self.aggregator.get_state.remote()
         calls = {}
-        for worker_id, worker in enumerate(self.workers):
-            cohort = [cid for cid in active if self.owner[cid] == worker_id]
-            if cohort:
-                calls[worker_id] = (cohort, *worker.run_cohort.options(num_returns=2).remote(round_idx, state_ref, cohort))
-        rows, upload_refs = [], []
+        for worker_id, share in self.assign(active).items():
+            calls[worker_id] = (share, *self.workers[worker_id].train.options(num_returns=2).remote(
+                round_idx, state_ref, share, self.noise_multiplier))
+        rows, upload_refs, train_s = [], [], {}
         pending = {call[2]: worker_id for worker_id, call in calls.items()}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             worker_id = pending.pop(done[0])
-            cohort, uploads_ref, rows_ref = calls[worker_id]
+            share, uploads_ref, rows_ref = calls[worker_id]
             try:
-                rows += ray.get(rows_ref)
+                worker_rows = ray.get(rows_ref)
+                rows += worker_rows
                 upload_refs.append(uploads_ref)
+                train_s[worker_id] = sum(row["train_s"] for row in worker_rows)
+                self.measured_s.update({row["client_id"]: row["train_s"] for row in worker_rows if row["steps"] > 0})
             except ray.exceptions.RayError as error:  # the actor died beyond its restarts: its clients failed
-                rows += [self.client_row(round_idx, cid, "failed", 0, worker_id) for cid in cohort]
+                rows += [self.client_row(round_idx, cid, "failed", worker_id) for cid in share]
+                self.live.remove(worker_id)
                 print(f"fedsim: worker {worker_id} failed in round {round_idx}: {type(error).__name__}")
-            bar.update(len(cohort))
-        return rows, upload_refs
+            bar.update(len(share))
+        return rows, upload_refs, max(train_s.values(), default=0.0)
 
-    def client_row(self, round_idx: int, client_id: int, status: str, bytes_down: int, worker_id: int | None = None) -> dict:
-        return {"round": round_idx, "client_id": client_id,
-                "worker_id": int(self.owner[client_id]) if worker_id is None else worker_id, "rank": int(self.ranks[client_id]),
-                "samples": 0, "steps": 0, "train_loss": float("nan"), "bytes_up": 0, "bytes_down": bytes_down,
+    def client_row(self, round_idx: int, client_id: int, status: str, worker_id: int = -1) -> dict:
+        return {"round": round_idx, "client_id": client_id, "worker_id": worker_id, "rank": self.plan.client_ranks[client_id],
+                "samples": 0, "steps": 0, "train_loss": float("nan"), "bytes_up": 0, "bytes_down": 0,
                 "train_s": 0.0, "status": status, "noise_multiplier": float("nan"), "sample_rate": float("nan")}
 
     def account(self, rows: list[dict]) -> None:
@@ -392,56 +345,73 @@ class Experiment:
             row["epsilon"] = epsilon_spent(history, p.delta, p.accountant)
 
     @property
-    def eval_sets(self) -> list[str]:
-        """The evaluation subsets of a causal-LM workload (each gets an ``eval_metric_<set>`` column); [] for classification."""
-        return self.meta.get("eval_sets", [])
+    def round_columns(self) -> list[str]:
+        """``rounds.parquet``'s columns: ``eval_metric_<set>`` too for each evaluation subset of a causal-LM workload."""
+        return ROUND_COLUMNS + [f"eval_metric_{name}" for name in self.plan.data.eval_sets]
 
-    def evaluate(self) -> tuple[float, float]:
-        """(eval_metric, eval_loss). Classification: accuracy. Causal LM: the mean of the per-subset accuracies
-        (each also kept in ``self.eval_by_set``), as the paper averages its commonsense sets."""
+    def evaluate(self) -> tuple[float, float, dict[str, float]]:
+        """(eval_metric, eval_loss, per-subset metric). Classification: accuracy. Causal LM: the mean of the per-subset
+        accuracies, as the paper averages its commonsense sets. The evaluation's fixed chunks are spread over the live
+        workers and summed in chunk order, so the numbers do not depend on how many workers there are."""
         state_ref = self.aggregator.get_state.remote()
-        parts = from_live_workers([worker.evaluate.remote(state_ref) for worker in self.workers], "its share of the evaluation data")
-        count = sum(p["count"] for p in parts)
+        chunks = list(range(self.plan.data.eval_chunks))
+        shares = {worker_id: chunks[i::len(self.live)] for i, worker_id in enumerate(self.live)}
+        calls = {worker_id: self.workers[worker_id].evaluate.remote(state_ref, share) for worker_id, share in shares.items() if share}
+        parts = {chunk: sums for part in self.gather(calls, "its share of the evaluation data") for chunk, sums in part.items()}
+        ordered = [parts[chunk] for chunk in sorted(parts)]
+        count = sum(p["count"] for p in ordered)
         if count == 0:
-            return float("nan"), float("nan")
-        loss = sum(p["loss_sum"] for p in parts) / count
-        if not self.eval_sets:
-            return sum(p["correct"] for p in parts) / count, loss
-        totals = {name: [0.0, 0.0] for name in self.eval_sets}
-        for part in parts:
+            return float("nan"), float("nan"), {}
+        loss = sum(p["loss_sum"] for p in ordered) / count
+        if not self.plan.data.eval_sets:
+            return sum(p["correct"] for p in ordered) / count, loss, {}
+        totals = {name: [0.0, 0.0] for name in self.plan.data.eval_sets}
+        for part in ordered:
             for name, tally in part.get("sets", {}).items():
                 totals[name][0] += tally["correct"]
                 totals[name][1] += tally["count"]
-        self.eval_by_set = {name: c / n for name, (c, n) in totals.items() if n > 0}
-        return float(np.mean(list(self.eval_by_set.values()))), loss
+        by_set = {name: c / n for name, (c, n) in totals.items() if n > 0}
+        return float(np.mean(list(by_set.values()))), loss, by_set
 
     def evaluate_clients(self, rows: list[dict]) -> None:
         """``eval.per_client``: the new global model scored on each of the round's clients' own held-out rows."""
         state_ref = self.aggregator.get_state.remote()
-        calls = [worker.evaluate_clients.remote(state_ref, [row["client_id"] for row in rows if self.owner[row["client_id"]] == i])
-                 for i, worker in enumerate(self.workers)]
-        scores = {client_id: score for part in from_live_workers(calls, "its clients' own evaluation") for client_id, score in part.items()}
+        owners = [row["client_id"] for row in rows if self.plan.data.client_eval_sizes[row["client_id"]] > 0]
+        calls = {worker_id: self.workers[worker_id].evaluate_clients.remote(state_ref, owners[i::len(self.live)])
+                 for i, worker_id in enumerate(self.live) if owners[i::len(self.live)]}
+        scores = {cid: score for part in self.gather(calls, "its clients' own evaluation") for cid, score in part.items()}
         for row in rows:
             score = scores.get(row["client_id"])
             if score and score["count"]:
                 row["eval_metric"], row["eval_loss"] = score["correct"] / score["count"], score["loss_sum"] / score["count"]
 
-    # -- results --------------------------------------------------------------------------------
-    def write_tables(self) -> None:
-        write_rows(self.round_rows, ROUND_COLUMNS + [f"eval_metric_{name}" for name in self.eval_sets], self.output_dir / "rounds.parquet")
-        write_rows(self.client_rows, CLIENT_COLUMNS, self.output_dir / "clients.parquet")
+    def gather(self, calls: dict, what: str) -> list:
+        """The results of one call per worker; a worker gone beyond its restarts is left out (and given no more calls),
+        with a message saying what is missing."""
+        import ray
 
+        results = []
+        for worker_id, call in calls.items():
+            try:
+                results.append(ray.get(call))
+            except ray.exceptions.ActorDiedError:
+                self.live.remove(worker_id)
+                print(f"fedsim: worker {worker_id} is gone; {what} is left out")
+        return results
+
+    # -- results --------------------------------------------------------------------------------
     def restore(self) -> int:
         """Load the latest complete checkpoint and the result rows up to it; return the round to run next."""
         import ray
 
         stem = latest_checkpoint(self.output_dir / "checkpoints")
         last_round = ray.get(self.aggregator.restore.remote(stem))
-        for name, rows in (("rounds.parquet", self.round_rows), ("clients.parquet", self.client_rows)):
-            table = (self.output_dir / name).read_table()
-            rows += [row for row in table.to_pylist() if row["round"] <= last_round]
+        self.round_rows += read_rows(self.output_dir / "rounds.parquet", last_round)
+        self.client_rows += read_rows(self.output_dir / "clients.parquet", last_round)
         for row in self.client_rows:
             self.client_history.setdefault(row["client_id"], []).append(row)
+            if row["steps"] > 0:
+                self.measured_s[row["client_id"]] = row["train_s"]
         return last_round + 1
 
     def privacy_summary(self) -> dict:
@@ -450,7 +420,7 @@ class Experiment:
             return {"enabled": False}
         spent = [row["epsilon"] for row in self.client_rows if row["epsilon"] == row["epsilon"]]
         return {
-            "enabled": True, "target_epsilon": p.epsilon, "noise_multiplier": self.meta["noise_multiplier"], "delta": p.delta,
+            "enabled": True, "target_epsilon": p.epsilon, "noise_multiplier": self.noise_multiplier, "delta": p.delta,
             "accountant": p.accountant, "max_grad_norm": p.max_grad_norm, "epsilon_max": max(spent, default=0.0),
             "init": ("no data (LoRA's random initialisation)" if not self.method.needs_init_gradients
                      else "public data held out from every client (no privacy spent)" if a.init_data == "public"
@@ -461,9 +431,11 @@ class Experiment:
         import ray
 
         state_ref = self.aggregator.get_state.remote()
-        ray.get(self.workers[0].export.remote(state_ref, str(self.output_dir / "adapter")))
-        workers = ray.get([worker.info.remote() for worker in self.workers])
+        ray.get(self.workers[self.live[0]].export.remote(state_ref, str(self.output_dir / "adapter")))
+        workers = ray.get([self.workers[worker_id].info.remote() for worker_id in self.live])
         last_eval = next((row for row in reversed(self.round_rows) if not math.isnan(row["eval_metric"])), None)
+        train_s = sum(row["train_s"] for row in self.client_rows)
+        rounds_wall = sum(row["wall_s"] for row in self.round_rows)
         summary = {
             "method": self.config.method.name,
             "rounds": len(self.round_rows),
@@ -473,6 +445,7 @@ class Experiment:
             "bytes_down": sum(row["bytes_down"] for row in self.round_rows),
             "max_agg_error": max((row["agg_error"] for row in self.round_rows if not math.isnan(row["agg_error"])), default=None),
             "wall_s": wall_s,
+            "efficiency": train_s / (rounds_wall * self.config.runtime.workers) if rounds_wall > 0 else None,
             "workers": workers,
             "model_loads": sum(w["model_loads"] for w in workers),
             "trainable_adapter_parameters": workers[0]["trainable_adapter_parameters"],
@@ -483,33 +456,6 @@ class Experiment:
         from analysis.plots import write_run_plots
 
         write_run_plots(self.output_dir)
-
-
-def from_live_workers(calls: list, what: str) -> list:
-    """The results of one call per worker; a worker gone beyond its restarts is left out, with a message saying what is missing."""
-    import ray
-
-    results = []
-    for worker_id, call in enumerate(calls):
-        try:
-            results.append(ray.get(call))
-        except ray.exceptions.ActorDiedError:
-            print(f"fedsim: worker {worker_id} is gone; {what} is left out")
-    return results
-
-
-def write_rows(rows: list[dict], columns: list[str], path: Location) -> None:
-    """Write the rows as Parquet, atomically (``Location.write_table``): a crash never leaves half a file."""
-    table = pa.Table.from_pylist(rows, schema=None) if rows else pa.table({c: [] for c in columns})
-    path.write_table(table.select(columns))
-
-
-def sum_tensors(parts: list[dict]) -> dict:
-    total = {}
-    for part in parts:
-        for key, value in part.items():
-            total[key] = value.clone() if key not in total else total[key] + value
-    return total
 
 
 def place_workers(workers: int, bundle: dict, timeout_s: float, local: bool):

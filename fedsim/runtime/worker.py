@@ -1,64 +1,77 @@
-"""The ClientWorker actor: one resident base model, the data of its own clients, virtual clients one after another.
+"""The ClientWorker actor: one resident base model that trains whichever clients the driver hands it.
 
-A worker loads the model once, reads only its clients' rows of the partitioned dataset, and for each
-client of a cohort swaps in the global adapter state, trains, and sends back the client's upload.
-Memory grows with the number of workers, not the number of clients.
+A worker loads the model once. Any worker can train any client: it reads a client's rows on demand from the
+partitioned dataset (one filtered Parquet read for a round's new clients) and keeps the tokenised rows of
+recent clients in a bounded cache, so memory grows with the number of workers, not of clients. For each client
+of its share it swaps in the global adapter state, trains, and sends back the client's upload. Nothing a
+client computes depends on which worker trains it or in what order.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import time
+from collections import OrderedDict
+
 import numpy as np
 import torch
 
-from fedsim.client import derive_seed, is_finite, run_client
-from fedsim.config import Config, config_from_dict
+from fedsim.client import is_finite, run_client
 from fedsim.data import InstructionRows, TokenizedRows, evaluate, make_rows
-from fedsim.methods import build_method, nbytes
-from fedsim.methods.base import State
+from fedsim.methods import nbytes
+from fedsim.methods.base import HEAD_PREFIX, State
 from fedsim.modeling import load_model, load_tokenizer, offline_by_default
-from fedsim.partition import HELD_OUT, assign_ranks, read_clients
-from fedsim.privacy import PrivacySettings, poisson_batches, private_gradient_sum
-from fedsim.runtime.settings import init_spends_privacy, method_settings, train_settings
+from fedsim.partition import HELD_OUT, read_clients
+from fedsim.privacy import PrivacySettings, init_spends_privacy, poisson_batches, private_gradient_sum
+from fedsim.runtime.plan import RunPlan
+from fedsim.seeds import derive_seed, rng
 from fedsim.storage import Location
+
+Rows = TokenizedRows | InstructionRows
+CACHED_ROWS = 200_000  # tokenised training rows a worker keeps between rounds (least recently used clients go first)
 
 
 class ClientWorker:
     """Ray actor (wrapped with ``ray.remote`` by the driver); also usable as a plain object in tests."""
 
-    def __init__(self, config: dict, worker_id: int, num_workers: int, data_dir: str, client_ids: list[int], num_labels: int):
+    def __init__(self, plan: RunPlan, worker_id: int):
         offline_by_default()
-        self.config: Config = config_from_dict(config)
+        self.plan = plan
+        self.config = plan.config
+        self.method = plan.method
         self.worker_id = worker_id
-        threads = max(1, int(self.config.runtime.cpus_per_worker))
-        torch.set_num_threads(threads)
+        torch.set_num_threads(max(1, int(self.config.runtime.cpus_per_worker)))
         self.device = "cuda" if self.config.runtime.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
-        self.method = build_method(self.config.method.name, method_settings(self.config))
         self.tokenizer = load_tokenizer(self.config)
-        self.model = load_model(self.config, num_labels, self.device)
+        self.model = load_model(self.config, plan.data.num_labels, self.device)
         self.model_loads = 1
-        c = self.config
-        self.ranks = assign_ranks(c.clients.ranks, c.clients.count, c.method.rank, c.seed)
         self.method.prepare(self.model, self.config.model.target_modules)
-        self.data_dir = Location(data_dir)  # a local folder or a URI on shared storage
-        self.client_rows = self._read_clients(client_ids)
-        eval_table = read_clients(self.data_dir / "eval.parquet", [worker_id % num_workers]) if (self.data_dir / "eval.parquet").exists() else None
-        self.eval_rows = make_rows(eval_table, self.tokenizer, self.config) if eval_table is not None and eval_table.num_rows else None
+        self.data_dir = Location(plan.data.data_dir)  # a local folder or a URI on shared storage
+        self.cache: OrderedDict[int, tuple[Rows, Rows | None]] = OrderedDict()  # client -> (training rows, held-out rows)
+        self.eval_rows: dict[int, Rows] = {}  # evaluation chunk -> rows (a worker is given the same chunks every round)
 
-    def _read_clients(self, client_ids: list[int]) -> dict[int, TokenizedRows | InstructionRows]:
-        """Each client's training rows; its held-out rows (``eval.per_client``) go to ``self.client_eval_rows``."""
-        table = read_clients(self.data_dir / "train.parquet", client_ids)
-        column = table.column("client_id").to_numpy()
-        held_out = table.column(HELD_OUT).to_numpy(zero_copy_only=False) if HELD_OUT in table.column_names else np.zeros(len(column), bool)
-        rows, self.client_eval_rows = {}, {}
-        for client_id in client_ids:
-            mine = column == client_id
-            rows[client_id] = make_rows(table.take(np.flatnonzero(mine & ~held_out)), self.tokenizer, self.config)
-            if (mine & held_out).any():
-                self.client_eval_rows[client_id] = make_rows(table.take(np.flatnonzero(mine & held_out)), self.tokenizer, self.config)
-        return rows
+    # -- data, on demand ------------------------------------------------------------------------
+    def client_rows(self, client_ids: list[int]) -> dict[int, tuple[Rows, Rows | None]]:
+        """Each client's (training rows, held-out rows or None): from the cache, the others in one Parquet read."""
+        missing = sorted(cid for cid in set(client_ids) if cid not in self.cache)
+        if missing:
+            table = read_clients(self.data_dir / "train.parquet", missing)
+            column = table.column("client_id").to_numpy()
+            held_out = (table.column(HELD_OUT).to_numpy(zero_copy_only=False) if HELD_OUT in table.column_names
+                        else np.zeros(len(column), bool))
+            for cid in missing:
+                mine = column == cid
+                train = make_rows(table.take(np.flatnonzero(mine & ~held_out)), self.tokenizer, self.config)
+                own_eval = (make_rows(table.take(np.flatnonzero(mine & held_out)), self.tokenizer, self.config)
+                            if (mine & held_out).any() else None)
+                self.cache[cid] = (train, own_eval)
+        for cid in client_ids:
+            self.cache.move_to_end(cid)
+        wanted = {cid: self.cache[cid] for cid in client_ids}
+        while len(self.cache) > len(wanted) and sum(len(rows) for rows, _ in self.cache.values()) > CACHED_ROWS:
+            self.cache.popitem(last=False)
+        return wanted
 
     def info(self) -> dict:
         import ray
@@ -71,56 +84,59 @@ class ClientWorker:
             "model_loads": self.model_loads,
             "restarted": bool(context and context.was_current_actor_reconstructed),
             **self.trainable_counts(),
-            "clients": len(self.client_rows),
+            "cached_clients": len(self.cache),
             "device": self.device,
         }
 
     def trainable_counts(self) -> dict[str, int]:
         """What a full-rank client trains (and, under DP, what gets noised): adapter tensors, and the head."""
-        from fedsim.methods.base import HEAD_PREFIX
-
         self.method.load_state(self.model, {}, self.method.rank)
         params = self.method.trainable_parameters(self.model, 0)
         head = sum(p.numel() for key, p in params.items() if key.startswith(HEAD_PREFIX))
         return {"trainable_adapter_parameters": sum(p.numel() for p in params.values()) - head, "trainable_head_parameters": head}
 
-    def client_rank(self, client_id: int) -> int:
-        """The client's adapter rank (``clients.ranks``; default ``method.rank``)."""
-        return int(self.ranks[client_id])
-
-    def client_privacy(self, client_id: int) -> PrivacySettings | None:
-        """The client's DP-SGD parameters: Poisson rate q_i = batch_size / n_i, and the run's noise multiplier
-        (calibrated once by the driver, ``data/meta.json``)."""
-        p, c = self.config.privacy, self.config
-        if not p.enabled:
+    def client_privacy(self, client_id: int, noise_multiplier: float | None) -> PrivacySettings | None:
+        """The client's DP-SGD parameters: Poisson rate q_i = batch_size / n_i, and the σ in force this round."""
+        if noise_multiplier is None:
             return None
-        if not hasattr(self, "_noise_multiplier"):
-            self._noise_multiplier = json.loads((self.data_dir / "meta.json").read_text())["noise_multiplier"]
-        n = len(self.client_rows[client_id])
-        sample_rate = min(1.0, c.train.batch_size / n)
-        return PrivacySettings(self._noise_multiplier, p.max_grad_norm, sample_rate, max(1, round(sample_rate * n)))
+        n = self.plan.data.client_sizes[client_id]
+        sample_rate = min(1.0, self.config.train.batch_size / n)
+        return PrivacySettings(noise_multiplier, self.config.privacy.max_grad_norm, sample_rate, max(1, round(sample_rate * n)))
 
-    def init_gradients(self, client_ids: list[int], samples: int, batch_size: int) -> dict[str, torch.Tensor]:
-        """Σ of the full model's gradients on a seeded calibration sample of these clients' rows (LoRA-SB init).
+    # -- the LoRA-SB initialisation ------------------------------------------------------------
+    def initial_state(self) -> State:
+        """The round-0 global state: LoRA's random A and B = 0, or LoRA-SB's B, R, A from the gradient of the full model
+        on its calibration data (``adapters.init_data``): the public sample, client 0's rows, or a share of every
+        client's rows (pooled), summed in client order by this one worker, whatever the number of workers."""
+        a = self.config.adapters
+        grad_sums = None
+        if self.method.needs_init_gradients:
+            if a.init_data == "public":
+                rows = make_rows(read_clients(self.data_dir / "public.parquet", [0]), self.tokenizer, self.config)
+                grad_sums = self._base_gradient_sum(list(rows.in_order(a.init_batch_size)))
+            elif a.init_data == "client":
+                grad_sums = self.init_gradients([0], a.init_samples)
+            else:  # pooled: every client contributes a share of the calibration sample
+                count = self.config.clients.count
+                grad_sums = self.init_gradients(list(range(min(count, a.init_samples))), max(1, math.ceil(a.init_samples / count)))
+        return self.method.init_state(self.model, grad_sums, a.init_lr or self.config.train.lr)
+
+    def init_gradients(self, client_ids: list[int], samples: int) -> dict[str, torch.Tensor]:
+        """Σ of the full model's gradients on a seeded sample of ``samples`` rows of each client (in client order).
 
         Under DP each client's sum is clipped per sample and noised (``privacy.init_noise_multiplier``).
         """
+        batch_size = self.config.adapters.init_batch_size
         sums: dict[str, torch.Tensor] = {}
-        for client_id in client_ids:
-            rows = self.client_rows[client_id]
+        for client_id, (rows, _) in self.client_rows(client_ids).items():
             take = min(len(rows), samples)
-            order = np.random.default_rng(derive_seed(self.config.seed, 0, client_id, 3)).permutation(len(rows))[:take]
+            order = rng(self.config.seed, "init-sample", client_id).permutation(len(rows))[:take]
             batches = [rows.batch(order[i : i + batch_size]) for i in range(0, take, batch_size)]
             private = init_spends_privacy(self.config, self.method.needs_init_gradients, client_id)
-            part = self._base_gradient_sum(batches, derive_seed(self.config.seed, 0, client_id, 4) if private else None)
+            part = self._base_gradient_sum(batches, derive_seed(self.config.seed, "init-noise", client_id) if private else None)
             for name, grad in part.items():
                 sums[name] = grad if name not in sums else sums[name] + grad
         return sums
-
-    def public_gradients(self, batch_size: int) -> dict[str, torch.Tensor]:
-        """The LoRA-SB init's gradient sum on the public calibration sample (``data/public.parquet``; no client's data)."""
-        rows = make_rows(read_clients(self.data_dir / "public.parquet", [0]), self.tokenizer, self.config)
-        return self._base_gradient_sum(list(rows.in_order(batch_size)))
 
     def _base_gradient_sum(self, batches: list[dict], private_seed: int | None = None) -> dict[str, torch.Tensor]:
         """Σ ∂loss/∂W0 of every adapted layer's base weight, keyed by layer; clipped and noised when ``private_seed`` is set.
@@ -138,37 +154,35 @@ class ClientWorker:
             sums = private_gradient_sum(self.model, layer_names, batches, p.max_grad_norm, p.init_noise_multiplier, private_seed)
         return {name.removesuffix(".base_layer"): grad for name, grad in sums.items()}
 
-    def initial_state(self, grad_sums: dict[str, torch.Tensor] | None) -> State:
-        init_lr = self.config.adapters.init_lr or self.config.train.lr
-        return self.method.init_state(self.model, grad_sums, init_lr)
-
-    def run_cohort(self, round_idx: int, state: State, client_ids: list[int]) -> tuple[list[dict], list[dict]]:
-        """Train this round's clients of this worker, in client-id order. Returns (uploads, stats rows)."""
+    # -- a round --------------------------------------------------------------------------------
+    def train(self, round_idx: int, state: State, client_ids: list[int], noise_multiplier: float | None = None
+              ) -> tuple[list[dict], list[dict]]:
+        """Train this worker's share of the round, in client-id order. Returns (uploads, stats rows)."""
         state = {key: value.to(self.device) for key, value in state.items()}
-        settings = train_settings(self.config)
         deadline = self.config.runtime.deadline_s
         start = time.perf_counter()
         uploads, rows = [], []
+        data = self.client_rows(sorted(client_ids))
         for position, client_id in enumerate(sorted(client_ids)):
             self._maybe_die(round_idx, position)
-            rows_of_client = self.client_rows[client_id]
-            privacy = self.client_privacy(client_id)
-            row = {"round": round_idx, "client_id": client_id, "worker_id": self.worker_id, "rank": self.client_rank(client_id),
-                   "samples": len(rows_of_client), "steps": 0, "train_loss": float("nan"), "bytes_up": 0, "train_s": 0.0,
+            client_rows = data[client_id][0]
+            rank = self.plan.client_ranks[client_id]
+            privacy = self.client_privacy(client_id, noise_multiplier)
+            row = {"round": round_idx, "client_id": client_id, "worker_id": self.worker_id, "rank": rank,
+                   "samples": len(client_rows), "steps": 0, "train_loss": float("nan"), "bytes_up": 0, "train_s": 0.0,
                    "noise_multiplier": privacy.noise_multiplier if privacy else float("nan"),
                    "sample_rate": privacy.sample_rate if privacy else float("nan")}
-            late = deadline is not None and time.perf_counter() - start > deadline
-            if late:  # the round's deadline has passed: this client would only report later still
+            if deadline is not None and time.perf_counter() - start > deadline:  # it would only report later still
                 rows.append({**row, "status": "straggler"})
                 continue
-            batch_seed = derive_seed(self.config.seed, round_idx, client_id, 1)
+            batch_seed = derive_seed(self.config.seed, "batches", round_idx, client_id)
             if privacy is not None:
-                batches = poisson_batches(rows_of_client, privacy.sample_rate, batch_seed)
+                batches = poisson_batches(client_rows, privacy.sample_rate, batch_seed)
             else:
-                batches = rows_of_client.batches(settings.batch_size, batch_seed)
+                batches = client_rows.batches(self.config.train.batch_size, batch_seed)
             batches = (None if b is None else {k: v.to(self.device) for k, v in b.items()} for b in batches)
-            upload, stats = run_client(self.model, self.method, state, round_idx, batches, settings,
-                                       derive_seed(self.config.seed, round_idx, client_id), self.client_rank(client_id), privacy)
+            upload, stats = run_client(self.model, self.method, state, round_idx, batches, self.config.train,
+                                       derive_seed(self.config.seed, "training", round_idx, client_id), rank, privacy)
             if client_id in self.config.clients.corrupt:
                 upload = {key: torch.full_like(value, float("nan")) for key, value in upload.items()}
             status = "ok" if is_finite(upload) else "nonfinite"
@@ -177,7 +191,7 @@ class ClientWorker:
             row.update(steps=stats.steps, train_loss=stats.train_loss, bytes_up=nbytes(upload), train_s=stats.train_s, status=status)
             rows.append(row)
             if status == "ok":
-                uploads.append({"client_id": client_id, "num_samples": len(rows_of_client), "tensors": upload})
+                uploads.append({"client_id": client_id, "num_samples": len(client_rows), "tensors": upload})
         return uploads, rows
 
     def _maybe_die(self, round_idx: int, position: int) -> None:
@@ -188,24 +202,32 @@ class ClientWorker:
             if not ray.get_runtime_context().was_current_actor_reconstructed:
                 os._exit(1)
 
-    def evaluate(self, state: State) -> dict[str, float]:
-        if self.eval_rows is None:
-            return {"correct": 0.0, "loss_sum": 0.0, "count": 0.0}
+    # -- evaluation -----------------------------------------------------------------------------
+    def evaluate(self, state: State, chunks: list[int]) -> dict[int, dict]:
+        """The global model on the given chunks of the evaluation data: ``{chunk: sums}`` (``fedsim.data.evaluate``).
+        Chunks are fixed by the data preparation, so the sums do not depend on how many workers share them."""
+        missing = [chunk for chunk in chunks if chunk not in self.eval_rows]
+        if missing:
+            table = read_clients(self.data_dir / "eval.parquet", missing)
+            column = table.column("client_id").to_numpy()
+            for chunk in missing:
+                self.eval_rows[chunk] = make_rows(table.take(np.flatnonzero(column == chunk)), self.tokenizer, self.config)
         self.method.load_state(self.model, {key: value.to(self.device) for key, value in state.items()})
-        return evaluate(self.model, self.eval_rows, self.config.eval.batch_size, self.device, self.config.eval.max_new_tokens)
+        e = self.config.eval
+        return {chunk: evaluate(self.model, self.eval_rows[chunk], e.batch_size, self.device, e.max_new_tokens) for chunk in chunks}
 
     def evaluate_clients(self, state: State, client_ids: list[int]) -> dict[int, dict[str, float]]:
         """The global model on each given client's own held-out rows: ``{client_id: {correct, loss_sum, count}}``."""
         self.method.load_state(self.model, {key: value.to(self.device) for key, value in state.items()})
-        c = self.config.eval
-        return {client_id: evaluate(self.model, self.client_eval_rows[client_id], c.batch_size, self.device, c.max_new_tokens)
-                for client_id in client_ids if client_id in self.client_eval_rows}
+        e = self.config.eval
+        held_out = {cid: own for cid, (_, own) in self.client_rows(client_ids).items() if own is not None}
+        return {cid: evaluate(self.model, rows, e.batch_size, self.device, e.max_new_tokens) for cid, rows in held_out.items()}
 
     def export(self, state: State, path: str) -> str:
         """Write the global adapter in PEFT format to ``path`` (a folder or URI; loads a fresh, un-adapted base model)."""
         from fedsim.adapters.export import export_peft
 
-        base = load_model(self.config, self.model.config.num_labels)
+        base = load_model(self.config, self.plan.data.num_labels)
         with Location(path).local_folder() as folder:
             export_peft(base, state, self.method.scaling, str(folder))
         return path

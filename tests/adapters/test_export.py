@@ -3,13 +3,13 @@
 import pytest
 import torch
 from peft import PeftModel
-from tiny_models import BERT_TARGETS, LLAMA_TARGETS, random_batches, tiny_bert, tiny_llama
+from tiny_models import BERT_TARGETS, LLAMA_TARGETS, random_batches, tiny_bert, tiny_llama, make_method
 
 from fedsim.adapters import accumulate_gradients, target_linear_names
 from fedsim.adapters.export import export_peft
 from fedsim.client import run_client
-from fedsim.methods import MethodSettings, Upload, build_method
-from fedsim.trainer import TrainSettings
+from fedsim.methods import Upload
+from fedsim.config import TrainConfig
 from tiny_models import cycle
 
 MODELS = {"bert": (tiny_bert, BERT_TARGETS), "llama": (tiny_llama, LLAMA_TARGETS)}
@@ -25,14 +25,14 @@ def test_stock_peft_loads_the_export_with_the_same_logits(tmp_path, model_name, 
         return type(factory()).from_pretrained(tmp_path / "base").eval()
 
     model = base()
-    method = build_method(method_name, MethodSettings(rank=4, alpha=8, seed=1))
+    method = make_method(method_name, rank=4, alpha=8, seed=1)
     grads = accumulate_gradients(model, target_linear_names(model, targets), random_batches(9, count=2)) if method.needs_init_gradients else None
     method.prepare(model, targets)
     state = method.init_state(model, grads)
     for round_idx in range(2):  # two rounds, so folded methods carry a base delta
         uploads = []
         for client_id in range(2):
-            upload, _ = run_client(model, method, state, round_idx, cycle(random_batches(client_id)), TrainSettings(local_steps=2, lr=2e-2), client_id)
+            upload, _ = run_client(model, method, state, round_idx, cycle(random_batches(client_id)), TrainConfig(local_steps=2, lr=2e-2), client_id)
             uploads.append(Upload(client_id, 8, upload))
         state = method.aggregate(state, uploads, round_idx).state
     method.load_state(model, state)

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-from tiny_models import BERT_TARGETS, LLAMA_TARGETS, random_batches, tiny_bert, tiny_llama
+from tiny_models import BERT_TARGETS, LLAMA_TARGETS, random_batches, tiny_bert, tiny_llama, make_method
 
 from fedsim.adapters import LoraSBLinear, accumulate_gradients, adapted_layers, inject_lora_sb, target_linear_names
-from fedsim.methods import MethodSettings, build_method
 
 RANK = 4
 
@@ -23,7 +22,7 @@ def test_init_is_the_truncated_svd_of_the_sign_step(factory, targets):
         for total, g in zip(expected_grads, grads):
             total += g.double()
     lr = 2e-3
-    method = build_method("fed-sb", MethodSettings(rank=RANK, train_head=False))
+    method = make_method("fed-sb", rank=RANK, train_head=False)
     grad_sums = accumulate_gradients(model, names, batches)
     method.prepare(model, targets)
     state = method.init_state(model, grad_sums, init_lr=lr)
@@ -69,7 +68,7 @@ def test_opacus_computes_per_sample_gradients_of_R():
     from opacus import GradSampleModule
 
     model = tiny_bert()
-    method = build_method("fed-sb", MethodSettings(rank=RANK))
+    method = make_method("fed-sb", rank=RANK)
     method.prepare(model, BERT_TARGETS)
     method.trainable_parameters(model, 0)
     gsm = GradSampleModule(model.train())

@@ -3,18 +3,12 @@
 import json
 
 import pytest
+import torch
 
-from analysis.comm import (
-    PRESETS,
-    MethodSpec,
-    broadcast_items,
-    bytes_of,
-    comm_table,
-    model_shapes,
-    upload_items,
-)
+from analysis.comm import PRESETS, MessageReplay, comm_table, method_of, model_shapes
 from fedsim.cli import main
 from fedsim.errors import UsageError
+from fedsim.methods import nbytes
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -45,16 +39,17 @@ HAND = {
 def test_decoder_models_all_seven_projections_by_hand(model, rank):
     h = HAND[model]
     per_rank = h["layers"] * h["dk"]
-    for method in ("fedit", "fedex-lora", "fra-lora", "flora"):
+    for method in ("fedit", "fra-lora", "flora"):
         assert row(model, method, rank, task="causal-lm").up_params == rank * per_rank
+    assert row(model, "fedex-lora", rank, task="causal-lm", fedex_downlink="residual").up_params == rank * per_rank
     assert row(model, "fed-sb", rank, task="causal-lm").up_params == 7 * h["layers"] * rank**2
     assert row(model, "fed-sb", rank, task="causal-lm").down_params == 7 * h["layers"] * rank**2
     assert row(model, "ffa-lora", rank, task="causal-lm").up_params == rank * h["layers"] * h["d"]
     c = 5
     flora = row(model, "flora", rank, c, task="causal-lm")
     assert flora.down_params == c * rank * per_rank + 2 * c + 1  # stacked A, B + weights, ranks, round
-    fedex = row(model, "fedex-lora", rank, c, task="causal-lm", fedex_down="adapters")
-    assert fedex.down_params == c * rank * per_rank
+    fedex = row(model, "fedex-lora", rank, c, task="causal-lm", fedex_downlink="stacked")
+    assert fedex.down_params == c * rank * per_rank + 2 * c  # stacked A, B + weights, ranks
     assert row(model, "fed-sb", rank, task="causal-lm").up_bytes >= 4 * 7 * h["layers"] * rank**2
 
 
@@ -101,23 +96,38 @@ def test_cost_against_number_of_clients():
 
 def test_bytes_include_keys_exactly():
     shapes = model_shapes("bert-base", ["query", "value"])
-    spec = MethodSpec("fed-sb", 16)
     keys = [f"bert.encoder.layer.{i}.attention.self.{m}.lora_R" for i in range(12) for m in ("query", "value")]
-    assert bytes_of(upload_items(shapes, spec, 0)) == 24 * 16 * 16 * 4 + sum(len(k) for k in keys)
-    bf16 = model_shapes("bert-base", ["query", "value"], dtype="bfloat16")
-    assert bytes_of(upload_items(bf16, spec, 0)) == 24 * 16 * 16 * 2 + sum(len(k) for k in keys)
-    # fedex-lora's broadcast carries a float32 d×k residual a layer
-    fedex = broadcast_items(shapes, MethodSpec("fedex-lora", 16), 0, 3)
-    assert sum(n for k, n, _ in fedex if k.endswith(".residual")) == 24 * 768 * 768
+    replay = MessageReplay(method_of("fed-sb", 16), shapes)
+    assert nbytes(replay.up(0, 16)) == 24 * 16 * 16 * 4 + sum(len(k) for k in keys)
+    bf16 = MessageReplay(method_of("fed-sb", 16), model_shapes("bert-base", ["query", "value"], dtype="bfloat16"))
+    assert nbytes(bf16.up(0, 16)) == 24 * 16 * 16 * 2 + sum(len(k) for k in keys)
+    # fedex-lora's residual broadcast carries a float32 d×k residual a layer
+    fedex = MessageReplay(method_of("fedex-lora", 16), shapes)
+    fedex.aggregate(0, {0: 16, 1: 16, 2: 16})
+    residuals = [t for k, t in fedex.broadcast.items() if k.endswith(".residual")]
+    assert sum(t.numel() for t in residuals) == 24 * 768 * 768 and {t.dtype for t in residuals} == {torch.float32}
+
+
+def test_fedex_downlink_residual_stacked_and_auto():
+    """`fedsim comm` shows both of FedEx-LoRA's downlinks; auto picks the cheaper: stacked while c·r(d+k) < d·k."""
+    rows = comm_table("mistral-7b", "fedex-lora", [32], [25], task="causal-lm")
+    residual, stacked = rows
+    assert (residual.notes, stacked.notes) == ("fedex downlink: residual", "fedex downlink: stacked")
+    h = HAND["mistral-7b"]
+    assert stacked.down_params == 25 * 32 * h["layers"] * h["dk"] + 2 * 25
+    assert residual.down_params == 32 * h["layers"] * h["dk"] + model_shapes("mistral-7b", task="causal-lm").sum_dxk()
+    auto_small = row("bert-base", "fedex-lora", 4, 3, fedex_downlink="auto", target_modules=["query", "value"])
+    auto_large = row("bert-base", "fedex-lora", 4, 200, fedex_downlink="auto", target_modules=["query", "value"])
+    assert auto_small.down_params == 3 * 4 * 24 * 1536 + 6  # 3 clients' adapters are cheaper than a 768×768 residual
+    assert auto_large.down_params == 4 * 24 * 1536 + 24 * 768 * 768  # 200 clients' are not
 
 
 def test_head_and_switch_round():
     with_head = row("bert-base", "fed-sb", 4, num_labels=3, head=True)
     without = row("bert-base", "fed-sb", 4)
     assert with_head.up_params - without.up_params == 3 * 768 + 3
-    fra_ffa = MethodSpec("fra-then-ffa", 4, switch_round=2)
-    shapes = model_shapes("bert-base")
-    assert len(upload_items(shapes, fra_ffa, 1)) == 48 and len(upload_items(shapes, fra_ffa, 2)) == 24
+    replay = MessageReplay(method_of("fra-then-ffa", 4, switch_round=2), model_shapes("bert-base"))
+    assert len(replay.up(1, 4)) == 48 and len(replay.up(2, 4)) == 24
 
 
 def test_presets_and_config_json_agree(tmp_path):
@@ -134,7 +144,7 @@ def test_presets_and_config_json_agree(tmp_path):
     (dict(clients=[0]), "--clients"),
     (dict(target_modules=["nope"]), "--targets"),
     (dict(dtype="int8"), "--dtype"),
-    (dict(fedex_down="both"), "--fedex-down"),
+    (dict(fedex_downlink="both"), "method.fedex_downlink"),
 ])
 def test_bad_input_names_the_field(kwargs, field):
     args = dict(model="bert-base", methods="all", ranks=[4], clients=[10])

@@ -5,7 +5,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from analysis.comm import METHOD_NAMES, model_shapes, predict_run
+from analysis.comm import model_shapes, predict_run
+from fedsim.methods import METHODS
 from fedsim.config import load_config
 from fedsim.runtime import run_comparison
 
@@ -22,14 +23,14 @@ BASE = {
 def all_methods(ray_local, tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("measured")
     configs = []
-    for method in METHOD_NAMES:
+    for method in METHODS:
         items = {**BASE, "model.name": tiny_model_dir, "method.name": method, "output_dir": str(root / method)}
         configs.append(load_config(None, [f"{k}={v}" for k, v in items.items()]))
     run_comparison(configs, str(root), progress=False)
     return root
 
 
-@pytest.mark.parametrize("method", METHOD_NAMES)
+@pytest.mark.parametrize("method", list(METHODS))
 def test_measured_bytes_match_the_prediction(all_methods, method):
     prediction = predict_run(all_methods / method)
     assert len(prediction.rounds) == 2

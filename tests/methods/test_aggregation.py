@@ -7,13 +7,14 @@ than trusting the method's own error metric.
 import numpy as np
 import pytest
 import torch
-from tiny_models import BERT_TARGETS, LLAMA_TARGETS, cycle, random_batches, tiny_bert, tiny_llama
+from tiny_models import BERT_TARGETS, LLAMA_TARGETS, cycle, random_batches, tiny_bert, tiny_llama, make_method
 
 from fedsim.adapters import accumulate_gradients, adapted_layers, target_linear_names
-from fedsim.client import derive_seed, run_client
-from fedsim.methods import METHOD_NAMES, MethodSettings, Upload, build_method, nbytes
+from fedsim.client import run_client
+from fedsim.seeds import derive_seed
+from fedsim.methods import METHODS, Upload, nbytes
 from fedsim.methods.base import HEAD_PREFIX, layer_names_of
-from fedsim.trainer import TrainSettings
+from fedsim.config import TrainConfig
 
 MODELS = {"bert": (tiny_bert, BERT_TARGETS), "llama": (tiny_llama, LLAMA_TARGETS)}
 EXACT = ["fed-sb", "fedex-lora", "ffa-lora", "flora"]
@@ -23,7 +24,7 @@ RANK = 4
 def setup(model_name, method_name, weights="samples", **settings):
     factory, targets = MODELS[model_name]
     model = factory()
-    method = build_method(method_name, MethodSettings(rank=RANK, alpha=2 * RANK, weights=weights, seed=0, **settings))
+    method = make_method(method_name, rank=RANK, alpha=2 * RANK, weights=weights, seed=0, **settings)
     grads = None
     if method.needs_init_gradients:
         grads = accumulate_gradients(model, target_linear_names(model, targets), random_batches(99, count=2))
@@ -140,7 +141,7 @@ def test_fra_then_ffa_switches_to_exact_ffa():
         assert torch.equal(result.state[f"{layer}.lora_A"], state[f"{layer}.lora_A"])
 
 
-@pytest.mark.parametrize("method_name", METHOD_NAMES)
+@pytest.mark.parametrize("method_name", list(METHODS))
 def test_the_broadcast_carries_everything_that_changed(method_name):
     """A returning client that applies the counted broadcast holds exactly the server's new state."""
     model, method, state = setup("bert", method_name)
@@ -188,7 +189,7 @@ def train_rounds(method, model, state, client_batches, rounds, settings):
     for round_idx in range(rounds):
         uploads = []
         for client_id, batches in client_batches.items():
-            upload, stats = run_client(model, method, state, round_idx, cycle(batches), settings, derive_seed(7, round_idx, client_id))
+            upload, stats = run_client(model, method, state, round_idx, cycle(batches), settings, derive_seed(7, "training", round_idx, client_id))
             uploads.append(Upload(client_id, sum(len(b["labels"]) for b in batches), upload))
             losses.extend(stats.losses)
         state = method.aggregate(state, uploads, round_idx).state
@@ -196,7 +197,7 @@ def train_rounds(method, model, state, client_batches, rounds, settings):
 
 
 def test_fed_sb_with_one_client_equals_central_lora_sb_step_for_step():
-    settings = TrainSettings(local_steps=4, lr=5e-3)
+    settings = TrainConfig(local_steps=4, lr=5e-3)
     data = {0: random_batches(3, count=5)}
     model_a, fed_sb, state_a = setup("bert", "fed-sb")
     model_b, central, state_b = setup("bert", "central", adapter="lora-sb")
@@ -213,7 +214,7 @@ def test_training_changes_only_the_trained_tensors():
     model, method, state = setup("bert", "ffa-lora")
     method.load_state(model, state)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    upload, _ = run_client(model, method, state, 0, cycle(random_batches(1)), TrainSettings(local_steps=2, lr=1e-2), 1)
+    upload, _ = run_client(model, method, state, 0, cycle(random_batches(1)), TrainConfig(local_steps=2, lr=1e-2), 1)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_B" in n or n.startswith("classifier") for n in changed)
     assert set(upload) == set(method.trainable_parameters(model, 0))
@@ -223,10 +224,10 @@ def test_bad_rank_is_a_usage_error():
     from fedsim.errors import UsageError
 
     with pytest.raises(UsageError, match="method.rank"):
-        build_method("fed-sb", MethodSettings(rank=0))
+        make_method("fed-sb", rank=0)
     with pytest.raises(UsageError, match="method.rank"):
-        build_method("fedit", MethodSettings(rank=999)).prepare(tiny_bert(), BERT_TARGETS)
+        make_method("fedit", rank=999).prepare(tiny_bert(), BERT_TARGETS)
     with pytest.raises(UsageError, match="method.name"):
-        build_method("fedx", MethodSettings())
+        make_method("fedx")
     with pytest.raises(UsageError, match="model.target_modules"):
-        build_method("fedit", MethodSettings()).prepare(tiny_bert(), ["q_proj"])
+        make_method("fedit").prepare(tiny_bert(), ["q_proj"])

@@ -2,22 +2,22 @@
 
 import pytest
 import torch
-from tiny_models import BERT_TARGETS, cycle, random_batches, tiny_bert
+from tiny_models import BERT_TARGETS, cycle, random_batches, tiny_bert, make_method
 
 from fedsim.adapters import accumulate_gradients, adapted_layers, target_linear_names
 from fedsim.client import run_client
-from fedsim.methods import MethodSettings, Upload, build_method, nbytes
+from fedsim.methods import Upload, nbytes
 from fedsim.methods.base import pad_to
-from fedsim.trainer import TrainSettings
+from fedsim.config import TrainConfig
 
 FULL = 8
 RANKS = {0: 2, 1: 4, 2: 8}
-SETTINGS = TrainSettings(local_steps=2, lr=1e-2)
+SETTINGS = TrainConfig(local_steps=2, lr=1e-2)
 
 
 def setup(method_name, **settings):
     model = tiny_bert()
-    method = build_method(method_name, MethodSettings(rank=FULL, seed=0, **settings))
+    method = make_method(method_name, rank=FULL, seed=0, **settings)
     grads = accumulate_gradients(model, target_linear_names(model, BERT_TARGETS), random_batches(9, count=2)) if method.needs_init_gradients else None
     method.prepare(model, BERT_TARGETS)
     state = method.init_state(model, grads)

@@ -40,8 +40,10 @@ def assert_same_run(a, b):
     assert state_a.keys() == state_b.keys()
     for key in state_a:
         assert torch.equal(state_a[key], state_b[key]), key
-    assert rows(a, "rounds.parquet", ["wall_s"]) == rows(b, "rounds.parquet", ["wall_s"])
-    assert rows(a, "clients.parquet", ["train_s"]) == rows(b, "clients.parquet", ["train_s"])
+    timings = ["wall_s", "train_s_max", "aggregate_s", "eval_s", "overhead_s"]
+    assert rows(a, "rounds.parquet", timings) == rows(b, "rounds.parquet", timings)
+    # which worker trained a client follows the measured times; what the client computed does not
+    assert rows(a, "clients.parquet", ["train_s", "worker_id"]) == rows(b, "clients.parquet", ["train_s", "worker_id"])
 
 
 def test_200_clients_two_methods_two_workers(ray_local, tiny_model_dir, tmp_path):
@@ -60,7 +62,8 @@ def test_200_clients_two_methods_two_workers(ray_local, tiny_model_dir, tmp_path
         clients = pq.read_table(out / "clients.parquet").to_pylist()
         assert [sum(1 for r in clients if r["round"] == k) for k in range(2)] == [20, 20]
         assert {r["worker_id"] for r in clients} == {0, 1}
-        assert all(r["worker_id"] == r["client_id"] % 2 for r in clients)  # a worker trains only its own clients
+        for k in range(2):  # each round's clients are shared out over both workers, whoever they are
+            assert {r["worker_id"] for r in clients if r["round"] == k} == {0, 1}
         assert all(r["status"] == "ok" for r in clients)
         summary = json.loads((out / "summary.json").read_text())
         assert summary["model_loads"] == 2  # once per worker, not once per client

@@ -27,7 +27,6 @@ def test_each_client_is_scored_on_its_own_held_out_rows(ray_local, tiny_model_di
     from fedsim.methods import build_method
     from fedsim.modeling import load_model, load_tokenizer
     from fedsim.runtime import run
-    from fedsim.runtime.settings import method_settings
 
     config = load_config(None, [f"{k}={v}" for k, v in {
         "output_dir": str(tmp_path / "run"), "model.name": tiny_model_dir, "workload.name": "bbc-news",
@@ -51,7 +50,7 @@ def test_each_client_is_scored_on_its_own_held_out_rows(ray_local, tiny_model_di
     # Recompute the last round's per-client accuracy independently: the final state on each client's held-out rows.
     state = load_file(sorted((out / "checkpoints").glob("*.safetensors"))[-1])
     model = load_model(config, meta["num_labels"]).eval()
-    method = build_method(config.method.name, method_settings(config))
+    method = build_method(config.method, config.clients, config.seed)
     method.prepare(model, config.model.target_modules)
     method.load_state(model, state)
     tokenizer = load_tokenizer(config)

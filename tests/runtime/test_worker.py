@@ -1,4 +1,5 @@
-"""The ClientWorker as a plain object (no Ray): own clients only, one model load, stragglers, corrupt clients."""
+"""The ClientWorker and the Aggregator as plain objects (no Ray): any client on demand, one model load,
+stragglers, corrupt clients, what each client receives."""
 
 import pyarrow as pa
 import pytest
@@ -6,7 +7,9 @@ import pytest
 from fedsim.config import load_config
 from fedsim.methods import nbytes
 from fedsim.partition import write_partitioned
+from fedsim.prepare import DataPlan
 from fedsim.runtime.aggregator import Aggregator
+from fedsim.runtime.plan import RunPlan
 from fedsim.runtime.worker import ClientWorker
 
 
@@ -19,59 +22,68 @@ def data_dir(tmp_path):
     return tmp_path
 
 
-def make_worker(data_dir, model_dir, **overrides):
+def make_plan(data_dir, model_dir, **overrides):
     config = load_config(None, [f"model.name={model_dir}", "method.name=fed-sb", "train.local_steps=1",
                                 "train.batch_size=2", "workload.max_length=16", "clients.count=8", "clients.per_round=2",
                                 *[f"{k}={v}" for k, v in overrides.items()]])
-    from fedsim.config import config_to_dict
+    data = DataPlan(data_dir=str(data_dir), workload="test", num_labels=2, label_names=["a", "b"], train_rows=40,
+                    eval_rows=10, client_sizes=[5] * 8, client_eval_sizes=[0] * 8, client_chars=[200] * 8, eval_chunks=1)
+    return RunPlan.resolve(config, data)
 
-    return ClientWorker(config_to_dict(config), 0, 1, str(data_dir), [1, 3, 5], num_labels=2), config
 
-
-def test_worker_owns_only_its_clients_and_loads_the_model_once(data_dir, tiny_model_dir):
-    worker, config = make_worker(data_dir, tiny_model_dir)
-    assert sorted(worker.client_rows) == [1, 3, 5] and all(len(rows) == 5 for rows in worker.client_rows.values())
-    state = worker.initial_state(worker.init_gradients([1, 3, 5], 4, 2))
-    uploads, rows = worker.run_cohort(0, state, [5, 1])
+def test_any_worker_trains_any_client_on_demand_and_loads_the_model_once(data_dir, tiny_model_dir):
+    worker = ClientWorker(make_plan(data_dir, tiny_model_dir), 0)
+    state = worker.initial_state()
+    uploads, rows = worker.train(0, state, [5, 1])
     assert [r["client_id"] for r in rows] == [1, 5] and all(r["status"] == "ok" for r in rows)
     assert [u["client_id"] for u in uploads] == [1, 5]
-    assert rows[0]["bytes_up"] == nbytes(uploads[0]["tensors"])
+    assert rows[0]["bytes_up"] == nbytes(uploads[0]["tensors"]) and rows[0]["samples"] == 5
+    uploads2, rows2 = worker.train(1, state, [2, 5])  # another round, other clients: read on demand
+    assert [r["client_id"] for r in rows2] == [2, 5] and set(worker.cache) >= {1, 2, 5}
     assert worker.model_loads == 1
-    result = worker.evaluate(state)
+    result = worker.evaluate(state, [0])[0]
     assert result["count"] == 10 and 0 <= result["correct"] <= 10
 
 
+def test_a_client_computes_the_same_on_any_worker_in_any_company(data_dir, tiny_model_dir):
+    plan = make_plan(data_dir, tiny_model_dir)
+    first, second = ClientWorker(plan, 0), ClientWorker(plan, 1)
+    state = first.initial_state()
+    alone = first.train(0, state, [3])[0][0]["tensors"]
+    with_others = second.train(0, state, [1, 3, 7])[0][1]["tensors"]
+    assert all((alone[key] == with_others[key]).all() for key in alone)
+
+
 def test_deadline_turns_late_clients_into_stragglers(data_dir, tiny_model_dir):
-    worker, _ = make_worker(data_dir, tiny_model_dir, **{"runtime.deadline_s": 1e-9})
-    state = worker.initial_state(worker.init_gradients([1], 4, 2))
-    uploads, rows = worker.run_cohort(0, state, [1, 3, 5])
+    worker = ClientWorker(make_plan(data_dir, tiny_model_dir, **{"runtime.deadline_s": 1e-9}), 0)
+    state = worker.initial_state()
+    uploads, rows = worker.train(0, state, [1, 3, 5])
     assert [r["status"] for r in rows] == ["straggler"] * 3 and uploads == []
     worker.config.runtime.deadline_s = 3600.0
-    uploads, rows = worker.run_cohort(0, state, [1, 3, 5])
+    uploads, rows = worker.train(0, state, [1, 3, 5])
     assert [r["status"] for r in rows] == ["ok"] * 3 and len(uploads) == 3
 
 
 def test_corrupt_clients_are_flagged_nonfinite_and_not_uploaded(data_dir, tiny_model_dir):
-    worker, config = make_worker(data_dir, tiny_model_dir, **{"clients.corrupt": "[3]"})
-    state = worker.initial_state(worker.init_gradients([1], 4, 2))
-    uploads, rows = worker.run_cohort(0, state, [1, 3])
+    plan = make_plan(data_dir, tiny_model_dir, **{"clients.corrupt": "[3]"})
+    worker = ClientWorker(plan, 0)
+    state = worker.initial_state()
+    uploads, rows = worker.train(0, state, [1, 3])
     assert [r["status"] for r in rows] == ["ok", "nonfinite"]
-    aggregator = Aggregator(__import__("fedsim.config", fromlist=["config_to_dict"]).config_to_dict(config))
+    aggregator = Aggregator(plan)
     aggregator.set_state(state)
-    assert aggregator.aggregate(0, uploads)["clients_aggregated"] == 1
+    assert aggregator.aggregate(0, [1, 3], uploads)["clients_aggregated"] == 1
 
 
-def test_first_contact_gets_the_whole_state_then_the_broadcast(data_dir, tiny_model_dir):
-    worker, config = make_worker(data_dir, tiny_model_dir, **{"method.train_head": "false"})
-    from fedsim.config import config_to_dict
-
-    aggregator = Aggregator(config_to_dict(config))
-    state = worker.initial_state(worker.init_gradients([1], 4, 2))
+def test_first_contact_gets_the_whole_state_then_the_broadcast_then_what_changed(data_dir, tiny_model_dir):
+    plan = make_plan(data_dir, tiny_model_dir, **{"method.train_head": "false"})
+    worker, aggregator = ClientWorker(plan, 0), Aggregator(plan)
+    state = worker.initial_state()
     aggregator.set_state(state)
-    first = aggregator.downlink_bytes([1, 3])
-    assert first == {1: nbytes(state), 3: nbytes(state)}
-    uploads, _ = worker.run_cohort(0, state, [1, 3])
-    aggregator.aggregate(0, uploads)
-    second = aggregator.downlink_bytes([1, 5])
     r_bytes = sum(v.numel() * 4 + len(k) for k, v in state.items() if k.endswith("lora_R"))
-    assert second == {1: r_bytes, 5: nbytes(state)}
+    uploads, _ = worker.train(0, state, [1, 3])
+    assert aggregator.aggregate(0, [1, 3], uploads)["bytes_down"] == {1: nbytes(state), 3: nbytes(state)}
+    uploads, _ = worker.train(1, aggregator.get_state(), [1, 5])
+    assert aggregator.aggregate(1, [1, 5], uploads)["bytes_down"] == {1: r_bytes, 5: nbytes(state)}
+    # client 3 last received the state at round 0: since then only R changed (Fed-SB's B and A never do)
+    assert aggregator.aggregate(2, [3], [])["bytes_down"] == {3: r_bytes}
