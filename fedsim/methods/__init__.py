@@ -9,13 +9,21 @@ from fedsim.methods.central import Central
 from fedsim.methods.fed_sb import FedSB
 from fedsim.methods.fedex_lora import FedExLoRA
 from fedsim.methods.fedit import FedIT
+from fedsim.methods.fedsa_lora import FedSALoRA
+from fedsim.methods.fedsvd import FedSVD
 from fedsim.methods.ffa_lora import FFALoRA
+from fedsim.methods.flexlora import FlexLoRA
 from fedsim.methods.flora import FLoRA
 from fedsim.methods.fra_lora import FRALoRA
 from fedsim.methods.fra_then_ffa import FRAThenFFA
+from fedsim.methods.hetlora import HetLoRA
+from fedsim.methods.lora_fair import LoRAFAIR
+from fedsim.methods.rolora import RoLoRA
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (FedSB, FedIT, FedExLoRA, FFALoRA, FLoRA, FRALoRA, FRAThenFFA, Central)
+    cls.name: cls
+    for cls in (FedSB, FedIT, FedExLoRA, FFALoRA, FLoRA, FRALoRA, FRAThenFFA, FedSALoRA, RoLoRA, FedSVD, FlexLoRA, HetLoRA,
+                LoRAFAIR, Central)
 }
 METHOD_NAMES = tuple(METHODS)
 
