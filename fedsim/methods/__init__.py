@@ -51,6 +51,9 @@ def methods_table() -> str:
 
 
 # The built-in methods register themselves on import.
-from fedsim.methods import fed_sb, fedit, fedex_lora, ffa_lora, flora, fra_lora, fra_then_ffa, central  # noqa: E402,F401,I001
+from fedsim.methods import (  # noqa: E402,F401,I001
+    fed_sb, fedit, fedex_lora, ffa_lora, flora, fra_lora, fra_then_ffa, fedsa_lora, rolora, fedsvd, flexlora, hetlora,
+    lora_fair, central,
+)
 
 __all__ = ["METHODS", "Method", "RoundResult", "State", "Upload", "build_method", "method_names", "methods_table", "nbytes", "register"]

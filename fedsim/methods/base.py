@@ -12,6 +12,15 @@ aggregate. The global state is a flat ``dict[str, Tensor]``:
 
 Aggregation sums clients in client-id order and accumulates in float64, so the result does not
 depend on the order in which clients arrive. Nothing here imports Ray.
+
+Two generic hooks serve the methods that go beyond one shared global state:
+
+- ``client_kinds``: tensors that stay with the client (personalisation, e.g. FedSA-LoRA's B and head).
+  They are never uploaded and never aggregated; the runtime keeps them per client
+  (``fedsim.client_state.ClientStore``) and starts the client from ``client_state(global, own)``;
+  ``keep`` says what to store after the client trained.
+- ``downlink``: what a client of adapter rank r_i actually receives of a broadcast (FlexLoRA and
+  HetLoRA send each client only its rank's leading block); by default the broadcast itself.
 """
 
 from __future__ import annotations
@@ -202,6 +211,11 @@ class Method:
         """The adapter tensors clients train in round ``round_idx``: LoRA's A and B unless a method says otherwise."""
         return ("lora_A", "lora_B")
 
+    def client_kinds(self, round_idx: int) -> tuple[str, ...]:
+        """Kinds a client trains but keeps (``"lora_B"``…, or ``"head"`` for the head): never uploaded, never
+        aggregated, stored per client between its rounds. None by default."""
+        return ()
+
     def trainable_parameters(self, model: nn.Module, round_idx: int) -> dict[str, nn.Parameter]:
         """Mark exactly this round's trained tensors as trainable and return them, keyed as in the state."""
         model.requires_grad_(False)
@@ -240,11 +254,37 @@ class Method:
                     weight.copy_(leading_block(value, weight.shape))
 
     def upload(self, model: nn.Module, round_idx: int) -> State:
-        """The client's message: its trained tensors, copied to CPU."""
+        """The client's message: its trained tensors but those it keeps (``client_kinds``), copied to CPU."""
+        kept = self.client_kinds(round_idx)
         return {
             key: param.detach().to("cpu", copy=True)
             for key, param in self.trainable_parameters(model, round_idx).items()
+            if key_kind(key) not in kept
         }
+
+    def keep(self, model: nn.Module, round_idx: int) -> State:
+        """What the client keeps after training: its ``client_kinds`` tensors (at its own rank; ``"head"``: the
+        head's parameters), copied to CPU."""
+        kinds = self.client_kinds(round_idx)
+        kept = {
+            state_key(name, kind): layer.module(kind).weight.detach().to("cpu", copy=True)
+            for name, layer in adapted_layers(model).items()
+            for kind in kinds
+            if kind != "head"
+        }
+        if "head" in kinds:
+            kept.update({HEAD_PREFIX + name: param.detach().to("cpu", copy=True) for name, param in head_parameters(model).items()})
+        return kept
+
+    @staticmethod
+    def client_state(global_state: State, own: State) -> State:
+        """A client's starting state: the global state with the client's own kept tensors over it."""
+        return {**global_state, **own}
+
+    def downlink(self, message: State, rank: int) -> State:
+        """What a returning client of adapter rank ``rank`` receives of ``message`` (a broadcast, or the whole
+        state at first contact). By default the message itself."""
+        return message
 
     def receive(self, state: State, broadcast: State) -> State:
         """Client side: the global state after applying the server's broadcast to the previous one."""
@@ -279,15 +319,10 @@ class Method:
     def meta_upload(self, state: State, round_idx: int, rank: int | None = None) -> State:
         """A client's upload, as ``upload`` builds it from a model at rank ``rank``, built from a (meta) state."""
         rank = rank or self.rank
-        kinds = self.trained_kinds(round_idx)
-        upload = {}
-        for key, value in state.items():
-            kind = key.rsplit(".", 1)[-1]
-            if key.startswith(HEAD_PREFIX):
-                upload[key] = value
-            elif kind in kinds:
-                upload[key] = leading_block(value, rank_shape(kind, value.shape, rank))
-        return upload
+        kinds = set(self.trained_kinds(round_idx)) | {"head"}
+        kept = self.client_kinds(round_idx)
+        return {key: leading_block(value, rank_shape(key_kind(key), value.shape, rank))
+                for key, value in state.items() if key_kind(key) in kinds and key_kind(key) not in kept}
 
     # -- 4. aggregate -------------------------------------------------------------------------
     def client_weights(self, uploads: Sequence[Upload]) -> list[float]:
@@ -407,6 +442,18 @@ class Method:
         result.agg_error = math.sqrt(squared_error / squared_norm) if squared_norm > 0 else 0.0
         result.layer_errors = layer_errors
         return result
+
+
+def key_kind(key: str) -> str:
+    """``"lora_A"`` of ``"<layer>.lora_A"``; ``"head"`` for a head parameter."""
+    return "head" if key.startswith(HEAD_PREFIX) else key.rsplit(".", 1)[1]
+
+
+def rank_block(state: State, rank: int) -> State:
+    """``state`` as a rank-``rank`` client holds it: the first ``rank`` rows of every A and columns of every B
+    (and the leading block of every R); every other tensor as it is. The truncation HetLoRA and FlexLoRA send."""
+    blocks = {"lora_A": (slice(0, rank),), "lora_B": (slice(None), slice(0, rank)), "lora_R": (slice(0, rank), slice(0, rank))}
+    return {key: value[blocks[key_kind(key)]].contiguous() if key_kind(key) in blocks else value for key, value in state.items()}
 
 
 def client_rank(upload: Upload, layer: str, full_rank: int) -> int:

@@ -142,7 +142,7 @@ class Experiment:
         if not self.resumed:
             save_config(c, self.output_dir / "config.yaml")
             data = write_data(split, self.output_dir)
-        self.plan = RunPlan.resolve(c, data)
+        self.plan = RunPlan.resolve(c, data, str(self.output_dir))
 
     # -- actors ---------------------------------------------------------------------------------
     @property
@@ -251,7 +251,7 @@ class Experiment:
         if (round_idx + 1) % self.config.eval.every == 0 or round_idx == self.config.train.rounds - 1:
             eval_metric, eval_loss, by_set = self.evaluate()
             if self.config.eval.per_client > 0:
-                self.evaluate_clients(rows)
+                self.evaluate_clients(rows, round_idx)
         eval_s = time.perf_counter() - eval_started
         rows.sort(key=lambda row: row["client_id"])
         self.account(rows)
@@ -373,11 +373,12 @@ class Experiment:
         by_set = {name: c / n for name, (c, n) in totals.items() if n > 0}
         return float(np.mean(list(by_set.values()))), loss, by_set
 
-    def evaluate_clients(self, rows: list[dict]) -> None:
-        """``eval.per_client``: the new global model scored on each of the round's clients' own held-out rows."""
+    def evaluate_clients(self, rows: list[dict], round_idx: int) -> None:
+        """``eval.per_client``: each of the round's clients' own model after the round (the new global model, with what
+        a personalised client keeps over it) scored on the client's own held-out rows."""
         state_ref = self.aggregator.get_state.remote()
         owners = [row["client_id"] for row in rows if self.plan.data.client_eval_sizes[row["client_id"]] > 0]
-        calls = {worker_id: self.workers[worker_id].evaluate_clients.remote(state_ref, owners[i::len(self.live)])
+        calls = {worker_id: self.workers[worker_id].evaluate_clients.remote(state_ref, owners[i::len(self.live)], round_idx)
                  for i, worker_id in enumerate(self.live) if owners[i::len(self.live)]}
         scores = {cid: score for part in self.gather(calls, "its clients' own evaluation") for cid, score in part.items()}
         for row in rows:
@@ -406,6 +407,7 @@ class Experiment:
 
         stem = latest_checkpoint(self.output_dir / "checkpoints")
         last_round = ray.get(self.aggregator.restore.remote(stem))
+        self.plan.client_store.rollback(last_round)  # what clients kept in rounds the checkpoint never saw
         self.round_rows += read_rows(self.output_dir / "rounds.parquet", last_round)
         self.client_rows += read_rows(self.output_dir / "clients.parquet", last_round)
         for row in self.client_rows:

@@ -24,6 +24,7 @@ from fedsim.methods.base import HEAD_PREFIX, State
 from fedsim.modeling import load_model, load_tokenizer, offline_by_default
 from fedsim.partition import HELD_OUT, read_clients
 from fedsim.privacy import PrivacySettings, init_spends_privacy, poisson_batches, private_gradient_sum
+from fedsim.runtime.aggregator import CHECKPOINTS_KEPT
 from fedsim.runtime.plan import RunPlan
 from fedsim.seeds import derive_seed, rng
 from fedsim.storage import Location
@@ -50,6 +51,7 @@ class ClientWorker:
         self.data_dir = Location(plan.data.data_dir)  # a local folder or a URI on shared storage
         self.cache: OrderedDict[int, tuple[Rows, Rows | None]] = OrderedDict()  # client -> (training rows, held-out rows)
         self.eval_rows: dict[int, Rows] = {}  # evaluation chunk -> rows (a worker is given the same chunks every round)
+        self.store = plan.client_store  # what personalised clients keep between their rounds
 
     # -- data, on demand ------------------------------------------------------------------------
     def client_rows(self, client_ids: list[int]) -> dict[int, tuple[Rows, Rows | None]]:
@@ -181,8 +183,12 @@ class ClientWorker:
             else:
                 batches = client_rows.batches(self.config.train.batch_size, batch_seed)
             batches = (None if b is None else {k: v.to(self.device) for k, v in b.items()} for b in batches)
-            upload, stats = run_client(self.model, self.method, state, round_idx, batches, self.config.train,
-                                       derive_seed(self.config.seed, "training", round_idx, client_id), rank, privacy)
+            upload, stats = run_client(self.model, self.method, self.client_state(state, client_id, round_idx - 1), round_idx,
+                                       batches, self.config.train, derive_seed(self.config.seed, "training", round_idx, client_id),
+                                       rank, privacy)
+            if self.method.client_kinds(round_idx):  # a personalised client keeps part of what it trained
+                self.store.write(client_id, round_idx, self.method.keep(self.model, round_idx),
+                                 keep_from=max(0, round_idx - CHECKPOINTS_KEPT - 1))
             if client_id in self.config.clients.corrupt:
                 upload = {key: torch.full_like(value, float("nan")) for key, value in upload.items()}
             status = "ok" if is_finite(upload) else "nonfinite"
@@ -193,6 +199,12 @@ class ClientWorker:
             if status == "ok":
                 uploads.append({"client_id": client_id, "num_samples": len(client_rows), "tensors": upload})
         return uploads, rows
+
+    def client_state(self, state: State, client_id: int, as_of_round: int) -> State:
+        """The state a client starts from: the global one, with what the client kept after ``as_of_round`` over it."""
+        own = {key: value.to(self.device) for key, value in self.store.read(client_id, as_of_round).items()} \
+            if self.method.client_kinds(max(0, as_of_round)) else {}
+        return self.method.client_state(state, own) if own else state
 
     def _maybe_die(self, round_idx: int, position: int) -> None:
         """Fault injection (``runtime.kill_worker_round``): worker 0 dies once, after its first client."""
@@ -216,12 +228,17 @@ class ClientWorker:
         e = self.config.eval
         return {chunk: evaluate(self.model, self.eval_rows[chunk], e.batch_size, self.device, e.max_new_tokens) for chunk in chunks}
 
-    def evaluate_clients(self, state: State, client_ids: list[int]) -> dict[int, dict[str, float]]:
-        """The global model on each given client's own held-out rows: ``{client_id: {correct, loss_sum, count}}``."""
-        self.method.load_state(self.model, {key: value.to(self.device) for key, value in state.items()})
+    def evaluate_clients(self, state: State, client_ids: list[int], round_idx: int) -> dict[int, dict[str, float]]:
+        """Each given client's own model after ``round_idx`` — the global model, with what a personalised client keeps
+        over it — on the client's own held-out rows: ``{client_id: {correct, loss_sum, count}}``."""
+        state = {key: value.to(self.device) for key, value in state.items()}
         e = self.config.eval
-        held_out = {cid: own for cid, (_, own) in self.client_rows(client_ids).items() if own is not None}
-        return {cid: evaluate(self.model, rows, e.batch_size, self.device, e.max_new_tokens) for cid, rows in held_out.items()}
+        scores = {}
+        for cid, (_, held_out) in self.client_rows(client_ids).items():
+            if held_out is not None:
+                self.method.load_state(self.model, self.client_state(state, cid, round_idx), self.plan.client_ranks[cid])
+                scores[cid] = evaluate(self.model, held_out, e.batch_size, self.device, e.max_new_tokens)
+        return scores
 
     def export(self, state: State, path: str) -> str:
         """Write the global adapter in PEFT format to ``path`` (a folder or URI; loads a fresh, un-adapted base model)."""

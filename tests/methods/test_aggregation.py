@@ -11,13 +11,13 @@ from tiny_models import BERT_TARGETS, LLAMA_TARGETS, cycle, random_batches, tiny
 
 from fedsim.adapters import accumulate_gradients, adapted_layers, target_linear_names
 from fedsim.client import run_client
-from fedsim.seeds import derive_seed
-from fedsim.methods import METHODS, Upload, nbytes
-from fedsim.methods.base import HEAD_PREFIX, layer_names_of
 from fedsim.config import TrainConfig
+from fedsim.methods import METHODS, Upload, nbytes
+from fedsim.methods.base import HEAD_PREFIX, key_kind, layer_names_of
+from fedsim.seeds import derive_seed
 
 MODELS = {"bert": (tiny_bert, BERT_TARGETS), "llama": (tiny_llama, LLAMA_TARGETS)}
-EXACT = ["fed-sb", "fedex-lora", "ffa-lora", "flora"]
+EXACT = ["fed-sb", "fedex-lora", "ffa-lora", "flora", "rolora", "fedsvd"]
 RANK = 4
 
 
@@ -35,7 +35,8 @@ def setup(model_name, method_name, weights="samples", **settings):
 def random_uploads(method, state, round_idx, model, count=4):
     """Clients whose trained tensors are the global ones plus independent random perturbations."""
     uploads = []
-    trained = method.trainable_parameters(model, round_idx)
+    kept = method.client_kinds(round_idx)  # personalised tensors never go up
+    trained = [key for key in method.trainable_parameters(model, round_idx) if key_kind(key) not in kept]
     for client_id in reversed(range(count)):  # arrival order differs from client-id order
         generator = torch.Generator().manual_seed(1000 * round_idx + client_id)
         tensors = {}

@@ -95,7 +95,7 @@ def test_partitioned_divides_each_entry_by_the_weight_of_those_who_trained_it():
     assert torch.equal(result.state[key][4:, 4:], state[key][4:, 4:])
 
 
-@pytest.mark.parametrize("method_name", ["fed-sb", "fedit", "ffa-lora", "fedex-lora", "flora"])
+@pytest.mark.parametrize("method_name", ["fed-sb", "fedit", "ffa-lora", "fedex-lora", "flora", "flexlora", "hetlora"])
 def test_equal_ranks_give_bit_for_bit_the_homogeneous_result(method_name):
     model, method, state = setup(method_name)
     homogeneous = method.aggregate(state, train_clients(model, method, state, {0: None, 1: None}), 0)

@@ -1,0 +1,38 @@
+"""FlexLoRA: ``Σ w_i B_i A_i`` at full size, then an SVD truncated to each client's own rank (a downlink per client).
+
+Bai, Chen, Qian, Yao, Li, "Federated Fine-tuning of Large Language Models under Heterogeneous Tasks and
+Client Resources", NeurIPS 2024, arXiv:2402.11505.
+
+Rule: clients train A and B at their own rank r_i (``clients.ranks``); the server forms the full-size
+``ΔW = Σ w_i · scaling · B_i A_i`` (``w_i = n_i / Σ n``, the paper's weights, or uniform:
+``clients.weights``) and redistributes it by SVD: client i gets the rank-r_i truncation
+``U_{r_i} S_{r_i} V_{r_i}ᵀ``. fedsim keeps one global state, the truncation at the largest rank r
+(``method.rank``) with its components ordered by singular value (``B = U_r √S_r``, ``A = √S_r V_rᵀ``,
+divided by the LoRA scaling, as FRA-LoRA does); client i's leading r_i components of it ARE its
+rank-r_i truncation (Eckart–Young: the top r_i singular triplets of ΔW), and ``downlink`` sends
+exactly those. With every client at rank r, FlexLoRA is FRA-LoRA; it is built on it.
+
+Exactness: no. ``agg_error`` is the global truncation's: ``‖ΔW − trunc_r(ΔW)‖ / ‖ΔW‖``, zero only
+when ΔW has rank ≤ r (one client, or clients that agree). A rank-r_i client resumes from a further truncation,
+whose error is not in ``agg_error``.
+
+Messages per client and round, per adapted layer (W0 d×k; plus the head where ``method.train_head``):
+up ``r_i·(d+k)`` (A_i, B_i at the client's rank); down ``r_i·(d+k)`` (its rank's leading block of the
+new A and B). The broadcast itself is the full-rank ``r·(d+k)``; only the leading block travels.
+
+Where fedsim departs from the paper: the paper's server keeps the full-size ΔW as the global model
+(and evaluates it); fedsim keeps and evaluates its rank-r truncation, r = ``method.rank`` ≥ every
+r_i — set ``method.rank`` to the largest client rank. How S is split between B and A does not change
+any product B·A; fedsim splits it evenly (√S each side) and could not check the authors' code for
+theirs. A client's rank is fixed for the run by ``clients.ranks`` (the paper sets it by the client's resources).
+"""
+
+from fedsim.methods import register
+from fedsim.methods.base import State, rank_block
+from fedsim.methods.fra_lora import FRALoRA
+
+
+@register("flexlora", paper="https://arxiv.org/abs/2402.11505", trains="A, B at the client's rank", rule="`Σ w_i B_i A_i`, SVD truncated to each client's rank", exact="no (truncation reported)")
+class FlexLoRA(FRALoRA):
+    def downlink(self, message: State, rank: int) -> State:
+        return rank_block(message, rank)
