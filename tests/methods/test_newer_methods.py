@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedsim.methods import MethodSettings, Upload, build_method
+from tiny_models import make_method
+
+from fedsim.methods import Upload
 from fedsim.methods.base import rank_block
 
 D, K, R = 7, 6, 3  # out, in, global rank
@@ -17,7 +19,7 @@ HEAD = "head:classifier.weight"
 
 
 def settings(**overrides):
-    return MethodSettings(**{"rank": R, "alpha": 2.0 * R, "seed": 0, **overrides})  # scaling 2: checks it is kept
+    return {"rank": R, "alpha": 2.0 * R, "seed": 0, **overrides}  # scaling 2: checks it is kept
 
 
 def global_state(seed=0):
@@ -86,9 +88,9 @@ def product(state, layer, scaling):
 
 
 def test_fedsa_lora_averages_A_only_and_keeps_B_and_the_head_on_the_client():
-    method = build_method("fedsa-lora", settings())
+    method = make_method("fedsa-lora", **settings())
     assert method.client_kinds(0) == ("lora_B", "head")
-    assert build_method("fedsa-lora", settings(train_head=False)).client_kinds(0) == ("lora_B",)
+    assert make_method("fedsa-lora", **settings(train_head=False)).client_kinds(0) == ("lora_B",)
     state = global_state()
     uploads = uploads_of({"lora_A"}, head=False)
     ordered, w = sample_weights(uploads)
@@ -104,7 +106,7 @@ def test_fedsa_lora_averages_A_only_and_keeps_B_and_the_head_on_the_client():
 
 
 def test_fedsa_lora_refuses_an_upload_that_carries_a_kept_tensor():
-    method = build_method("fedsa-lora", settings())
+    method = make_method("fedsa-lora", **settings())
     with pytest.raises(ValueError, match="keeps"):
         method.aggregate(global_state(), uploads_of({"lora_A", "lora_B"}, head=False), 0)
 
@@ -113,7 +115,7 @@ def test_fedsa_lora_refuses_an_upload_that_carries_a_kept_tensor():
 
 
 def test_rolora_alternates_B_then_A_and_is_exact_every_round():
-    method = build_method("rolora", settings())
+    method = make_method("rolora", **settings())
     assert [method.trained_kinds(t) for t in range(4)] == [("lora_B",), ("lora_A",), ("lora_B",), ("lora_A",)]
     state = global_state()
     for round_idx, kind in enumerate(["lora_B", "lora_A"]):
@@ -134,7 +136,7 @@ def test_rolora_alternates_B_then_A_and_is_exact_every_round():
 
 
 def test_rolora_is_exact_with_rank_heterogeneous_clients():
-    method = build_method("rolora", settings(train_head=False))
+    method = make_method("rolora", **settings(train_head=False))
     state = global_state()
     for round_idx, kind in enumerate(["lora_B", "lora_A"]):
         uploads = uploads_of({kind}, ranks=(1, 2, 3, 3), head=False, seed=20 + round_idx)
@@ -148,7 +150,7 @@ def test_rolora_is_exact_with_rank_heterogeneous_clients():
 
 @pytest.mark.parametrize("ranks", [(R, R, R, R), (1, 2, 3, 3)])
 def test_fedsvd_refactorises_the_mean_B_times_A_into_an_orthonormal_A(ranks):
-    method = build_method("fedsvd", settings())
+    method = make_method("fedsvd", **settings())
     assert method.trained_kinds(0) == ("lora_B",)
     state = global_state()
     uploads = uploads_of({"lora_B"}, ranks=ranks)
@@ -181,7 +183,7 @@ def best_rank(matrix, rank):
 
 @pytest.mark.parametrize("weights", ["samples", "uniform"])
 def test_flexlora_truncates_the_full_size_mean_and_each_client_gets_its_own_rank(weights):
-    method = build_method("flexlora", settings(weights=weights))
+    method = make_method("flexlora", **settings(weights=weights))
     state = global_state()
     ranks = (1, 2, 3, 3)
     uploads = uploads_of({"lora_A", "lora_B"}, ranks=ranks)
@@ -208,8 +210,8 @@ def test_flexlora_truncates_the_full_size_mean_and_each_client_gets_its_own_rank
 
 def test_flexlora_with_one_rank_is_fra_lora():
     state, uploads = global_state(), uploads_of({"lora_A", "lora_B"})
-    flex = build_method("flexlora", settings()).aggregate(state, uploads, 0)
-    fra = build_method("fra-lora", settings()).aggregate(state, uploads, 0)
+    flex = make_method("flexlora", **settings()).aggregate(state, uploads, 0)
+    fra = make_method("fra-lora", **settings()).aggregate(state, uploads, 0)
     assert all(torch.equal(flex.state[k], fra.state[k]) for k in fra.state)
     assert flex.agg_error == fra.agg_error
 
@@ -218,7 +220,7 @@ def test_flexlora_with_one_rank_is_fra_lora():
 
 
 def test_hetlora_zero_pads_averages_with_sparsity_weights_and_truncates_per_client():
-    method = build_method("hetlora", settings())
+    method = make_method("hetlora", **settings())
     state = global_state()
     ranks = (1, 2, 3, 3)
     uploads = uploads_of({"lora_A", "lora_B"}, ranks=ranks)
@@ -247,7 +249,7 @@ def test_hetlora_zero_pads_averages_with_sparsity_weights_and_truncates_per_clie
 
 
 def test_hetlora_falls_back_to_sample_weights_when_nothing_was_trained():
-    method = build_method("hetlora", settings(train_head=False))
+    method = make_method("hetlora", **settings(train_head=False))
     state = {k: (torch.zeros_like(v) if k.endswith("lora_B") else v) for k, v in global_state().items() if k != HEAD}
     uploads = uploads_of({"lora_A"}, head=False)
     for u in uploads:
@@ -266,13 +268,13 @@ def test_hetlora_falls_back_to_sample_weights_when_nothing_was_trained():
 
 @pytest.mark.parametrize("ranks", [(R, R, R, R), (1, 2, 3, 3)])
 def test_lora_fair_corrects_B_toward_the_ideal_update(ranks):
-    method = build_method("lora-fair", settings())
+    method = make_method("lora-fair", **settings())
     assert method.regularisation == 0.01  # the paper's λ
     state = global_state()
     uploads = uploads_of({"lora_A", "lora_B"}, ranks=ranks)
     ordered, w = sample_weights(uploads)
     result = method.aggregate(state, uploads, 0)
-    fedit = build_method("fedit", settings()).aggregate(state, uploads, 0)
+    fedit = make_method("fedit", **settings()).aggregate(state, uploads, 0)
     ideal = {}
     for layer in LAYERS:
         A = sum(wi * pad(np_(u.tensors[f"{layer}.lora_A"]), (R, K)) for wi, u in zip(w, ordered))
@@ -296,7 +298,7 @@ def test_lora_fair_corrects_B_toward_the_ideal_update(ranks):
 
 def test_existing_methods_keep_nothing_and_send_every_client_the_broadcast():
     for name in ("fed-sb", "fedit", "fedex-lora", "ffa-lora", "flora", "fra-lora", "fra-then-ffa", "rolora", "fedsvd", "lora-fair"):
-        method = build_method(name, settings())
+        method = make_method(name, **settings())
         assert method.client_kinds(0) == ()
         message = global_state()
         assert method.downlink(message, 1) is message
@@ -312,7 +314,7 @@ def test_rank_block_cuts_A_rows_B_columns_R_blocks_and_leaves_the_rest():
 
 
 def test_client_state_overlays_the_clients_own_tensors_on_the_global_state():
-    method = build_method("fedsa-lora", settings())
+    method = make_method("fedsa-lora", **settings())
     state = global_state()
     own = {f"{LAYERS[0]}.lora_B": torch.zeros(D, 2, dtype=torch.float64)}
     start = method.client_state(state, own)

@@ -3,25 +3,28 @@ what each round changes, exactness where claimed, rank-heterogeneous clients rec
 FedSA-LoRA's personal tensors living in the per-client store across rounds — none of it depending on the order
 in which a worker trains its clients, and a crash-and-resume giving bit for bit the uninterrupted run."""
 
+from dataclasses import replace
+
 import pytest
 import torch
-from tiny_models import BERT_TARGETS, cycle, random_batches, tiny_bert
+from tiny_models import BERT_TARGETS, cycle, random_batches, tiny_bert, make_method
 
 from fedsim.adapters import adapted_layers
-from fedsim.client import derive_seed, run_client
+from fedsim.client import run_client
+from fedsim.seeds import derive_seed
 from fedsim.client_state import ClientStore
-from fedsim.methods import MethodSettings, Upload, build_method
+from fedsim.methods import Upload, build_method
 from fedsim.methods.base import HEAD_PREFIX, head_parameters, key_kind, layer_names_of
-from fedsim.trainer import TrainSettings
+from fedsim.config import TrainConfig
 
 FULL = 8
-SETTINGS = TrainSettings(local_steps=2, lr=1e-2)
+SETTINGS = TrainConfig(local_steps=2, lr=1e-2)
 DATA = {client_id: random_batches(100 + client_id, count=2) for client_id in range(3)}
 
 
 def setup(method_name, **settings):
     model = tiny_bert()
-    method = build_method(method_name, MethodSettings(rank=FULL, alpha=2.0 * FULL, seed=0, **settings))
+    method = make_method(method_name, rank=FULL, alpha=2.0 * FULL, seed=0, **settings)
     method.prepare(model, BERT_TARGETS)
     return model, method, method.init_state(model)
 
@@ -36,7 +39,7 @@ def train_round(model, method, state, round_idx, order, ranks=None, store=None, 
         if store is not None:
             start = method.client_state(start, store.read(client_id, round_idx - 1))
         upload, stats = run_client(model, method, start, round_idx, cycle(DATA[client_id]), SETTINGS,
-                                   derive_seed(7, round_idx, client_id), rank=rank)
+                                   derive_seed(7, "training", round_idx, client_id), rank=rank)
         if store is not None:
             store.write(client_id, round_idx, method.keep(model, round_idx), keep_from=keep_from)
         uploads.append(Upload(client_id, sum(len(b["labels"]) for b in DATA[client_id]), upload))
@@ -66,7 +69,7 @@ def check_fedsvd(model, method, round_idx, before, result, uploads):
 
 
 def check_lora_fair(model, method, round_idx, before, result, uploads):
-    fedit = build_method("fedit", method.settings).aggregate(before, uploads, round_idx)
+    fedit = build_method(replace(method.config, name="fedit"), method.clients, method.seed).aggregate(before, uploads, round_idx)
     assert 0 < result.agg_error < fedit.agg_error
 
 
