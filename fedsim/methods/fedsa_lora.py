@@ -33,7 +33,7 @@ from fedsim.methods import register
 from fedsim.methods.base import Method, RoundResult, State, Upload, key_kind
 
 
-@register("fedsa-lora", paper="https://arxiv.org/abs/2410.01463", trains="A, B; B (and the head) stay on the client", rule="`A = Σ w_i A_i`", exact="personalised (no error)")
+@register("fedsa-lora", paper="https://arxiv.org/abs/2410.01463", trains="A, B; B and the head stay local", rule="`A = Σ w_i A_i`", exact="personalised (NaN)")
 class FedSALoRA(Method):
     def client_kinds(self, round_idx: int) -> tuple[str, ...]:
         return ("lora_B", "head") if self.config.train_head else ("lora_B",)

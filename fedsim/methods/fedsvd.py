@@ -32,7 +32,7 @@ from fedsim.methods import register
 from fedsim.methods.base import Method, RoundResult, State, Upload, layer_names_of, state_key
 
 
-@register("fedsvd", paper="https://arxiv.org/abs/2505.12805", trains="B; A orthonormal, shared", rule="SVD of `B̄A` → new orthonormal A and B")
+@register("fedsvd", paper="https://arxiv.org/abs/2505.12805", trains="B; A orthonormal, shared", rule="SVD of `B̄A` → orthonormal A, new B")
 class FedSVD(Method):
     def trained_kinds(self, round_idx: int) -> tuple[str, ...]:
         return ("lora_B",)

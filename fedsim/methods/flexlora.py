@@ -32,7 +32,7 @@ from fedsim.methods.base import State, rank_block
 from fedsim.methods.fra_lora import FRALoRA
 
 
-@register("flexlora", paper="https://arxiv.org/abs/2402.11505", trains="A, B at the client's rank", rule="`Σ w_i B_i A_i`, SVD truncated to each client's rank", exact="no (truncation reported)")
+@register("flexlora", paper="https://arxiv.org/abs/2402.11505", trains="A, B at the client's rank", rule="SVD of `Σ w_i B_i A_i` cut to each client's rank", exact="no (truncation reported)")
 class FlexLoRA(FRALoRA):
     def downlink(self, message: State, rank: int) -> State:
         return rank_block(message, rank)

@@ -36,7 +36,7 @@ from fedsim.methods import register
 from fedsim.methods.base import HEAD_PREFIX, Method, RoundResult, State, Upload, layer_names_of, rank_block, state_key
 
 
-@register("hetlora", paper="https://arxiv.org/abs/2401.06432", trains="A, B at the client's rank", rule="zero-pad, sparsity-weighted mean, truncate per client", exact="no (error reported)")
+@register("hetlora", paper="https://arxiv.org/abs/2401.06432", trains="A, B at the client's rank", rule="zero-pad, `‖B_i A_i‖_F`-weighted mean, cut to each client's rank", exact="no (error reported)")
 class HetLoRA(Method):
     def aggregate(self, state: State, uploads: Sequence[Upload], round_idx: int) -> RoundResult:
         uploads, weights = self.ordered(uploads)

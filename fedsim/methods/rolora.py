@@ -27,7 +27,7 @@ from fedsim.methods import register
 from fedsim.methods.base import Method
 
 
-@register("rolora", paper="https://arxiv.org/abs/2502.01755", trains="B in even rounds, A in odd rounds", rule="the trained factor averaged")
+@register("rolora", paper="https://arxiv.org/abs/2502.01755", trains="B in even rounds, A in odd rounds", rule="average the factor trained that round")
 class RoLoRA(Method):
     def trained_kinds(self, round_idx: int) -> tuple[str, ...]:
         return ("lora_B",) if round_idx % 2 == 0 else ("lora_A",)
