@@ -64,12 +64,7 @@ class ClientStore:
         that no such resume reads are deleted."""
         data = save({key: value.contiguous() for key, value in tensors.items()},
                     metadata={"client_id": str(client_id), "round": str(round_idx)})
-        target = self._file(client_id, round_idx)
-        try:
-            target.write_bytes(data)
-        except FileNotFoundError:  # a filesystem with real folders (HDFS, pyarrow's mock://): make it, once a client
-            target.parent.mkdir()
-            target.write_bytes(data)
+        self._file(client_id, round_idx).write_bytes(data)
         if keep_from is not None:
             for version in stale(self.versions(client_id), keep_from):
                 self._file(client_id, version).delete()

@@ -1,7 +1,7 @@
 """Where a run's files live: a local folder, or a URI of any filesystem pyarrow understands.
 
 ``output_dir`` may be ``results/x``, ``/shared/x``, or ``s3://bucket/x`` (``gs://``, ``hdfs://``,
-``file://``…), so that worker actors on other nodes and the user's notebook read the same files.
+``file://``…; ``memory://x`` is one in-memory filesystem for the whole process, for tests and notebooks), so that worker actors on other nodes and the user's notebook read the same files.
 pyarrow's filesystems do the I/O; this module only adds what they lack: a path object that keeps
 the URI's options (``s3://b/x?endpoint_override=host:9000&scheme=http``) on its children, atomic
 writes on a local disk (a temporary file, then a rename: a crash never leaves half a file), and a
@@ -41,7 +41,14 @@ def join(location: str | os.PathLike, *names: str) -> str:
     return os.path.join(os.fspath(location), *names)
 
 
+_MEMORY: list[pafs.FileSystem] = []  # memory://: one in-memory filesystem for the whole process (tests, notebooks)
+
+
 def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    if uri.startswith("memory://"):
+        if not _MEMORY:
+            _MEMORY.append(pafs._MockFileSystem())
+        return _MEMORY[0], "/" + uri.removeprefix("memory://").partition("?")[0].strip("/")
     try:
         return pafs.FileSystem.from_uri(uri)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, ValueError) as error:
@@ -167,7 +174,12 @@ class Location:
                 file.write(data)
             os.replace(tmp, self.path)
             return
-        with self.fs.open_output_stream(self.path) as stream:
+        try:
+            stream = self.fs.open_output_stream(self.path)
+        except FileNotFoundError:  # a filesystem with real folders (HDFS, memory://): make the parent, then write
+            self.parent.mkdir()
+            stream = self.fs.open_output_stream(self.path)
+        with stream:
             stream.write(data)
 
     def write_text(self, text: str) -> None:
@@ -196,7 +208,12 @@ class Location:
         staging = tempfile.mkdtemp(prefix="fedsim-")
         try:
             yield Path(staging)
-            pafs.copy_files(staging, self.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+            copy = lambda: pafs.copy_files(staging, self.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+            try:
+                copy()
+            except FileNotFoundError:  # a filesystem with real folders (HDFS, memory://): make the folder, then copy
+                self.mkdir()
+                copy()
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 

@@ -8,6 +8,17 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest
 
+# Tests that start processes (Ray clusters, subprocesses, notebook kernels): `pytest -m "not slow"` leaves them out.
+SLOW_FIXTURES = {"ray_local", "two_nodes", "s3_bucket"}
+
+
+def pytest_collection_modifyitems(items):
+    """Mark ``slow`` every test that uses a Ray cluster (or another fixture that starts processes); modules that run
+    subprocesses or notebooks mark themselves (``pytestmark = pytest.mark.slow``)."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def ray_local():

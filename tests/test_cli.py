@@ -216,6 +216,7 @@ def test_bugs_propagate(fake_runtime):
 # --- as a process -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a subprocess
 def test_module_entry_point_exits_2_with_one_line():
     proc = subprocess.run(
         [sys.executable, "-m", "fedsim.cli", "config", "method.rank=0"],

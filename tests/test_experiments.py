@@ -44,6 +44,7 @@ def test_matched_comm_gives_fed_sb_about_fedits_upload():
     assert abs(rank ** 2 - 2 * 8 * hidden) / (2 * 8 * hidden) < 0.02
 
 
+@pytest.mark.slow  # a subprocess
 def test_seeds_table_gives_mean_and_spread_over_seeds(tmp_path):
     sweep = tmp_path / "sweep"
     points = []
@@ -67,6 +68,7 @@ def test_seeds_table_gives_mean_and_spread_over_seeds(tmp_path):
     assert (tmp_path / "accuracy_vs_bytes.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # a subprocess
 def test_seeds_refuses_a_folder_without_a_sweep(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "experiments" / "seeds.py"), str(tmp_path), "--out", str(tmp_path)],
                           capture_output=True, text=True)

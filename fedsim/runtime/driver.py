@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsim.config import Config, save_config
+from fedsim.config import Config, RuntimeConfig, save_config
 from fedsim.errors import UsageError
 from fedsim.methods import build_method
 from fedsim.modeling import check_model, offline_by_default
@@ -86,15 +86,7 @@ def ray_session(config: Config):
 
     started_here = not ray.is_initialized()
     if started_here:
-        address = config.runtime.address or os.environ.get("RAY_ADDRESS")
-        env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TRANSFORMERS_VERBOSITY": "error",
-                            "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}}
-        if address:
-            ray.init(address=address, runtime_env=env)
-        else:
-            needed = math.ceil(config.runtime.workers * config.runtime.cpus_per_worker)
-            ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False, _node_ip_address="127.0.0.1",
-                     runtime_env=env, logging_level="warning")
+        ray.init(**ray_init_args(config))
     try:
         yield
     except ray.exceptions.RayTaskError as error:
@@ -104,6 +96,27 @@ def ray_session(config: Config):
     finally:
         if started_here:
             ray.shutdown()
+
+
+def ray_init_args(config: Config) -> dict:
+    """``ray.init``'s arguments: connect to ``runtime.address`` / ``RAY_ADDRESS``, or start a local Ray on 127.0.0.1
+    big enough for the workers."""
+    env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TRANSFORMERS_VERBOSITY": "error",
+                        "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}}
+    address = config.runtime.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        return {"address": address, "runtime_env": env}
+    needed = math.ceil(config.runtime.workers * config.runtime.cpus_per_worker)
+    return {"num_cpus": max(os.cpu_count() or 1, needed), "include_dashboard": False, "_node_ip_address": "127.0.0.1",
+            "runtime_env": env, "logging_level": "warning"}
+
+
+def worker_actors(runtime: RuntimeConfig) -> dict:
+    """How the worker actors are asked of Ray: how many, each one's resources (a placement-group bundle), how long to
+    wait for them, how often one may be restarted."""
+    return {"workers": runtime.workers,
+            "bundle": {"CPU": runtime.cpus_per_worker, **({"GPU": runtime.gpus_per_worker} if runtime.gpus_per_worker else {})},
+            "placement_timeout_s": runtime.placement_timeout_s, "max_restarts": runtime.max_restarts}
 
 
 class Experiment:
@@ -154,21 +167,22 @@ class Experiment:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-        r = self.config.runtime
-        bundle = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}
-        self.placement_group, self.requested_resources = place_workers(r.workers, bundle, r.placement_timeout_s, self.local_ray)
+        actors = worker_actors(self.config.runtime)
+        bundle = actors["bundle"]
+        self.placement_group, self.requested_resources = place_workers(actors["workers"], bundle, actors["placement_timeout_s"],
+                                                                       self.local_ray)
         # A call to a worker that dies waits for Ray to restart it (on another node if its node is gone: the placement
         # group reschedules the bundle) and is retried there, however long the restart takes; a worker that dies more
         # than max_restarts times fails its calls (ActorDiedError): its clients are reported failed and it gets no more.
-        worker_cls = ray.remote(max_restarts=r.max_restarts, max_task_retries=-1)(ClientWorker)
+        worker_cls = ray.remote(max_restarts=actors["max_restarts"], max_task_retries=-1)(ClientWorker)
         self.workers = [
             worker_cls.options(
-                num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker,
+                num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
             ).remote(self.plan, i)
-            for i in range(r.workers)
+            for i in range(actors["workers"])
         ]
-        self.live = list(range(r.workers))  # workers not gone beyond their restarts
+        self.live = list(range(actors["workers"]))  # workers not gone beyond their restarts
         # The global state lives beside the driver: a lost worker node takes clients with it, never the state.
         # Two threads: a round's checkpoint is written while the next round's calls come in.
         beside_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
@@ -248,7 +262,7 @@ class Experiment:
             row["eval_metric"] = row["eval_loss"] = float("nan")
         eval_started = time.perf_counter()
         eval_metric, eval_loss, by_set = float("nan"), float("nan"), {}
-        if (round_idx + 1) % self.config.eval.every == 0 or round_idx == self.config.train.rounds - 1:
+        if self.evaluates(round_idx):
             eval_metric, eval_loss, by_set = self.evaluate()
             if self.config.eval.per_client > 0:
                 self.evaluate_clients(rows, round_idx)
@@ -272,6 +286,10 @@ class Experiment:
         })
         self.writer.submit(round_idx, self.round_rows, self.client_rows)
         bar.set_postfix(round=round_idx, loss=f"{self.round_rows[-1]['train_loss']:.3f}", acc=f"{eval_metric:.3f}", refresh=False)
+
+    def evaluates(self, round_idx: int) -> bool:
+        """Whether the global model is evaluated after ``round_idx``: every ``eval.every`` rounds, and after the last."""
+        return (round_idx + 1) % self.config.eval.every == 0 or round_idx == self.config.train.rounds - 1
 
     def assign(self, client_ids: list[int]) -> dict[int, list[int]]:
         """The round's clients over the live workers, balanced by predicted work (longest first, each to the least loaded

@@ -8,6 +8,8 @@ import pytest
 from fedsim.cli import main
 from fedsim.errors import UsageError
 
+pytestmark = pytest.mark.slow  # runs subprocesses
+
 
 def fedsim(*args):
     return subprocess.run([sys.executable, "-m", "fedsim.cli", *args], capture_output=True, text=True, timeout=300)
