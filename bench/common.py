@@ -360,7 +360,7 @@ class DriverTimer:
 
         patch(experiment, "run_round", run_round)
 
-        for name, label in (("evaluate", "eval_s"), ("write_tables", "parquet_s"), ("sample", "sample_s")):
+        for name, label in (("evaluate", "eval_s"), ("sample", "sample_s")):
             original = getattr(experiment, name)
 
             def timed(exp, *args, _original=original, _label=label, **kwargs):

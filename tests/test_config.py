@@ -1,7 +1,5 @@
 """The config schema: defaults, YAML merge, overrides, validation messages, round trip. No Ray."""
 
-import dataclasses
-
 import pytest
 import yaml
 
@@ -320,12 +318,6 @@ def test_yaml_output_is_readable():
     assert "target_modules: [query, value]" in text
     assert "\ntrain:" in text and "\n  rounds: 5 " in text
     assert "train:\n  rounds: 5\n" in config_to_yaml(Config(), comments=False)
-
-
-def test_dataclasses_are_plain():
-    assert dataclasses.is_dataclass(Config)
-    assert all(dataclasses.is_dataclass(getattr(Config(), f.name)) for f in dataclasses.fields(Config)
-               if f.name not in ("seed", "output_dir"))
 
 
 # --- model aliases ----------------------------------------------------------------------------
