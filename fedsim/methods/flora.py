@@ -7,8 +7,9 @@ The aggregation is exact (the stacked product is the weighted sum of the client 
 cost is on the way down: each client receives every client's A and B, c·Σ r(d+k) numbers a round.
 Stacking is along the rank dimension (B's columns, A's rows), so clients of different ranks stack
 as they are — FLoRA's answer to rank heterogeneity.
-After the fold, A is re-drawn (seeded by the run seed and the round, so clients draw the same A
-without it being sent) and B is zero.
+After the fold, A is re-drawn (seeded by the run seed and the round, layer after layer in sorted order of
+the layer names, so clients draw the same A from the seed alone, without it being sent, however their
+state's keys are ordered) and B is zero.
 """
 
 from collections.abc import Sequence
@@ -58,7 +59,7 @@ class FLoRA(Method):
         next_round = int(broadcast[ROUND_KEY].item()) + 1
         new_state = dict(state)
         generator = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + next_round)
-        for layer in layer_names_of(state):
+        for layer in sorted(layer_names_of(state)):  # the draw order of A: fixed by the names, not by the dict
             stack_B = broadcast[state_key(layer, "stack_B")].to(torch.float64).split(ranks, dim=1)
             stack_A = broadcast[state_key(layer, "stack_A")].to(torch.float64).split(ranks, dim=0)
             fold = sum(w * self.scaling * (B @ A) for w, B, A in zip(weights, stack_B, stack_A))
