@@ -599,6 +599,12 @@ def _validate(cfg: Config) -> None:
     _positive(p.max_grad_norm, "privacy.max_grad_norm")
     _choice(p.accountant, ACCOUNTANTS, "privacy.accountant")
     _positive(p.init_noise_multiplier, "privacy.init_noise_multiplier", optional=True)
+    if not p.enabled:
+        ignored = [f"privacy.{key}={_num(value)}" for key, value in
+                   (("epsilon", p.epsilon), ("noise_multiplier", p.noise_multiplier), ("init_noise_multiplier", p.init_noise_multiplier))
+                   if value is not None]
+        _check(not ignored, "privacy.enabled",
+               f"is false, so {', '.join(ignored)} would be ignored; set privacy.enabled=true, or drop {'it' if len(ignored) == 1 else 'them'} (null)")
 
     t = cfg.train
     _positive_int(t.rounds, "train.rounds")
