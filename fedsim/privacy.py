@@ -8,10 +8,13 @@ clips and noises them (``DPOptimizer``) and accounts (RDP: Mironov 2017; PRV: Go
 What fedsim adds, in this one place:
 - a client's privacy history across the rounds it takes part in, ``[(σ, q, steps), …]``, from which
   ε is recomputed with Opacus's accountant (the driver logs it per client and round);
-- the calibration of σ to a target ε over a whole run *after* a cost already spent (the private
-  LoRA-SB initialisation), which Opacus's ``get_noise_multiplier`` does not take;
+- the calibration of σ to a target ε over the remaining steps of a run *after* costs already spent
+  (the private LoRA-SB initialisation, the rounds before a resume), for every client at once, which
+  Opacus's ``get_noise_multiplier`` does not take;
+- a per-record loss (``mean_record_loss``): each record's own loss, so that its gradient does not
+  depend on the other records of the batch (a causal LM's token-mean over the batch would);
 - the private gradient sum of the LoRA-SB initialisation (per-sample clipping over all target
-  weights together, Gaussian noise once on the sum: one Gaussian mechanism with q = 1).
+  weights together, Gaussian noise once on the sum: one sampled Gaussian mechanism).
 Only the trained tensors are ever noised: for Fed-SB, R (and the head where trained).
 """
 
@@ -19,12 +22,14 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
+
+from fedsim.data import per_example_loss
 
 History = list[tuple[float, float, int]]  # (noise multiplier σ, sample rate q, steps)
 
@@ -83,8 +88,10 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     if not spent:
         from opacus.accountants.utils import get_noise_multiplier
 
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                          steps=steps, accountant=accountant, epsilon_tolerance=tolerance))
+        with warnings.catch_warnings():  # as in epsilon_spent
+            warnings.simplefilter("ignore", UserWarning)
+            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                              steps=steps, accountant=accountant, epsilon_tolerance=tolerance))
     if epsilon_spent(list(spent), delta, accountant) >= target_epsilon:
         raise ValueError(f"the privacy already spent exceeds the target epsilon {target_epsilon}")
     low, high = 0.0, 10.0
@@ -99,6 +106,86 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
         if high - low < 1e-6:
             break
     return high
+
+
+class BudgetSpent(ValueError):
+    """A client has already spent the target ε: no σ keeps it within the target if it trains again."""
+
+    def __init__(self, epsilon: float, target_epsilon: float):
+        super().__init__(f"a client has already spent ε = {epsilon:.4g}, the target is {target_epsilon:g}")
+        self.epsilon = epsilon
+
+
+Client = tuple[History, float]  # (what a client has spent so far, its sample rate q from now on)
+
+
+def worst_case_epsilon(clients: Sequence[Client], noise_multiplier: float, steps: int, delta: float,
+                       accountant: str = "rdp") -> float:
+    """The largest ε any client reaches if it takes ``steps`` more steps at σ = ``noise_multiplier``, each at
+    its own rate (the worst case: it takes part in every remaining round)."""
+    return max((epsilon_spent([*spent, (noise_multiplier, rate, steps)], delta, accountant)
+                for spent, rate in _undominated(clients)), default=0.0)
+
+
+def calibrate_noise_for_clients(target_epsilon: float, delta: float, clients: Sequence[Client], steps: int,
+                                accountant: str = "rdp", tolerance: float = 0.01) -> float:
+    """The smallest σ (within ``tolerance`` in ε) with which no client exceeds ``target_epsilon`` after ``steps`` more
+    steps at its own rate, whatever it has spent before (the worst case: it takes part in every remaining round).
+
+    σ is calibrated for the most exposed client, then every other one is checked against it (one ε each)
+    and σ raised where one would still exceed the target. Raises ``BudgetSpent`` when a client has
+    already spent the target.
+    """
+    candidates = _undominated(clients)
+    spent = max((epsilon_spent(list(history), delta, accountant) for history, _ in candidates), default=0.0)
+    if spent >= target_epsilon:
+        raise BudgetSpent(spent, target_epsilon)
+    sigma = None
+    for history, rate in candidates:
+        if sigma is None or epsilon_spent([*history, (sigma, rate, steps)], delta, accountant) > target_epsilon:
+            sigma = calibrate_noise(target_epsilon, delta, rate, steps, accountant, history, tolerance)
+    return sigma
+
+
+def _undominated(clients: Sequence[Client]) -> list[Client]:
+    """The clients no other client dominates, most exposed first (a client's ε, whatever σ comes next, is then
+    at most that of one of them).
+
+    Client a dominates b when their histories, with entries of equal (σ, q) merged, hold the same (σ, steps)
+    and a's rate is ≥ b's in every entry and from now on: the sampled Gaussian mechanism's privacy loss grows
+    with q, and composition adds it up. Clients of one run differ mostly by size (q = batch / n), so few remain.
+    """
+    groups: dict[tuple, list[tuple[float, ...]]] = {}
+    for history, rate in clients:
+        merged: dict[tuple[float, float], int] = {}
+        for sigma, q, steps in history:
+            if steps > 0:
+                merged[(sigma, q)] = merged.get((sigma, q), 0) + steps
+        entries = sorted(((sigma, steps), q) for (sigma, q), steps in merged.items())
+        groups.setdefault(tuple(key for key, _ in entries), []).append((*[q for _, q in entries], rate))
+    front: list[Client] = []
+    for keys, rate_vectors in groups.items():
+        kept: list[tuple[float, ...]] = []
+        for rates in sorted(set(rate_vectors), reverse=True):
+            if not any(all(k >= r for k, r in zip(other, rates)) for other in kept):
+                kept.append(rates)
+        front += [([(sigma, q, steps) for (sigma, steps), q in zip(keys, rates[:-1])], rates[-1]) for rates in kept]
+    return sorted(front, key=lambda client: -client[1])
+
+
+def mean_record_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The mean over the batch's records of each record's own loss (what Opacus's ``loss_reduction="mean"`` expects).
+
+    Classification (labels of shape [B]): the model's loss, already the mean of per-record cross-entropies.
+    Causal LM (labels [B, T]): each record's own mean token loss (``fedsim.data.per_example_loss``), then the
+    mean over records. The model's own loss would divide by the tokens of the whole batch, so a record's
+    gradient would scale with its share of the batch's tokens, and clipping it would not bound it by C.
+    """
+    labels = batch["labels"]
+    if labels.dim() == 1:
+        return model(**batch).loss
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    return per_example_loss(model(**inputs).logits, labels).mean()
 
 
 def poisson_batches(rows, sample_rate: float, seed: int) -> Iterator[dict[str, torch.Tensor] | None]:
@@ -131,7 +218,7 @@ class PrivateStep:
             for p in self.params:
                 p.grad_sample = p.new_zeros((0, *p.shape))
             return float("nan")
-        loss = self.module(**batch).loss
+        loss = mean_record_loss(self.module, batch)
         loss.backward()
         return loss.item()
 
@@ -142,10 +229,12 @@ class PrivateStep:
 
 def private_gradient_sum(model: nn.Module, layer_names: list[str], batches: Iterable[dict[str, torch.Tensor]],
                          max_grad_norm: float, noise_multiplier: float, seed: int) -> dict[str, torch.Tensor]:
-    """``Σ_samples clip_C(∂loss_j/∂W) + N(0, (σC)²)`` for the named linear weights (one Gaussian mechanism).
+    """``Σ_records clip_C(∂loss_j/∂W) + N(0, (σC)²)`` for the named linear weights (one Gaussian mechanism).
 
-    The per-sample gradient of every named weight is clipped together (one norm over all of them),
-    so one record moves the sum by at most C.
+    ``loss_j`` is record j's own loss (``mean_record_loss``); its gradient over every named weight is
+    clipped together (one norm over all of them), so adding or removing one record of ``batches``
+    moves the sum by at most C. Which records ``batches`` hold decides the mechanism's sampling rate
+    (the caller's: ``ClientWorker.init_gradients`` Poisson-samples them).
     """
     from opacus import GradSampleModule
 
@@ -160,12 +249,11 @@ def private_gradient_sum(model: nn.Module, layer_names: list[str], batches: Iter
         p.requires_grad_(False)
     for w in weights:
         w.requires_grad_(True)
-    module = GradSampleModule(model, loss_reduction="sum")
+    module = GradSampleModule(model, loss_reduction="mean")
     try:
         for batch in batches:
-            module(**batch).loss.backward()  # HF mean loss: grad_sample is per-sample gradient / batch size
-            size = len(batch["labels"])
-            samples = [w.grad_sample.to(torch.float64) * size for w in weights]
+            mean_record_loss(module, batch).backward()  # grad_sample: each record's gradient of its own loss
+            samples = [w.grad_sample.to(torch.float64) for w in weights]
             norms = torch.stack([s.reshape(len(s), -1).norm(dim=1) for s in samples], dim=1).norm(dim=1)
             factors = (max_grad_norm / (norms + 1e-12)).clamp(max=1.0)
             for total, s in zip(sums, samples):
