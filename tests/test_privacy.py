@@ -10,7 +10,17 @@ from tiny_models import BERT_TARGETS, tiny_bert
 
 from fedsim.adapters import adapted_layers
 from fedsim.methods import MethodSettings, build_method
-from fedsim.privacy import PrivacySettings, PrivateStep, calibrate_noise, epsilon_spent, poisson_batches, private_gradient_sum
+from fedsim.privacy import (
+    BudgetSpent,
+    PrivacySettings,
+    PrivateStep,
+    calibrate_noise,
+    calibrate_noise_for_clients,
+    epsilon_spent,
+    poisson_batches,
+    private_gradient_sum,
+    worst_case_epsilon,
+)
 
 C = 0.05  # small enough that real per-sample gradients get clipped
 
@@ -134,6 +144,35 @@ def test_calibrated_noise_meets_the_target_also_after_a_private_init(target):
     sigma_after = calibrate_noise(target, 1e-5, 0.1, 100, spent=init)
     assert sigma_after > sigma
     assert target - 0.05 <= epsilon_spent([*init, (sigma_after, 0.1, 100)], 1e-5) <= target
+
+
+def clients_of_a_run():
+    """(history, rate) of 12 clients of sizes 20..130 (q = 8/n): a private init at q = 2/n, then 0, 1 or 2 rounds of 10 steps."""
+    clients = []
+    for i, n in enumerate(range(20, 140, 10)):
+        rounds = [0, 1, 2][i % 3]
+        history = [(25.0, 2 / n, 1)] + [(1.2, 8 / n, 10)] * rounds
+        clients.append((history, 8 / n))
+    return clients
+
+
+def test_worst_case_epsilon_is_the_largest_over_every_client():
+    clients = clients_of_a_run()
+    brute_force = max(epsilon_spent([*history, (1.5, rate, 30)], 1e-5) for history, rate in clients)
+    assert worst_case_epsilon(clients, 1.5, 30, 1e-5) == pytest.approx(brute_force, rel=1e-12)
+
+
+def test_noise_calibrated_for_every_client_keeps_each_within_the_target():
+    target, delta, steps = 8.0, 1e-5, 30  # the clients have spent up to ε ≈ 5.5
+    clients = clients_of_a_run()
+    sigma = calibrate_noise_for_clients(target, delta, clients, steps)
+    reached = [epsilon_spent([*history, (sigma, rate, steps)], delta) for history, rate in clients]
+    assert target - 0.02 <= max(reached) <= target  # the most exposed client ends at the target, no client above
+    alone = [calibrate_noise(target, delta, rate, steps, spent=history) for history, rate in clients[-3:]]
+    assert sigma >= max(alone) - 1e-6  # at least what each client needs by itself
+    with pytest.raises(BudgetSpent) as spent:  # a client that has spent the target already: no σ helps
+        calibrate_noise_for_clients(max(epsilon_spent(h, delta) for h, _ in clients) - 1e-3, delta, clients, steps)
+    assert spent.value.epsilon == pytest.approx(max(epsilon_spent(h, delta) for h, _ in clients))
 
 
 def test_poisson_batches_sample_each_record_with_the_rate():

@@ -14,24 +14,25 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
 from fedsim.client import derive_seed
-from fedsim.config import Config, config_to_dict, save_config
+from fedsim.config import Config, config_to_dict, resolve_model_path, save_config
 from fedsim.errors import UsageError
 from fedsim.methods import build_method
 from fedsim.modeling import check_model, offline_by_default
 from fedsim.partition import HELD_OUT, assign_ranks, hold_out_per_client, label_counts, partition, write_partitioned
-from fedsim.privacy import calibrate_noise, epsilon_spent
+from fedsim.privacy import BudgetSpent, calibrate_noise_for_clients, epsilon_spent, worst_case_epsilon
 from fedsim.runtime.aggregator import Aggregator, latest_checkpoint
-from fedsim.runtime.settings import init_spends_privacy, method_settings, privacy_history
+from fedsim.runtime.settings import dp_sample_rate, init_rows_per_client, method_settings, privacy_history
 from fedsim.runtime.worker import ClientWorker
 from fedsim.storage import Location
 
 ROUND_COLUMNS = ["round", "method", "clients_sampled", "clients_ok", "bytes_up", "bytes_down", "agg_error",
-                 "train_loss", "eval_metric", "eval_loss", "wall_s", "epsilon_max"]
+                 "train_loss", "eval_metric", "eval_loss", "wall_s", "epsilon_max", "noise_multiplier"]
 CLIENT_COLUMNS = ["round", "client_id", "worker_id", "rank", "samples", "steps", "train_loss", "bytes_up",
                   "bytes_down", "train_s", "status", "noise_multiplier", "sample_rate", "epsilon", "eval_metric", "eval_loss"]
 SAMPLING_STREAM, DROPOUT_STREAM = 1, 2
@@ -51,6 +52,32 @@ def run(config: Config, resume: str | None = None, overwrite: bool = False, prog
         return experiment.run().native()
 
 
+class CheckResult(NamedTuple):
+    checked: list[str]  # what was checked, as a user would name it
+    unchecked: dict[str, str]  # what could not be checked on this machine, and why
+    notes: list[str]  # what `run` would also need (e.g. --overwrite)
+
+
+def check(config: Config, resume: str | None = None) -> CheckResult:
+    """Every check ``run`` makes before training (``Experiment.prepare``), without writing a file, loading model
+    weights or starting Ray: the method, the private-init guard, the workload and its partition, the model and its
+    target modules, the DP calibration (with ``resume``: the recalibration for the rounds still to run).
+
+    A model or data files that are not on this machine are skipped and said so. Anything wrong raises
+    ``UsageError``, as ``run`` would.
+    """
+    offline_by_default()
+    output_dir = Location(config.output_dir)
+    if resume is not None and latest_checkpoint(output_dir / "checkpoints") is None:
+        raise UsageError(f"--resume: {output_dir} has no complete checkpoint to resume from; start a new run instead")
+    notes = [] if resume is not None else [note for note in [prepare_output_dir(output_dir, overwrite=False, dry_run=True)] if note]
+    experiment = Experiment(config, output_dir, resumed=resume is not None, progress=False)
+    unchecked = experiment.prepare(dry_run=True)
+    areas = ["config", "method", "private-init guard", *([] if resume else ["workload and partition"]), "model and target modules",
+             *(["DP calibration"] if config.privacy.enabled else [])]
+    return CheckResult([area for area in areas if area not in unchecked], unchecked, notes)
+
+
 def run_comparison(configs: list[Config], output_dir: str, overwrite: bool = False, progress: bool = True) -> Path | Location:
     """Run several configs (e.g. one per method) side by side under one Ray session; plot them together."""
     for config in configs:
@@ -67,14 +94,18 @@ def run_comparison(configs: list[Config], output_dir: str, overwrite: bool = Fal
     return Location(output_dir).native()
 
 
-def prepare_output_dir(output_dir: Location, overwrite: bool) -> None:
-    """Refuse to write into an existing run unless asked; never delete a folder that is not a fedsim run."""
+def prepare_output_dir(output_dir: Location, overwrite: bool, dry_run: bool = False) -> str | None:
+    """Refuse to write into an existing run unless asked; never delete a folder that is not a fedsim run.
+    ``dry_run`` (``fedsim check``): return what would stop a run without ``--overwrite`` instead of raising it."""
     if output_dir.is_file():
         raise UsageError(f"output_dir: {output_dir} is a file; give a folder (it is created if absent)")
     if not output_dir.iterdir():
-        return
+        return None
     if not overwrite:
-        raise UsageError(f"output_dir: {output_dir} already exists; pass --overwrite to replace it, --resume {output_dir} to continue it, or choose another output_dir")
+        message = f"output_dir: {output_dir} already exists; pass --overwrite to replace it, --resume {output_dir} to continue it, or choose another output_dir"
+        if dry_run:
+            return message
+        raise UsageError(message)
     if not (output_dir / "config.yaml").exists():
         raise UsageError(f"output_dir: {output_dir} exists and is not a fedsim run folder; --overwrite only replaces fedsim runs")
     output_dir.delete()
@@ -133,19 +164,31 @@ class Experiment:
         self.ranks = assign_ranks(c.clients.ranks, c.clients.count, c.method.rank, c.seed)
 
     # -- data ---------------------------------------------------------------------------------
-    def prepare(self) -> None:
+    def prepare(self, dry_run: bool = False) -> dict[str, str]:
         """Check the inputs and write ``config.yaml``, ``data/`` and ``label_counts.parquet`` — before Ray starts.
 
-        Everything that can be wrong with the input (workload, partition, model) fails here, before a
-        single file is written. A resumed run reads what its first start wrote.
+        Everything that can be wrong with the input (workload, partition, model, DP calibration) fails here,
+        before a single file is written. A resumed run reads what its first start wrote and recalibrates σ
+        for the rounds still to run (``resume_privacy``). ``dry_run`` (``fedsim check``): the same checks and
+        nothing written; a model or data files not on this machine are skipped: returns {what was not checked: why}.
         """
+        c = self.config
+        unchecked: dict[str, str] = {}
         if self.resumed:
             self.meta = json.loads((self.data_dir / "meta.json").read_text())
-            check_model(self.config, self.meta["num_labels"])
-            return
+            self.check_model(self.meta["num_labels"], dry_run, unchecked)
+            self.noise_multiplier = self.resume_privacy()
+            return unchecked
         from workloads import load_workload
 
-        c = self.config
+        missing = [path for path in (c.workload.path, c.workload.options.get("eval_path"))
+                   if isinstance(path, str) and not os.path.exists(os.path.expanduser(path))]
+        if dry_run and missing:
+            unchecked["workload and partition"] = f"{', '.join(missing)} not on this machine"
+            if c.privacy.enabled:
+                unchecked["DP calibration"] = "it needs the clients' sizes, from the data"
+            self.check_model(2, dry_run, unchecked)  # any head size: the layer names are what is checked
+            return unchecked
         workload = load_workload(c.workload.name, c.workload.path, c.workload.train_limit, c.workload.eval_limit,
                                  c.seed, **c.workload.options)
         if workload.task != c.model.task:
@@ -154,9 +197,13 @@ class Experiment:
         labels = workload.train_labels
         client_ids = partition(labels, c.clients.count, c.clients.partition, alpha=c.clients.alpha, seed=c.seed,
                                dominant_share=c.clients.dominant_share)
-        check_model(c, workload.num_labels)
-        save_config(c, self.output_dir / "config.yaml")
+        self.check_model(workload.num_labels, dry_run, unchecked)
         held_out = hold_out_per_client(client_ids, c.eval.per_client, c.seed)
+        client_sizes = np.bincount(client_ids[~held_out], minlength=c.clients.count).tolist()
+        self.noise_multiplier = self.calibrate(0, client_sizes, {})
+        if dry_run:
+            return unchecked
+        save_config(c, self.output_dir / "config.yaml")
         train = workload.train.append_column(HELD_OUT, pa.array(held_out)) if held_out.any() else workload.train
         write_partitioned(train, client_ids, self.data_dir / "train.parquet")
         if public is not None:
@@ -166,28 +213,83 @@ class Experiment:
         (self.output_dir / "label_counts.parquet").write_table(label_counts(client_ids, labels, c.clients.count, workload.num_labels))
         self.meta = {"workload": workload.name, "num_labels": workload.num_labels, "label_names": workload.label_names,
                      "train_rows": workload.train.num_rows, "eval_rows": workload.eval.num_rows,
-                     "client_sizes": np.bincount(client_ids[~held_out], minlength=c.clients.count).tolist(),
+                     "client_sizes": client_sizes,
                      "client_eval_sizes": np.bincount(client_ids[held_out], minlength=c.clients.count).tolist(),
-                     "eval_sets": sorted(set(workload.eval.column("subset").to_pylist())) if workload.task == "causal-lm" else []}
-        self.meta["noise_multiplier"] = self.noise_multiplier(self.meta["client_sizes"])
+                     "eval_sets": sorted(set(workload.eval.column("subset").to_pylist())) if workload.task == "causal-lm" else [],
+                     "noise_multiplier": self.noise_multiplier}  # σ of the first start; rounds.parquet has the σ of each round
         (self.data_dir / "meta.json").write_text(json.dumps(self.meta))
+        return unchecked
 
-    def noise_multiplier(self, client_sizes: list[int]) -> float | None:
-        """DP-SGD's σ for every client: ``privacy.noise_multiplier``, or calibrated so that the smallest client (the
-        largest sampling rate) spends at most ``privacy.epsilon`` if it took part in every round — after the cost of
-        a private LoRA-SB init where that read client data. Every other client then spends less."""
+    def check_model(self, num_labels: int, dry_run: bool, unchecked: dict[str, str]) -> None:
+        """``modeling.check_model`` (no weights loaded); in a dry run a model that is not on this machine is skipped."""
+        if dry_run and not reachable_offline(self.config.model.name):
+            unchecked["model and target modules"] = f"model.name={self.config.model.name} is not on this machine or in the HF cache"
+            return
+        check_model(self.config, num_labels)
+
+    def calibrate(self, start_round: int, client_sizes: list[int], histories: dict[int, list[dict]],
+                  previous: float | None = None) -> float | None:
+        """The σ of DP-SGD in force from ``start_round`` on, for every client: ``privacy.noise_multiplier``, or the
+        smallest σ with which no client exceeds ``privacy.epsilon`` even if it takes part in every remaining round,
+        after what it has spent (``histories``: its rows so far; the private LoRA-SB init). A resumed run keeps the
+        ``previous`` σ where that still holds (so that stopping and resuming changes no number) and raises it where
+        not; where a client has already spent the target it is refused. A fixed ``privacy.noise_multiplier`` is the
+        user's choice: a resumed run says the ε it will reach."""
         p, c = self.config.privacy, self.config
         if not p.enabled:
             return None
+        smallest = max(1, min(client_sizes))
+        if p.delta >= 1 / smallest:  # δ ≥ 1/n allows "publish a record in the clear" mechanisms
+            raise UsageError(f"privacy.delta: {p.delta:g} is not below 1/n = {1 / smallest:.3g} (n = {smallest}, the smallest client's "
+                             f"records); δ must be well below 1/n, e.g. {0.1 / smallest:.1g}")
+        steps = (c.train.rounds - start_round) * c.train.local_steps
+        clients = [(privacy_history(c, self.method.needs_init_gradients, cid, histories.get(cid, []), size), dp_sample_rate(c, size))
+                   for cid, size in enumerate(client_sizes)]
         if p.noise_multiplier is not None:
+            if start_round > 0 and steps > 0:
+                reach = worst_case_epsilon(clients, p.noise_multiplier, steps, p.delta, p.accountant)
+                print(f"fedsim: privacy.noise_multiplier={p.noise_multiplier:g} is fixed: a client taking part in every round "
+                      f"up to {c.train.rounds - 1} reaches ε = {reach:.4g} (δ = {p.delta:g})")
             return p.noise_multiplier
-        sample_rate = min(1.0, c.train.batch_size / max(1, min(client_sizes)))
-        spends = any(init_spends_privacy(c, self.method.needs_init_gradients, cid) for cid in range(c.clients.count))
-        spent = [(p.init_noise_multiplier, 1.0, 1)] if spends else []
+        if steps <= 0:
+            return previous
+        if previous is not None and worst_case_epsilon(clients, previous, steps, p.delta, p.accountant) <= p.epsilon:
+            return previous
         try:
-            return calibrate_noise(p.epsilon, p.delta, sample_rate, c.train.rounds * c.train.local_steps, p.accountant, spent)
-        except ValueError as error:
-            raise UsageError(f"privacy.init_noise_multiplier: {error}; raise it or use adapters.init_data=public") from None
+            sigma = calibrate_noise_for_clients(p.epsilon, p.delta, clients, steps, p.accountant)
+        except BudgetSpent as spent:
+            if start_round == 0:
+                raise UsageError(f"privacy.init_noise_multiplier: the private LoRA-SB initialisation alone spends ε = {spent.epsilon:.4g} "
+                                 f"of privacy.epsilon={p.epsilon:g}; raise it or use adapters.init_data=public") from None
+            raise UsageError(f"privacy.epsilon: a client has already spent ε = {spent.epsilon:.4g} in rounds 0–{start_round - 1}, "
+                             f"the target is {p.epsilon:g}: any further round would exceed it; raise privacy.epsilon, or keep "
+                             f"train.rounds={start_round}") from None
+        except ValueError as error:  # Opacus: no σ up to its bound meets the target
+            raise UsageError(f"privacy.epsilon: {p.epsilon:g} cannot be met over {steps} steps at δ = {p.delta:g} ({error}); raise it") from None
+        if previous is not None:
+            print(f"fedsim: privacy: σ raised from {previous:.4g} to {sigma:.4g} for rounds {start_round}–{c.train.rounds - 1}, "
+                  f"so that no client exceeds ε = {p.epsilon:g} (δ = {p.delta:g}) even if it takes part in every one")
+        return sigma
+
+    def resume_privacy(self) -> float | None:
+        """The σ for the rounds a resumed run still has to run, given what every client spent in the rounds done
+        (``clients.parquet`` up to the last complete checkpoint): ``calibrate``."""
+        if not self.config.privacy.enabled:
+            return None
+        stem = Location(latest_checkpoint(self.output_dir / "checkpoints"))
+        last_round = json.loads((stem.parent / f"{stem.name}.json").read_text())["round"]
+        done = [row for row in (self.output_dir / "clients.parquet").read_table().to_pylist() if row["round"] <= last_round]
+        if any(row["steps"] > 0 and not row["noise_multiplier"] == row["noise_multiplier"] for row in done):
+            raise UsageError(f"privacy.enabled: rounds 0–{last_round} of {self.output_dir} trained without DP; resuming cannot "
+                             "make them private: start a new run")
+        rounds = [row for row in (self.output_dir / "rounds.parquet").read_table().to_pylist() if row["round"] <= last_round]
+        previous = rounds[-1].get("noise_multiplier") if rounds else None
+        if previous is None or previous != previous:  # a run written before rounds.parquet had the column
+            previous = self.meta.get("noise_multiplier")
+        histories: dict[int, list[dict]] = {}
+        for row in done:
+            histories.setdefault(row["client_id"], []).append(row)
+        return self.calibrate(last_round + 1, self.meta["client_sizes"], histories, previous)
 
     def hold_out_public(self, workload):
         """``adapters.init_data: public``: a seeded sample of ``adapters.init_samples`` training rows, taken out of
@@ -261,8 +363,7 @@ class Experiment:
             elif a.init_data == "client":
                 parts = [self.workers[int(self.owner[0])].init_gradients.remote([0], a.init_samples, a.init_batch_size)]
             else:  # pooled: every client contributes a share of the calibration sample
-                count = self.config.clients.count
-                share = max(1, math.ceil(a.init_samples / count))
+                share = init_rows_per_client(self.config)
                 parts = [w.init_gradients.remote(np.flatnonzero(self.owner == i).tolist()[: a.init_samples], share, a.init_batch_size)
                          for i, w in enumerate(self.workers)]
             grad_sums = sum_tensors(ray.get(parts))
@@ -338,6 +439,7 @@ class Experiment:
             "train_loss": float(np.mean([row["train_loss"] for row in ok])) if ok else float("nan"),
             "eval_metric": eval_metric, "eval_loss": eval_loss, "wall_s": time.perf_counter() - start,
             "epsilon_max": max((row["epsilon"] for row in rows), default=float("nan")),
+            "noise_multiplier": float("nan") if self.noise_multiplier is None else self.noise_multiplier,
             **{f"eval_metric_{name}": self.eval_by_set.get(name, float("nan")) for name in self.eval_sets},
         })
         self.write_tables()
@@ -357,7 +459,7 @@ class Experiment:
         for worker_id, worker in enumerate(self.workers):
             cohort = [cid for cid in active if self.owner[cid] == worker_id]
             if cohort:
-                calls[worker_id] = (cohort, *worker.run_cohort.options(num_returns=2).remote(round_idx, state_ref, cohort))
+                calls[worker_id] = (cohort, *worker.run_cohort.options(num_returns=2).remote(round_idx, state_ref, cohort, self.noise_multiplier))
         rows, upload_refs = [], []
         pending = {call[2]: worker_id for worker_id, call in calls.items()}
         while pending:
@@ -388,7 +490,8 @@ class Experiment:
             if not p.enabled:
                 row["epsilon"] = float("nan")
                 continue
-            history = privacy_history(self.config, self.method.needs_init_gradients, row["client_id"], self.client_history[row["client_id"]])
+            history = privacy_history(self.config, self.method.needs_init_gradients, row["client_id"], self.client_history[row["client_id"]],
+                                      self.meta["client_sizes"][row["client_id"]])
             row["epsilon"] = epsilon_spent(history, p.delta, p.accountant)
 
     @property
@@ -440,6 +543,8 @@ class Experiment:
         for name, rows in (("rounds.parquet", self.round_rows), ("clients.parquet", self.client_rows)):
             table = (self.output_dir / name).read_table()
             rows += [row for row in table.to_pylist() if row["round"] <= last_round]
+        for row in self.round_rows:  # a run written before rounds.parquet had the σ of each round: the one σ it had
+            row.setdefault("noise_multiplier", float("nan") if self.meta.get("noise_multiplier") is None else self.meta["noise_multiplier"])
         for row in self.client_rows:
             self.client_history.setdefault(row["client_id"], []).append(row)
         return last_round + 1
@@ -450,11 +555,12 @@ class Experiment:
             return {"enabled": False}
         spent = [row["epsilon"] for row in self.client_rows if row["epsilon"] == row["epsilon"]]
         return {
-            "enabled": True, "target_epsilon": p.epsilon, "noise_multiplier": self.meta["noise_multiplier"], "delta": p.delta,
+            "enabled": True, "target_epsilon": p.epsilon, "noise_multiplier": self.noise_multiplier, "delta": p.delta,
             "accountant": p.accountant, "max_grad_norm": p.max_grad_norm, "epsilon_max": max(spent, default=0.0),
             "init": ("no data (LoRA's random initialisation)" if not self.method.needs_init_gradients
                      else "public data held out from every client (no privacy spent)" if a.init_data == "public"
-                     else f"private: clipped at {p.max_grad_norm}, noise multiplier {p.init_noise_multiplier}, counted once per client ({a.init_data})"),
+                     else f"private: each client's records Poisson-sampled at rate min(1, {init_rows_per_client(self.config)}/n_i), "
+                          f"clipped at {p.max_grad_norm}, noise multiplier {p.init_noise_multiplier}, counted once per client ({a.init_data})"),
         }
 
     def finish(self, wall_s: float) -> None:
@@ -483,6 +589,19 @@ class Experiment:
         from analysis.plots import write_run_plots
 
         write_run_plots(self.output_dir)
+
+
+def reachable_offline(model_name: str) -> bool:
+    """Whether the model's config can be read without a download: a local folder, or in the Hugging Face cache."""
+    path = resolve_model_path(model_name)
+    if os.path.exists(path):
+        return True
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(path, "config.json"), str)
+    except ValueError:  # not a valid hub id either (e.g. a local path that is absent)
+        return False
 
 
 def from_live_workers(calls: list, what: str) -> list:

@@ -7,7 +7,6 @@ Memory grows with the number of workers, not the number of clients.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import numpy as np
@@ -21,7 +20,7 @@ from fedsim.methods.base import State
 from fedsim.modeling import load_model, load_tokenizer, offline_by_default
 from fedsim.partition import HELD_OUT, assign_ranks, read_clients
 from fedsim.privacy import PrivacySettings, poisson_batches, private_gradient_sum
-from fedsim.runtime.settings import init_spends_privacy, method_settings, train_settings
+from fedsim.runtime.settings import dp_sample_rate, init_sample_rate, method_settings, train_settings
 from fedsim.storage import Location
 
 
@@ -88,31 +87,42 @@ class ClientWorker:
         """The client's adapter rank (``clients.ranks``; default ``method.rank``)."""
         return int(self.ranks[client_id])
 
-    def client_privacy(self, client_id: int) -> PrivacySettings | None:
-        """The client's DP-SGD parameters: Poisson rate q_i = batch_size / n_i, and the run's noise multiplier
-        (calibrated once by the driver, ``data/meta.json``)."""
-        p, c = self.config.privacy, self.config
+    def client_privacy(self, client_id: int, noise_multiplier: float | None) -> PrivacySettings | None:
+        """The client's DP-SGD parameters: Poisson rate q_i = batch_size / n_i, and the σ in force this round
+        (the driver's, sent with each ``run_cohort`` call: it is recalibrated when a run is resumed)."""
+        p = self.config.privacy
         if not p.enabled:
             return None
-        if not hasattr(self, "_noise_multiplier"):
-            self._noise_multiplier = json.loads((self.data_dir / "meta.json").read_text())["noise_multiplier"]
+        if noise_multiplier is None:
+            raise ValueError("a private run's cohort needs the noise multiplier in force (run_cohort's noise_multiplier)")
         n = len(self.client_rows[client_id])
-        sample_rate = min(1.0, c.train.batch_size / n)
-        return PrivacySettings(self._noise_multiplier, p.max_grad_norm, sample_rate, max(1, round(sample_rate * n)))
+        sample_rate = dp_sample_rate(self.config, n)
+        return PrivacySettings(noise_multiplier, p.max_grad_norm, sample_rate, max(1, round(sample_rate * n)))
 
     def init_gradients(self, client_ids: list[int], samples: int, batch_size: int) -> dict[str, torch.Tensor]:
-        """Σ of the full model's gradients on a seeded calibration sample of these clients' rows (LoRA-SB init).
+        """Σ of the full model's gradients on calibration rows of these clients (LoRA-SB init), in batches of ``batch_size``.
 
-        Under DP each client's sum is clipped per sample and noised (``privacy.init_noise_multiplier``).
+        Without DP: a seeded sample of ``samples`` rows of each client. Under DP (``privacy.init_noise_multiplier``)
+        each of a client's records joins independently with probability q = min(1, rows / n_i), where rows is
+        ``settings.init_rows_per_client`` (what the driver passes as ``samples``); the records' gradients are
+        clipped to C and their sum noised once. That is the sampled Gaussian mechanism at rate q, booked so
+        (``settings.privacy_history``): adding or removing a record changes the sum by at most C, whatever the
+        other records. Poisson sampling rather than all of a client's records: the cost stays that of
+        ``adapters.init_samples`` rows (not a pass over each client's data with per-sample gradients of full
+        weight matrices), and the rate actually used is accounted, which also amplifies the privacy. (A fixed-size
+        seeded subset, as without DP, would be neither: removing one record reshuffles it.)
         """
         sums: dict[str, torch.Tensor] = {}
         for client_id in client_ids:
             rows = self.client_rows[client_id]
-            take = min(len(rows), samples)
-            order = np.random.default_rng(derive_seed(self.config.seed, 0, client_id, 3)).permutation(len(rows))[:take]
-            batches = [rows.batch(order[i : i + batch_size]) for i in range(0, take, batch_size)]
-            private = init_spends_privacy(self.config, self.method.needs_init_gradients, client_id)
-            part = self._base_gradient_sum(batches, derive_seed(self.config.seed, 0, client_id, 4) if private else None)
+            rng = np.random.default_rng(derive_seed(self.config.seed, 0, client_id, 3))
+            rate = init_sample_rate(self.config, self.method.needs_init_gradients, client_id, len(rows))
+            if rate is None:
+                order = rng.permutation(len(rows))[: min(len(rows), samples)]
+            else:
+                order = np.flatnonzero(rng.random(len(rows)) < rate)
+            batches = [rows.batch(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
+            part = self._base_gradient_sum(batches, derive_seed(self.config.seed, 0, client_id, 4) if rate is not None else None)
             for name, grad in part.items():
                 sums[name] = grad if name not in sums else sums[name] + grad
         return sums
@@ -142,8 +152,10 @@ class ClientWorker:
         init_lr = self.config.adapters.init_lr or self.config.train.lr
         return self.method.init_state(self.model, grad_sums, init_lr)
 
-    def run_cohort(self, round_idx: int, state: State, client_ids: list[int]) -> tuple[list[dict], list[dict]]:
-        """Train this round's clients of this worker, in client-id order. Returns (uploads, stats rows)."""
+    def run_cohort(self, round_idx: int, state: State, client_ids: list[int],
+                   noise_multiplier: float | None = None) -> tuple[list[dict], list[dict]]:
+        """Train this round's clients of this worker, in client-id order, under DP with the driver's σ in force
+        (``noise_multiplier``). Returns (uploads, stats rows)."""
         state = {key: value.to(self.device) for key, value in state.items()}
         settings = train_settings(self.config)
         deadline = self.config.runtime.deadline_s
@@ -152,7 +164,7 @@ class ClientWorker:
         for position, client_id in enumerate(sorted(client_ids)):
             self._maybe_die(round_idx, position)
             rows_of_client = self.client_rows[client_id]
-            privacy = self.client_privacy(client_id)
+            privacy = self.client_privacy(client_id, noise_multiplier)
             row = {"round": round_idx, "client_id": client_id, "worker_id": self.worker_id, "rank": self.client_rank(client_id),
                    "samples": len(rows_of_client), "steps": 0, "train_loss": float("nan"), "bytes_up": 0, "train_s": 0.0,
                    "noise_multiplier": privacy.noise_multiplier if privacy else float("nan"),
