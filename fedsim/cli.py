@@ -104,7 +104,6 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from fedsim.config import config_from_dict
-    from fedsim.storage import join
 
     config_path, overrides = _split_items(args.items)
     method_override = any(o.split("=", 1)[0].strip() == "method.name" for o in overrides)
@@ -133,6 +132,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         run(config, resume=None, overwrite=args.overwrite)
         return 0
 
+    from fedsim.runtime import run_comparison
+
+    extra = {"overwrite": True} if args.overwrite else {}
+    run_comparison(_method_configs(data, methods), data.get("output_dir"), **extra)
+    return 0
+
+
+def _method_configs(data: dict, methods: list[str]):
+    """One validated config per method of a side-by-side comparison, each in <output_dir>/<method>."""
+    from fedsim.config import config_from_dict
+    from fedsim.storage import join
+
     base_dir = data.get("output_dir")
     configs = []
     for method in methods:
@@ -143,11 +154,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if isinstance(base_dir, str):
             one["output_dir"] = join(base_dir, method)
         configs.append(config_from_dict(one))  # validates each, base_dir included
-    from fedsim.runtime import run_comparison
-
-    extra = {"overwrite": True} if args.overwrite else {}
-    run_comparison(configs, base_dir, **extra)
-    return 0
+    return configs
 
 
 def _methods_to_run(methods_arg: str | None, config_path: str | None, method_override: bool) -> list[str] | None:
@@ -204,7 +211,8 @@ def _add_check(parser: argparse.ArgumentParser) -> None:
     _add_config_arguments(parser)
     parser.add_argument("--resume", metavar="DIR",
                         help="check resuming the run in DIR with the given overrides (e.g. train.rounds=10): the DP recalibration")
-    parser.add_argument("--methods", metavar="M1,M2", help="check the config once per method, as fedsim run --methods would run it")
+    parser.add_argument("--methods", metavar="M1,M2", help="check the config once per method, as fedsim run --methods would run it "
+                        f"(default with no CONFIG: {','.join(DEFAULT_COMPARISON)})")
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -220,8 +228,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         data = _read_config_dict(config_path, overrides)
         method_override = any(o.split("=", 1)[0].strip() == "method.name" for o in overrides)
         methods = _methods_to_run(args.methods, config_path, method_override)
-        configs = [config_from_dict(data)] if methods is None else [config_from_dict({**data, "method": {**data.get("method", {}), "name": m}})
-                                                                   for m in methods]
+        configs = [config_from_dict(data)] if methods is None else _method_configs(data, methods)
     what = config_path or (f"--resume {args.resume}" if args.resume else "the embedded default")
     for config in configs:
         result = check(config, resume=args.resume)
