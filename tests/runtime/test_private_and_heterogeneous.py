@@ -96,6 +96,7 @@ def test_private_run_resumed_to_more_rounds_stays_within_the_target(ray_local, t
 
     def init_rate(row):  # the private init Poisson-samples ceil(16 / 6) = 3 of each client's n records: q = 3 / n
         return min(1.0, 3 / row["samples"])
+
     out = tmp_path / "private"
     assert main(["run", str(tmp_path / "private.yaml")]) == 0
     first = {name: comparable_rows(out, name, ["wall_s"] if name == "rounds.parquet" else ["train_s"])
@@ -105,22 +106,22 @@ def test_private_run_resumed_to_more_rounds_stays_within_the_target(ray_local, t
     capsys.readouterr()
 
     assert main(["run", "--resume", str(out), "train.rounds=6"]) == 0
-    assert "σ raised from" in capsys.readouterr().out
-    for name, before in first.items():  # nothing of the first 2 rounds is lost or changed
-        after = comparable_rows(out, name, ["wall_s"] if name == "rounds.parquet" else ["train_s"])
-        assert after[: len(before)] == before
+    said = capsys.readouterr().out
     rounds, clients = rows(out, "rounds.parquet"), rows(out, "clients.parquet")
-    assert [r["round"] for r in rounds] == list(range(6))
-    sigma_before, sigma_after = rounds[0]["noise_multiplier"], rounds[2]["noise_multiplier"]
-    assert all(r["noise_multiplier"] == sigma_before for r in rounds[:2]) and all(r["noise_multiplier"] == sigma_after for r in rounds[2:])
-    assert sigma_after > sigma_before
-    assert all(c["noise_multiplier"] == rounds[c["round"]]["noise_multiplier"] for c in clients)  # the workers used the σ in force
     for client_id in range(6):  # every client, over the whole run, by Opacus's accountant: within the target
         own = [c for c in clients if c["client_id"] == client_id and c["steps"] > 0]
         history = [(sigma_init, init_rate(own[0]), 1)] + [(c["noise_multiplier"], c["sample_rate"], c["steps"]) for c in own]
         epsilon = opacus_epsilon(history, delta)
-        assert own[-1]["round"] == 5 and own[-1]["epsilon"] == pytest.approx(epsilon, rel=1e-6)
         assert epsilon <= target
+        assert own[-1]["round"] == 5 and own[-1]["epsilon"] == pytest.approx(epsilon, rel=1e-6)
+    for name, before in first.items():  # nothing of the first 2 rounds is lost or changed
+        after = comparable_rows(out, name, ["wall_s"] if name == "rounds.parquet" else ["train_s"])
+        assert after[: len(before)] == before
+    assert [r["round"] for r in rounds] == list(range(6))
+    sigma_before, sigma_after = rounds[0]["noise_multiplier"], rounds[2]["noise_multiplier"]
+    assert all(r["noise_multiplier"] == sigma_before for r in rounds[:2]) and all(r["noise_multiplier"] == sigma_after for r in rounds[2:])
+    assert sigma_after > sigma_before and f"σ raised from {sigma_before:.4g} to {sigma_after:.4g}" in said
+    assert all(c["noise_multiplier"] == rounds[c["round"]]["noise_multiplier"] for c in clients)  # the workers used the σ in force
     assert json.loads((out / "summary.json").read_text())["privacy"]["noise_multiplier"] == sigma_after
 
     # a target that the first 2 rounds already spent: refused before training, one line, exit 2, nothing touched
