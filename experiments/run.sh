@@ -32,9 +32,9 @@ if [[ "$want" == all || "$want" == private-snli ]]; then  # 2. DP-SGD at ε = 1 
     --grid method.name=fedit privacy.epsilon=10,30
   fedsim sweep experiments/private-snli/snli.yaml output_dir=$out/private-snli/rank-8 method.rank=8 \
     --grid method.name=fedit,ffa-lora,fedex-lora privacy.epsilon=1,3
-  fedsim sweep experiments/private-snli/snli.yaml output_dir=$out/private-snli/non-private privacy.enabled=false \
+  fedsim sweep experiments/private-snli/snli.yaml output_dir=$out/private-snli/non-private privacy.enabled=false privacy.epsilon=null \
     --grid method.name=fed-sb
-  fedsim sweep experiments/private-snli/snli.yaml output_dir=$out/private-snli/non-private-rank-8 privacy.enabled=false \
+  fedsim sweep experiments/private-snli/snli.yaml output_dir=$out/private-snli/non-private-rank-8 privacy.enabled=false privacy.epsilon=null \
     method.rank=8 --grid method.name=fedit
   sweeps=($out/private-snli/{fed-sb,rank-8,fed-sb-larger-epsilon,rank-8-larger-epsilon,non-private,non-private-rank-8})
   python experiments/seeds.py "${sweeps[@]}" --out $out/private-snli > $out/private-snli/seeds.md

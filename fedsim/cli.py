@@ -4,6 +4,7 @@
     fedsim run configs/sst2-fedsb.yaml train.rounds=50 clients.count=200
     fedsim run --resume results/sst2 train.rounds=100
     fedsim config configs/sst2-fedsb.yaml method.rank=8
+    fedsim check configs/sst2-private.yaml           # every check of `run`, without a model load or Ray
 
 Bad input (a config value, a path, a name) raises fedsim.errors.UsageError anywhere below; it is
 printed here as one line, `fedsim: error: ...`, with exit code 2. A traceback means a bug.
@@ -103,7 +104,6 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from fedsim.config import config_from_dict
-    from fedsim.storage import join
 
     config_path, overrides = _split_items(args.items)
     method_override = any(o.split("=", 1)[0].strip() == "method.name" for o in overrides)
@@ -132,6 +132,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         run(config, resume=None, overwrite=args.overwrite)
         return 0
 
+    from fedsim.runtime import run_comparison
+
+    extra = {"overwrite": True} if args.overwrite else {}
+    run_comparison(_method_configs(data, methods), data.get("output_dir"), **extra)
+    return 0
+
+
+def _method_configs(data: dict, methods: list[str]):
+    """One validated config per method of a side-by-side comparison, each in <output_dir>/<method>."""
+    from fedsim.config import config_from_dict
+    from fedsim.storage import join
+
     base_dir = data.get("output_dir")
     configs = []
     for method in methods:
@@ -142,11 +154,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if isinstance(base_dir, str):
             one["output_dir"] = join(base_dir, method)
         configs.append(config_from_dict(one))  # validates each, base_dir included
-    from fedsim.runtime import run_comparison
-
-    extra = {"overwrite": True} if args.overwrite else {}
-    run_comparison(configs, base_dir, **extra)
-    return 0
+    return configs
 
 
 def _methods_to_run(methods_arg: str | None, config_path: str | None, method_override: bool) -> list[str] | None:
@@ -192,6 +200,44 @@ def _parse_methods(text: str, valid: tuple[str, ...]) -> list[str]:
     if duplicates:
         raise UsageError(f"--methods: '{duplicates[0]}' is listed twice")
     return methods
+
+
+# ---------------------------------------------------------------------------------------------
+# fedsim check
+# ---------------------------------------------------------------------------------------------
+
+
+def _add_check(parser: argparse.ArgumentParser) -> None:
+    _add_config_arguments(parser)
+    parser.add_argument("--resume", metavar="DIR",
+                        help="check resuming the run in DIR with the given overrides (e.g. train.rounds=10): the DP recalibration")
+    parser.add_argument("--methods", metavar="M1,M2", help="check the config once per method, as fedsim run --methods would run it "
+                        f"(default with no CONFIG: {','.join(DEFAULT_COMPARISON)})")
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from fedsim.config import config_from_dict
+    from fedsim.runtime.driver import check
+
+    config_path, overrides = _split_items(args.items)
+    if args.resume is not None:
+        if config_path is not None or args.methods is not None:
+            raise UsageError(f"--resume takes its config from {os.path.join(args.resume, 'config.yaml')}; give only key=value overrides")
+        configs = [_resume_config(args.resume, overrides)]
+    else:
+        data = _read_config_dict(config_path, overrides)
+        method_override = any(o.split("=", 1)[0].strip() == "method.name" for o in overrides)
+        methods = _methods_to_run(args.methods, config_path, method_override)
+        configs = [config_from_dict(data)] if methods is None else _method_configs(data, methods)
+    what = config_path or (f"--resume {args.resume}" if args.resume else "the embedded default")
+    for config in configs:
+        result = check(config, resume=args.resume)
+        print(f"fedsim check: {what} ({config.method.name}): ok: {', '.join(result.checked)}")
+        if result.unchecked:
+            print("fedsim check: not checked on this machine: " + "; ".join(f"{area} ({why})" for area, why in result.unchecked.items()))
+        for note in result.notes:
+            print(f"fedsim check: note: {note}")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,6 +501,21 @@ COMMANDS: dict[str, Command] = {
         ),
         add_arguments=_add_run,
         handler=_cmd_run,
+    ),
+    "check": Command(
+        help="run every check `fedsim run` makes before training, without loading weights or starting Ray",
+        description=(
+            "Check a config as `fedsim run` would before training: the config, the method, the private-init guard,\n"
+            "the workload and its partition, the model and its target modules (no weights loaded), the DP\n"
+            "calibration (with --resume: the recalibration for the rounds still to run). Nothing is written and\n"
+            "Ray is not started. A model or data files not on this machine are skipped, and named in one line.\n"
+            "Exit code 0 when it passes, 2 (with one line saying what is wrong) when `fedsim run` would refuse it.\n\n"
+            "examples:\n"
+            "  fedsim check configs/sst2-private.yaml privacy.epsilon=1\n"
+            "  fedsim check --resume results/sst2-private train.rounds=10"
+        ),
+        add_arguments=_add_check,
+        handler=_cmd_check,
     ),
     "config": Command(
         help="print the resolved config as YAML (default + CONFIG + overrides), without running",

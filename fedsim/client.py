@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from fedsim.config import TrainConfig
 from fedsim.methods.base import Method, State
 from fedsim.privacy import PrivacySettings
-from fedsim.config import TrainConfig
 from fedsim.trainer import TrainStats, train_local
 
 
@@ -26,12 +26,13 @@ def run_client(
     seed: int,
     rank: int | None = None,
     privacy: PrivacySettings | None = None,
+    steps: int | None = None,
 ) -> tuple[State, TrainStats]:
-    """Train one client (of adapter rank ``rank``, default the method's) from the global ``state``;
-    return its upload and its training stats. ``privacy`` makes every step a DP-SGD step."""
+    """Train one client (of adapter rank ``rank``, default the method's) from the global ``state`` for ``steps`` steps
+    (default ``train.local_steps``); return its upload and its training stats. ``privacy`` makes every step a DP-SGD step."""
     method.load_state(model, state, rank)
     params = method.trainable_parameters(model, round_idx)
-    stats = train_local(model, list(params.values()), batches, train, seed, privacy)
+    stats = train_local(model, list(params.values()), batches, train, seed, privacy, steps)
     return method.upload(model, round_idx), stats
 
 

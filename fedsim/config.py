@@ -251,7 +251,9 @@ class TrainConfig(Section):
 
     prefix: ClassVar[str] = "train."
     rounds: int = setting(5, "federated rounds", **AT_LEAST_ONE)
-    local_steps: int = setting(5, "optimiser steps per client per round", **AT_LEAST_ONE)
+    local_steps: Optional[int] = setting(5, "optimiser steps per client per round; null with train.local_epochs", **AT_LEAST_ONE)
+    local_epochs: Optional[float] = setting(None, "instead of local_steps: passes over its own data per client per round "
+                                            "(⌈n_i / batch_size⌉ × epochs steps, rounded up)", **POSITIVE)
     batch_size: int = setting(16, "local batch size", **AT_LEAST_ONE)
     lr: float = setting(0.005, "learning rate (AdamW)", **POSITIVE)
     weight_decay: float = setting(0.0, "AdamW weight decay", **NON_NEGATIVE)
@@ -328,13 +330,18 @@ def _check_across_sections(cfg: Config) -> None:
     _check(all(1 <= r <= m.rank for r in c.ranks), "clients.ranks",
            f"every rank must be between 1 and method.rank ({m.rank}), got {c.ranks}")
     _check(len(c.ranks) <= c.count, "clients.ranks", f"lists {len(c.ranks)} ranks for {c.count} clients")
+    t = cfg.train
+    _check((t.local_steps is None) != (t.local_epochs is None), "train.local_epochs",
+           f"give exactly one of train.local_steps or train.local_epochs (set the other to null), got local_steps={t.local_steps}, "
+           f"local_epochs={_show(t.local_epochs)}")
     if p.enabled:
         _check((p.epsilon is None) != (p.noise_multiplier is None), "privacy.epsilon",
                "give exactly one of privacy.epsilon (a target) or privacy.noise_multiplier")
     else:
-        given = [k for k in ("epsilon", "noise_multiplier", "init_noise_multiplier") if getattr(p, k) is not None]
-        _check(not given, "privacy.enabled", f"is false, so privacy.{given[0] if given else ''} would be ignored; "
-               "set privacy.enabled=true to train with DP-SGD, or remove it")
+        ignored = [f"privacy.{key}={_num(getattr(p, key))}" for key in ("epsilon", "noise_multiplier", "init_noise_multiplier")
+                   if getattr(p, key) is not None]
+        _check(not ignored, "privacy.enabled", f"is false, so {', '.join(ignored)} would be ignored; set privacy.enabled=true, "
+               f"or drop {'it' if len(ignored) == 1 else 'them'} (null)")
 
 
 def _check(ok: bool, key: str, message: str) -> None:

@@ -61,14 +61,17 @@ class Split:
     held_out: np.ndarray  # rows held out as their client's own evaluation data (eval.per_client)
 
     @property
+    def num_labels(self) -> int:
+        return self.workload.num_labels
+
+    @property
     def client_sizes(self) -> list[int]:
         return np.bincount(self.client_ids[~self.held_out], minlength=self.config.clients.count).tolist()
 
 
 def split_data(config: Config, public_sample: bool) -> Split:
     """Read the workload, hold out the public calibration sample (``public_sample``: LoRA-SB's init from public data)
-    and partition the rest over the clients; check the model against it. Every check, no writes."""
-    from fedsim.modeling import check_model
+    and partition the rest over the clients. Every check of the data, no writes."""
     from workloads import load_workload
 
     c = config
@@ -80,7 +83,6 @@ def split_data(config: Config, public_sample: bool) -> Split:
     public = hold_out_public(workload, c) if public_sample else None  # before partitioning: it belongs to no client
     client_ids = partition(workload.train_labels, c.clients.count, c.clients.partition, alpha=c.clients.alpha,
                            seed=derive_seed(c.seed, "partition"), dominant_share=c.clients.dominant_share)
-    check_model(c, workload.num_labels)
     return Split(c, workload, public, client_ids, hold_out_per_client(client_ids, c.eval.per_client, c.seed))
 
 

@@ -22,6 +22,13 @@ class TrainStats:
     losses: list[float] = field(default_factory=list)
 
 
+def client_steps(train: TrainConfig, num_samples: int) -> int:
+    """A client's optimiser steps in a round: ``train.local_steps``, or ``⌈⌈n_i / batch_size⌉ × train.local_epochs⌉``."""
+    if train.local_epochs is None:
+        return train.local_steps
+    return max(1, math.ceil(math.ceil(num_samples / train.batch_size) * train.local_epochs))
+
+
 def lr_factor(step: int, train: TrainConfig, total_steps: int | None = None) -> float:
     """The schedule's multiplier of ``train.lr`` at ``step`` (0-based) of ``total_steps`` (default ``train.local_steps``):
     linear warm-up over ``train.warmup_steps``, then constant, or a linear or cosine decay to 0 at the last step."""
@@ -43,8 +50,10 @@ def train_local(
     train: TrainConfig,
     seed: int,
     privacy: PrivacySettings | None = None,
+    steps: int | None = None,
 ) -> TrainStats:
-    """Run ``train.local_steps`` steps of AdamW (fresh state) on ``params``; ``loss = model(**batch).loss``.
+    """Run ``steps`` (default ``train.local_steps``) steps of AdamW (fresh state, the learning-rate schedule over those
+    steps) on ``params``; ``loss = model(**batch).loss``.
 
     ``seed`` fixes dropout, the DP noise and any other randomness, so a client's training is a
     function of (its data, the global state, the seed). With ``privacy``, every step is a DP-SGD
@@ -55,12 +64,13 @@ def train_local(
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     private = PrivateStep(model, optimizer, params, privacy, seed) if privacy is not None else None
     step_optimizer = private.optimizer if private is not None else optimizer
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train))
+    steps = train.local_steps if steps is None else steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train, steps))
     model.train()
     losses: list[float] = []
     start = time.perf_counter()
     try:
-        for _ in range(train.local_steps):
+        for _ in range(steps):
             batch = next(batches)
             step_optimizer.zero_grad(set_to_none=True)
             if private is not None:

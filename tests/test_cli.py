@@ -225,3 +225,43 @@ def test_module_entry_point_exits_2_with_one_line():
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines() == ["fedsim: error: method.rank: must be a positive integer, got 0"]
     assert proc.stdout == ""
+
+
+# --- fedsim check -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_shipped_config_passes_check(config, monkeypatch, capsys):
+    """`fedsim check` runs what `fedsim run` checks before training; GPU configs' models and /data files are not
+    on this machine: check says so in one line and still passes."""
+    monkeypatch.chdir(ROOT)  # the CPU configs name ../shared/data relative to the repository
+    assert main(["check", f"configs/{config}"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"fedsim check: configs/{config} (") and "private-init guard" in out[0]
+    assert all(line.startswith(("fedsim check: not checked on this machine: ", "fedsim check: note: ")) for line in out[1:])
+    assert sum("not checked" in line for line in out) <= 1  # what it could not check: one line
+
+
+def test_check_refuses_what_run_refuses(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    assert main(["check", "configs/bert-base-snli-gpu.yaml", "adapters.init_data=pooled"]) == 2
+    assert one_error_line(capsys).startswith("fedsim: error: privacy.init_noise_multiplier: ")
+    assert main(["check", "configs/sst2-private.yaml", "privacy.delta=0.01"]) == 2  # 200 records a client: δ ≥ 1/n
+    assert one_error_line(capsys).startswith("fedsim: error: privacy.delta: ")
+    assert main(["check", "configs/sst2-private.yaml", "privacy.epsilon=0.01"]) == 2
+    assert one_error_line(capsys).startswith("fedsim: error: privacy.epsilon: ")
+
+
+def test_check_does_not_start_ray_or_write(tmp_path, monkeypatch, capsys):
+    import ray
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "never"
+    assert main(["check", "configs/sst2-private.yaml", f"output_dir={out}", "workload.train_limit=400"]) == 0
+    assert "DP calibration" in capsys.readouterr().out
+    assert not out.exists() and not ray.is_initialized()
+
+
+def test_privacy_settings_without_privacy_is_exit_2(capsys):
+    assert main(["config", "privacy.noise_multiplier=1.0"]) == 2
+    assert one_error_line(capsys).startswith("fedsim: error: privacy.enabled: ")

@@ -79,11 +79,6 @@ def test_a_section_checks_itself_when_built_directly():
         MethodConfig(rank="8")
 
 
-def test_privacy_settings_without_privacy_enabled_are_refused():
-    for key in ("privacy.epsilon=3", "privacy.noise_multiplier=1.0", "privacy.init_noise_multiplier=2"):
-        assert error_of([key]).startswith("privacy.enabled: is false, so " + key.split("=")[0])
-
-
 def test_default_is_a_fresh_copy():
     d = default_config_dict()
     d["train"]["rounds"] = 99
@@ -259,6 +254,15 @@ def test_validation_messages(overrides, expected):
 )
 def test_each_field_is_checked(override, field):
     assert error_of([override]).startswith(field + ":")
+
+
+@pytest.mark.parametrize("override", ["privacy.epsilon=3", "privacy.noise_multiplier=1.1", "privacy.init_noise_multiplier=20"])
+def test_privacy_settings_without_privacy_enabled_are_refused(override):
+    message = error_of([override])
+    assert message.startswith("privacy.enabled: is false, so " + override)
+    assert load_config(None, ["privacy.enabled=true", override] + ([] if "epsilon" in override or override.startswith("privacy.noise")
+                                                                    else ["privacy.epsilon=3"])).privacy.enabled
+    assert not load_config(None, ["privacy.delta=1e-6"]).privacy.enabled  # delta has a default: setting it is harmless
 
 
 def test_unknown_method():

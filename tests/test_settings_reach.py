@@ -244,6 +244,7 @@ PROBES = {
     "clients.rank_aggregation": ("partitioned", "ranked"),
     "train.rounds": (2, "rounds"),
     "train.local_steps": (3, training_probe),
+    "train.local_epochs": (1.0, training_probe),  # with train.local_steps=null (see COMPANIONS)
     "train.batch_size": (2, training_probe),
     "train.lr": (0.05, training_probe),
     "train.weight_decay": (0.5, training_probe),
@@ -290,7 +291,7 @@ CONTEXTS = {
     "private-init": ({"privacy.enabled": True, "privacy.epsilon": 20.0, "privacy.init_noise_multiplier": 2.0}, privacy_probe),
 }
 # A key whose change is only valid with another: the companions change with it.
-COMPANIONS = {"privacy.enabled": {"privacy.epsilon": 3.0}}
+COMPANIONS = {"privacy.enabled": {"privacy.epsilon": 3.0}, "train.local_epochs": {"train.local_steps": None}}
 CAUSAL = {"model.task": "causal-lm", "workload.name": "gsm8k", "workload.options": {}, "method.train_head": False,
           "model.target_modules": ["q_proj", "v_proj"], "workload.max_length": 48, "eval.max_new_tokens": 6}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 BERT_TARGETS = ["query", "value"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -28,6 +28,29 @@ def tiny_llama(seed: int = 0, num_labels: int = 3) -> LlamaForSequenceClassifica
         intermediate_size=40, max_position_embeddings=64, num_labels=num_labels, pad_token_id=0,
     )
     return LlamaForSequenceClassification(config).eval()
+
+
+def tiny_causal_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=40, max_position_embeddings=64, pad_token_id=0,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def causal_batch(lengths: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded causal-LM records of the given lengths, every real token labelled (``-100`` on padding)."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    input_ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    attention_mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    labels = torch.full((len(lengths), width), -100, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        input_ids[row, :n] = torch.randint(1, VOCAB, (n,), generator=generator)
+        attention_mask[row, :n] = 1
+        labels[row, :n] = input_ids[row, :n]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 def random_batches(seed: int, batch_size: int = 4, length: int = 12, num_labels: int = 3, count: int = 8):

@@ -16,21 +16,23 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from fedsim.config import Config, RuntimeConfig, save_config
+from fedsim.config import Config, RuntimeConfig, resolve_model_path, save_config
 from fedsim.errors import UsageError
 from fedsim.methods import build_method
 from fedsim.modeling import check_model, offline_by_default
 from fedsim.prepare import DataPlan, split_data, write_data
-from fedsim.privacy import check_private_init, epsilon_spent, plan_noise_multiplier, privacy_history
+from fedsim.privacy import check_private_init, epsilon_spent, init_rows_per_client, plan_noise_multiplier, privacy_history
 from fedsim.results import CLIENT_COLUMNS, ROUND_COLUMNS, RoundWriter, read_rows
 from fedsim.runtime.aggregator import Aggregator, latest_checkpoint
 from fedsim.runtime.plan import RunPlan
 from fedsim.runtime.worker import ClientWorker
 from fedsim.seeds import rng
 from fedsim.storage import Location
+from fedsim.trainer import client_steps
 
 
 def run(config: Config, resume: str | None = None, overwrite: bool = False, progress: bool = True) -> Path | Location:
@@ -45,6 +47,45 @@ def run(config: Config, resume: str | None = None, overwrite: bool = False, prog
     experiment.prepare()
     with ray_session(config):
         return experiment.run().native()
+
+
+class CheckResult(NamedTuple):
+    checked: list[str]  # what was checked, as a user would name it
+    unchecked: dict[str, str]  # what could not be checked on this machine, and why
+    notes: list[str]  # what `run` would also need (e.g. --overwrite)
+
+
+def check(config: Config, resume: str | None = None) -> CheckResult:
+    """Every check ``run`` makes before training (``Experiment.prepare``), without writing a file, loading model
+    weights or starting Ray: the method, the private-init guard, the workload and its partition, the model and its
+    target modules, the DP calibration (with ``resume``: the recalibration for the rounds still to run).
+
+    A model or data files that are not on this machine are skipped and said so. Anything wrong raises
+    ``UsageError``, as ``run`` would.
+    """
+    offline_by_default()
+    output_dir = Location(config.output_dir)
+    if resume is not None and latest_checkpoint(output_dir / "checkpoints") is None:
+        raise UsageError(f"--resume: {output_dir} has no complete checkpoint to resume from; start a new run instead")
+    notes = [] if resume is not None else [note for note in [prepare_output_dir(output_dir, overwrite=False, dry_run=True)] if note]
+    experiment = Experiment(config, output_dir, resumed=resume is not None, progress=False)
+    unchecked = experiment.prepare(dry_run=True)
+    areas = ["config", "method", "private-init guard", *([] if resume else ["workload and partition"]), "model and target modules",
+             *(["DP calibration"] if config.privacy.enabled else [])]
+    return CheckResult([area for area in areas if area not in unchecked], unchecked, notes)
+
+
+def reachable_offline(model_name: str) -> bool:
+    """Whether the model's config can be read without a download: a local folder, or in the Hugging Face cache."""
+    path = resolve_model_path(model_name)
+    if os.path.exists(path):
+        return True
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(path, "config.json"), str)
+    except ValueError:  # not a valid hub id either (e.g. a local path that is absent)
+        return False
 
 
 def run_comparison(configs: list[Config], output_dir: str, overwrite: bool = False, progress: bool = True) -> Path | Location:
@@ -63,17 +104,23 @@ def run_comparison(configs: list[Config], output_dir: str, overwrite: bool = Fal
     return Location(output_dir).native()
 
 
-def prepare_output_dir(output_dir: Location, overwrite: bool) -> None:
-    """Refuse to write into an existing run unless asked; never delete a folder that is not a fedsim run."""
+def prepare_output_dir(output_dir: Location, overwrite: bool, dry_run: bool = False) -> str | None:
+    """Refuse to write into an existing run unless asked; never delete a folder that is not a fedsim run.
+    ``dry_run`` (``fedsim check``): return what would stop a run without ``--overwrite`` instead of raising it."""
     if output_dir.is_file():
         raise UsageError(f"output_dir: {output_dir} is a file; give a folder (it is created if absent)")
     if not output_dir.iterdir():
-        return
+        return None
     if not overwrite:
-        raise UsageError(f"output_dir: {output_dir} already exists; pass --overwrite to replace it, --resume {output_dir} to continue it, or choose another output_dir")
+        message = (f"output_dir: {output_dir} already exists; pass --overwrite to replace it, --resume {output_dir} to continue "
+                   "it, or choose another output_dir")
+        if dry_run:
+            return message
+        raise UsageError(message)
     if not (output_dir / "config.yaml").exists():
         raise UsageError(f"output_dir: {output_dir} exists and is not a fedsim run folder; --overwrite only replaces fedsim runs")
     output_dir.delete()
+    return None
 
 
 @contextlib.contextmanager
@@ -137,25 +184,64 @@ class Experiment:
         self.measured_s: dict[int, float] = {}  # each client's last training time (the scheduler's estimate of its work)
 
     # -- before Ray -------------------------------------------------------------------------------
-    def prepare(self) -> None:
+    def prepare(self, dry_run: bool = False) -> dict[str, str]:
         """Check the inputs, then write ``config.yaml``, ``data/`` and ``label_counts.parquet`` — before Ray starts.
 
         Everything that can be wrong with the input (workload, partition, model, privacy calibration) fails before a
-        single file is written. A resumed run reads what its first start wrote.
+        single file is written. A resumed run reads what its first start wrote, and recalibrates σ for the rounds left.
+        ``dry_run`` (``fedsim check``): check, write nothing; a model or data files not on this machine are skipped.
+        Returns what could not be checked, and why.
         """
-        c = self.config
+        c, unchecked = self.config, {}
+        needs = self.method.needs_init_gradients
         if self.resumed:
             data = DataPlan.read(self.output_dir / "data")
-            check_model(c, data.num_labels)
-            client_sizes = data.client_sizes
-        else:
-            split = split_data(c, public_sample=self.method.needs_init_gradients and c.adapters.init_data == "public")
-            client_sizes = split.client_sizes
-        self.noise_multiplier = plan_noise_multiplier(c, self.method.needs_init_gradients, client_sizes)
-        if not self.resumed:
-            save_config(c, self.output_dir / "config.yaml")
-            data = write_data(split, self.output_dir)
-        self.plan = RunPlan.resolve(c, data, str(self.output_dir))
+            self.check_model(data.num_labels, dry_run, unchecked)
+            self.noise_multiplier = self.resume_privacy(data.client_sizes)
+            self.plan = RunPlan.resolve(c, data, str(self.output_dir))
+            return unchecked
+        missing = [path for path in (c.workload.path, c.workload.options.get("eval_path"))
+                   if isinstance(path, str) and not Location(path).exists()]
+        if dry_run and missing:
+            unchecked["workload and partition"] = f"{', '.join(missing)} not on this machine"
+            if c.privacy.enabled:
+                unchecked["DP calibration"] = "it needs the clients' sizes, from the data"
+            self.check_model(2, dry_run, unchecked)  # any head size: the layer names are what is checked
+            return unchecked
+        split = split_data(c, public_sample=needs and c.adapters.init_data == "public")
+        self.check_model(split.num_labels, dry_run, unchecked)
+        self.noise_multiplier = plan_noise_multiplier(c, needs, split.client_sizes)
+        if dry_run:
+            return unchecked
+        save_config(c, self.output_dir / "config.yaml")
+        self.plan = RunPlan.resolve(c, write_data(split, self.output_dir), str(self.output_dir))
+        return unchecked
+
+    def check_model(self, num_labels: int, dry_run: bool, unchecked: dict[str, str]) -> None:
+        """``modeling.check_model`` (no weights loaded); in a dry run a model that is not on this machine is skipped."""
+        if dry_run and not reachable_offline(self.config.model.name):
+            unchecked["model and target modules"] = f"model.name={self.config.model.name} is not on this machine or in the HF cache"
+            return
+        check_model(self.config, num_labels)
+
+    def resume_privacy(self, client_sizes: list[int]) -> float | None:
+        """The σ for the rounds a resumed run still has to run, given what every client spent in the rounds done
+        (``clients.parquet`` up to the last complete checkpoint): ``privacy.plan_noise_multiplier``."""
+        if not self.config.privacy.enabled:
+            return None
+        stem = Location(latest_checkpoint(self.output_dir / "checkpoints"))
+        last_round = json.loads((stem.parent / f"{stem.name}.json").read_text())["round"]
+        done = read_rows(self.output_dir / "clients.parquet", last_round)
+        if any(row["steps"] > 0 and not row["noise_multiplier"] == row["noise_multiplier"] for row in done):
+            raise UsageError(f"privacy.enabled: rounds 0–{last_round} of {self.output_dir} trained without DP; resuming cannot "
+                             "make them private: start a new run")
+        rounds = read_rows(self.output_dir / "rounds.parquet", last_round)
+        previous = rounds[-1]["noise_multiplier"] if rounds else None
+        histories: dict[int, list[dict]] = {}
+        for row in done:
+            histories.setdefault(row["client_id"], []).append(row)
+        return plan_noise_multiplier(self.config, self.method.needs_init_gradients, client_sizes, last_round + 1, histories,
+                                     None if previous is None or previous != previous else previous)
 
     # -- actors ---------------------------------------------------------------------------------
     @property
@@ -296,12 +382,13 @@ class Experiment:
         worker): a client's last measured training time, or, before it has one, its steps × rows a step × characters a
         row at the rate measured so far. Which worker trains a client never changes what it computes."""
         data, train = self.plan.data, self.config.train
-        units = {cid: train.local_steps * min(train.batch_size, data.client_sizes[cid])
-                 * data.client_chars[cid] / max(1, data.client_sizes[cid]) for cid in client_ids}
-        known_units = sum(train.local_steps * min(train.batch_size, data.client_sizes[cid]) * data.client_chars[cid]
-                          / max(1, data.client_sizes[cid]) for cid in self.measured_s)
+        def units(cid: int) -> float:  # steps × rows a step × characters a row
+            n = data.client_sizes[cid]
+            return client_steps(train, n) * min(train.batch_size, n) * data.client_chars[cid] / max(1, n)
+
+        known_units = sum(units(cid) for cid in self.measured_s)
         rate = sum(self.measured_s.values()) / known_units if known_units > 0 else 1.0
-        cost = {cid: self.measured_s.get(cid, rate * units[cid]) for cid in client_ids}
+        cost = {cid: self.measured_s.get(cid, rate * units(cid)) for cid in client_ids}
         loads = {worker_id: 0.0 for worker_id in self.live}
         shares: dict[int, list[int]] = {worker_id: [] for worker_id in self.live}
         for cid in sorted(client_ids, key=lambda cid: (-cost[cid], cid)):
@@ -359,7 +446,8 @@ class Experiment:
             if not p.enabled:
                 row["epsilon"] = float("nan")
                 continue
-            history = privacy_history(self.config, self.method.needs_init_gradients, row["client_id"], self.client_history[row["client_id"]])
+            history = privacy_history(self.config, self.method.needs_init_gradients, row["client_id"], self.client_history[row["client_id"]],
+                                      self.plan.data.client_sizes[row["client_id"]])
             row["epsilon"] = epsilon_spent(history, p.delta, p.accountant)
 
     @property
@@ -444,7 +532,8 @@ class Experiment:
             "accountant": p.accountant, "max_grad_norm": p.max_grad_norm, "epsilon_max": max(spent, default=0.0),
             "init": ("no data (LoRA's random initialisation)" if not self.method.needs_init_gradients
                      else "public data held out from every client (no privacy spent)" if a.init_data == "public"
-                     else f"private: clipped at {p.max_grad_norm}, noise multiplier {p.init_noise_multiplier}, counted once per client ({a.init_data})"),
+                     else f"private: each client's records Poisson-sampled at rate min(1, {init_rows_per_client(self.config)}/n_i), "
+                          f"clipped at {p.max_grad_norm}, noise multiplier {p.init_noise_multiplier}, counted once per client ({a.init_data})"),
         }
 
     def finish(self, wall_s: float) -> None:

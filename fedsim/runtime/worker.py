@@ -9,7 +9,6 @@ client computes depends on which worker trains it or in what order.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections import OrderedDict
@@ -23,11 +22,13 @@ from fedsim.methods import nbytes
 from fedsim.methods.base import HEAD_PREFIX, State
 from fedsim.modeling import load_model, load_tokenizer, offline_by_default
 from fedsim.partition import HELD_OUT, read_clients
-from fedsim.privacy import PrivacySettings, init_spends_privacy, poisson_batches, private_gradient_sum
+from fedsim.privacy import (PrivacySettings, dp_sample_rate, init_rows_per_client, init_sample_rate, poisson_batches,
+                            private_gradient_sum)
 from fedsim.runtime.aggregator import CHECKPOINTS_KEPT
 from fedsim.runtime.plan import RunPlan
 from fedsim.seeds import derive_seed, rng
 from fedsim.storage import Location
+from fedsim.trainer import client_steps
 
 Rows = TokenizedRows | InstructionRows
 CACHED_ROWS = 200_000  # tokenised training rows a worker keeps between rounds (least recently used clients go first)
@@ -98,11 +99,14 @@ class ClientWorker:
         return {"trainable_adapter_parameters": sum(p.numel() for p in params.values()) - head, "trainable_head_parameters": head}
 
     def client_privacy(self, client_id: int, noise_multiplier: float | None) -> PrivacySettings | None:
-        """The client's DP-SGD parameters: Poisson rate q_i = batch_size / n_i, and the σ in force this round."""
-        if noise_multiplier is None:
+        """The client's DP-SGD parameters: Poisson rate q_i = batch_size / n_i, and the σ in force this round (the
+        driver's, sent with each call: it is recalibrated when a run is resumed)."""
+        if not self.config.privacy.enabled:
             return None
+        if noise_multiplier is None:
+            raise ValueError("a private run's round needs the noise multiplier in force (train's noise_multiplier)")
         n = self.plan.data.client_sizes[client_id]
-        sample_rate = min(1.0, self.config.train.batch_size / n)
+        sample_rate = dp_sample_rate(self.config, n)
         return PrivacySettings(noise_multiplier, self.config.privacy.max_grad_norm, sample_rate, max(1, round(sample_rate * n)))
 
     # -- the LoRA-SB initialisation ------------------------------------------------------------
@@ -116,26 +120,35 @@ class ClientWorker:
             if a.init_data == "public":
                 rows = make_rows(read_clients(self.data_dir / "public.parquet", [0]), self.tokenizer, self.config)
                 grad_sums = self._base_gradient_sum(list(rows.in_order(a.init_batch_size)))
-            elif a.init_data == "client":
-                grad_sums = self.init_gradients([0], a.init_samples)
-            else:  # pooled: every client contributes a share of the calibration sample
-                count = self.config.clients.count
-                grad_sums = self.init_gradients(list(range(min(count, a.init_samples))), max(1, math.ceil(a.init_samples / count)))
+            else:  # client 0's rows, or a share of every client's rows (pooled)
+                count = 1 if a.init_data == "client" else min(self.config.clients.count, a.init_samples)
+                grad_sums = self.init_gradients(list(range(count)))
         return self.method.init_state(self.model, grad_sums, a.init_lr or self.config.train.lr)
 
-    def init_gradients(self, client_ids: list[int], samples: int) -> dict[str, torch.Tensor]:
-        """Σ of the full model's gradients on a seeded sample of ``samples`` rows of each client (in client order).
+    def init_gradients(self, client_ids: list[int]) -> dict[str, torch.Tensor]:
+        """Σ of the full model's gradients on calibration rows of these clients (in client order), in batches of
+        ``adapters.init_batch_size``.
 
-        Under DP each client's sum is clipped per sample and noised (``privacy.init_noise_multiplier``).
+        Without DP: a seeded sample of ``privacy.init_rows_per_client`` rows of each client. Under DP
+        (``privacy.init_noise_multiplier``) each of a client's records joins independently with probability
+        q = min(1, rows / n_i); the records' gradients are clipped to C and their sum noised once. That is the sampled
+        Gaussian mechanism at rate q, booked so (``privacy.privacy_history``): adding or removing a record changes the
+        sum by at most C, whatever the other records. Poisson sampling rather than all of a client's records: the cost
+        stays that of ``adapters.init_samples`` rows (not a pass over each client's data with per-sample gradients of
+        full weight matrices), and the rate actually used is accounted, which also amplifies the privacy. (A
+        fixed-size seeded subset, as without DP, would be neither: removing one record reshuffles it.)
         """
         batch_size = self.config.adapters.init_batch_size
         sums: dict[str, torch.Tensor] = {}
         for client_id, (rows, _) in self.client_rows(client_ids).items():
-            take = min(len(rows), samples)
-            order = rng(self.config.seed, "init-sample", client_id).permutation(len(rows))[:take]
-            batches = [rows.batch(order[i : i + batch_size]) for i in range(0, take, batch_size)]
-            private = init_spends_privacy(self.config, self.method.needs_init_gradients, client_id)
-            part = self._base_gradient_sum(batches, derive_seed(self.config.seed, "init-noise", client_id) if private else None)
+            generator = rng(self.config.seed, "init-sample", client_id)
+            rate = init_sample_rate(self.config, self.method.needs_init_gradients, client_id, len(rows))
+            if rate is None:
+                order = generator.permutation(len(rows))[: min(len(rows), init_rows_per_client(self.config))]
+            else:
+                order = np.flatnonzero(generator.random(len(rows)) < rate)
+            batches = [rows.batch(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
+            part = self._base_gradient_sum(batches, derive_seed(self.config.seed, "init-noise", client_id) if rate is not None else None)
             for name, grad in part.items():
                 sums[name] = grad if name not in sums else sums[name] + grad
         return sums
@@ -185,7 +198,7 @@ class ClientWorker:
             batches = (None if b is None else {k: v.to(self.device) for k, v in b.items()} for b in batches)
             upload, stats = run_client(self.model, self.method, self.client_state(state, client_id, round_idx - 1), round_idx,
                                        batches, self.config.train, derive_seed(self.config.seed, "training", round_idx, client_id),
-                                       rank, privacy)
+                                       rank, privacy, client_steps(self.config.train, len(client_rows)))
             if self.method.client_kinds(round_idx):  # a personalised client keeps part of what it trained
                 self.store.write(client_id, round_idx, self.method.keep(self.model, round_idx),
                                  keep_from=max(0, round_idx - CHECKPOINTS_KEPT - 1))

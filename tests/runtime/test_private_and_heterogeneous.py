@@ -1,15 +1,21 @@
 """Private federated runs and rank-heterogeneous clients, end to end on the session's local Ray."""
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from opacus.accountants import RDPAccountant
 
+from fedsim.cli import main
+from fedsim.config import save_config
 from fedsim.errors import UsageError
 from fedsim.runtime import run
-from test_end_to_end import make_config
+from test_end_to_end import final_state, make_config
+from test_end_to_end import rows as comparable_rows
 
 LAYERS, RANK = 4, 4  # the tiny BERT: 2 layers × (query, value)
 
@@ -36,8 +42,9 @@ def test_private_run_accounts_epsilon_per_client_within_the_target(ray_local, ti
     run(config, progress=False)
     out = tmp_path / "private"
     clients = rows(out, "clients.parquet")
-    init_cost = [(30.0, 1.0, 1)] if (method_name == "fed-sb" and init == "pooled") else []
     for row in clients:
+        # the private init Poisson-samples each client's records at q = share / n_i (share: 16 rows over 20 clients, 1)
+        init_cost = [(30.0, 1 / row["samples"], 1)] if (method_name == "fed-sb" and init == "pooled") else []
         past = [r for r in clients if r["client_id"] == row["client_id"] and r["round"] <= row["round"] and r["steps"] > 0]
         recomputed = opacus_epsilon(init_cost + [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in past], delta)
         assert row["epsilon"] == pytest.approx(recomputed, rel=1e-6)
@@ -71,3 +78,90 @@ def test_rank_heterogeneous_fed_sb_sends_r_i_squared(ray_local, tiny_model_dir, 
     for r in clients:
         assert r["bytes_up"] == 4 * LAYERS * r["rank"] ** 2 + key_bytes
     assert all(r["agg_error"] < 1e-5 for r in rows(tmp_path / "hetero", "rounds.parquet"))
+
+
+def file_digests(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def test_private_run_resumed_to_more_rounds_stays_within_the_target(ray_local, tiny_model_dir, tmp_path, capsys):
+    """Calibrated for 2 rounds, resumed to 6 through `fedsim run --resume`: σ is recalibrated for the 4 rounds left,
+    given what each client has spent, so that none exceeds the target; the first 2 rounds are kept as they were."""
+    target, delta, sigma_init = 3.0, 1e-5, 30.0
+    config = make_config(tmp_path, tiny_model_dir, "private", **{
+        "method.name": "fed-sb", "privacy.enabled": "true", "privacy.epsilon": target, "privacy.delta": delta,
+        "adapters.init_data": "pooled", "privacy.init_noise_multiplier": sigma_init, "method.train_head": "false",
+        "clients.count": 6, "clients.per_round": 6, "workload.train_limit": 120, "train.rounds": 2, "runtime.workers": 1})
+    save_config(config, tmp_path / "private.yaml")
+
+    def init_rate(row):  # the private init Poisson-samples ceil(16 / 6) = 3 of each client's n records: q = 3 / n
+        return min(1.0, 3 / row["samples"])
+
+    out = tmp_path / "private"
+    assert main(["run", str(tmp_path / "private.yaml")]) == 0
+    first = {name: comparable_rows(out, name, ["wall_s"] if name == "rounds.parquet" else ["train_s"])
+             for name in ("rounds.parquet", "clients.parquet")}
+    spare = tmp_path / "spare"
+    shutil.copytree(out, spare)
+    capsys.readouterr()
+
+    assert main(["run", "--resume", str(out), "train.rounds=6"]) == 0
+    said = capsys.readouterr().out
+    rounds, clients = rows(out, "rounds.parquet"), rows(out, "clients.parquet")
+    for client_id in range(6):  # every client, over the whole run, by Opacus's accountant: within the target
+        own = [c for c in clients if c["client_id"] == client_id and c["steps"] > 0]
+        history = [(sigma_init, init_rate(own[0]), 1)] + [(c["noise_multiplier"], c["sample_rate"], c["steps"]) for c in own]
+        epsilon = opacus_epsilon(history, delta)
+        assert epsilon <= target
+        assert own[-1]["round"] == 5 and own[-1]["epsilon"] == pytest.approx(epsilon, rel=1e-6)
+    for name, before in first.items():  # nothing of the first 2 rounds is lost or changed
+        after = comparable_rows(out, name, ["wall_s"] if name == "rounds.parquet" else ["train_s"])
+        assert after[: len(before)] == before
+    assert [r["round"] for r in rounds] == list(range(6))
+    sigma_before, sigma_after = rounds[0]["noise_multiplier"], rounds[2]["noise_multiplier"]
+    assert all(r["noise_multiplier"] == sigma_before for r in rounds[:2]) and all(r["noise_multiplier"] == sigma_after for r in rounds[2:])
+    assert sigma_after > sigma_before and f"σ raised from {sigma_before:.4g} to {sigma_after:.4g}" in said
+    assert all(c["noise_multiplier"] == rounds[c["round"]]["noise_multiplier"] for c in clients)  # the workers used the σ in force
+    assert json.loads((out / "summary.json").read_text())["privacy"]["noise_multiplier"] == sigma_after
+
+    # a target that the first 2 rounds already spent: refused before training, one line, exit 2, nothing touched
+    before = file_digests(spare)
+    assert main(["run", "--resume", str(spare), "train.rounds=6", "privacy.epsilon=1"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("fedsim: error: privacy.epsilon: a client has already spent ε = ") and "\n" not in error
+    assert file_digests(spare) == before
+
+    # a fixed σ, resumed to more rounds: the user's choice, not refused; the ε it will reach is said in one line
+    assert main(["check", "--resume", str(spare), "train.rounds=6", "privacy.epsilon=null", "privacy.noise_multiplier=2.0"]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "reaches ε =" in line]
+    worst = 0.0
+    for client_id in range(6):  # rounds 0–1 as run, then rounds 2–5 at σ = 2, each of 2 steps at the client's rate
+        own = [c for c in rows(spare, "clients.parquet") if c["client_id"] == client_id]
+        history = [(sigma_init, init_rate(own[0]), 1)] + [(c["noise_multiplier"], c["sample_rate"], c["steps"]) for c in own]
+        worst = max(worst, opacus_epsilon(history + [(2.0, own[0]["sample_rate"], 4 * 2)], delta))
+    assert len(said) == 1 and float(said[0].split("reaches ε = ")[1].split()[0]) == pytest.approx(worst, rel=1e-3)
+    assert file_digests(spare) == before
+
+
+def test_rank_aggregation_reaches_the_method(ray_local, tiny_model_dir, tmp_path):
+    """clients.rank_aggregation through `run`: a rank-2 client and a rank-4 client; outside the leading 2×2 block
+    of R only the rank-4 client trained, so partitioned's entries there are zero-pad's divided by its weight."""
+    finals = {}
+    for how in ("zero-pad", "partitioned"):
+        config = make_config(tmp_path, tiny_model_dir, how, **{
+            "method.name": "fed-sb", "method.rank": 4, "clients.ranks": "[2,4]", "clients.count": 2, "clients.per_round": 2,
+            "clients.partition": "iid", "workload.train_limit": 40, "train.rounds": 1, "method.train_head": "false",
+            "clients.rank_aggregation": how, "runtime.workers": 1})
+        run(config, progress=False)
+        finals[how] = final_state(tmp_path / how)
+    sizes = {c["client_id"]: c["samples"] for c in rows(tmp_path / "zero-pad", "clients.parquet")}
+    weight_of_rank_4 = sizes[1] / (sizes[0] + sizes[1])
+    keys = [key for key in finals["zero-pad"] if key.endswith("lora_R")]
+    assert len(keys) == LAYERS
+    for key in keys:
+        zero_pad, partitioned = finals["zero-pad"][key].double(), finals["partitioned"][key].double()
+        outside = torch.ones(4, 4, dtype=torch.bool)
+        outside[:2, :2] = False
+        assert torch.allclose(zero_pad[:2, :2], partitioned[:2, :2], atol=1e-6)
+        assert torch.allclose(zero_pad[outside], weight_of_rank_4 * partitioned[outside], rtol=1e-4, atol=1e-7)
+        assert (zero_pad[outside] - partitioned[outside]).abs().max() > 1e-3

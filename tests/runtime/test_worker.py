@@ -87,3 +87,46 @@ def test_first_contact_gets_the_whole_state_then_the_broadcast_then_what_changed
     assert aggregator.aggregate(1, [1, 5], uploads)["bytes_down"] == {1: r_bytes, 5: nbytes(state)}
     # client 3 last received the state at round 0: since then only R changed (Fed-SB's B and A never do)
     assert aggregator.aggregate(2, [3], [])["bytes_down"] == {3: r_bytes}
+
+
+@pytest.mark.parametrize("init_samples", [16, 64])
+def test_private_init_poisson_samples_each_client_and_books_the_rate_it_used(data_dir, tiny_model_dir, monkeypatch, init_samples):
+    import numpy as np
+    import torch
+    from opacus.accountants import RDPAccountant
+
+    from fedsim.privacy import epsilon_spent, init_rows_per_client, privacy_history
+    from fedsim.runtime import worker as worker_module
+    from fedsim.seeds import rng
+
+    sigma_init, batch_size = 5.0, 2
+    plan = make_plan(data_dir, tiny_model_dir, **{
+        "privacy.enabled": "true", "privacy.epsilon": 3.0, "privacy.init_noise_multiplier": sigma_init,
+        "adapters.init_samples": init_samples, "adapters.init_data": "pooled", "adapters.init_batch_size": batch_size})
+    worker, config = ClientWorker(plan, 0), plan.config
+    calls = []
+
+    def recording(model, layer_names, batches, max_grad_norm, noise_multiplier, seed):
+        calls.append((list(batches), noise_multiplier))
+        return {name: torch.zeros(model.get_submodule(name).weight.shape, dtype=torch.float64) for name in layer_names}
+
+    monkeypatch.setattr(worker_module, "private_gradient_sum", recording)
+    worker.init_gradients([1, 3, 5])
+    rate = min(1.0, init_rows_per_client(config) / 5)
+    assert rate == (0.4 if init_samples == 16 else 1.0)  # 2 of each client's 5 records expected, or all
+    for client_id, (batches, noise) in zip([1, 3, 5], calls):
+        rows = worker.client_rows([client_id])[client_id][0]
+        # each record in independently with probability q (Poisson), from the stream (run seed, init-sample, client id)
+        chosen = np.flatnonzero(rng(0, "init-sample", client_id).random(len(rows)) < rate)
+        expected = [rows.batch(chosen[i : i + batch_size]) for i in range(0, len(chosen), batch_size)]
+        assert len(batches) == len(expected) and noise == sigma_init
+        assert all(torch.equal(b[k], e[k]) for b, e in zip(batches, expected) for k in e)
+        # booked as the sampled Gaussian mechanism at that rate, then the client's DP-SGD steps
+        rows_so_far = [{"noise_multiplier": 1.3, "sample_rate": 0.4, "steps": 3}]
+        history = privacy_history(config, True, client_id, rows_so_far, len(rows))
+        assert history == [(sigma_init, rate, 1), (1.3, 0.4, 3)]
+        accountant = RDPAccountant()
+        accountant.step(noise_multiplier=sigma_init, sample_rate=rate)
+        for _ in range(3):
+            accountant.step(noise_multiplier=1.3, sample_rate=0.4)
+        assert epsilon_spent(history, 1e-5) == pytest.approx(accountant.get_epsilon(delta=1e-5), rel=1e-9)
