@@ -22,7 +22,9 @@ def test_hold_out_takes_a_seeded_share_of_every_client_and_never_all():
     assert not hold_out_per_client(client_ids, 0.0).any()
 
 
-def test_each_client_is_scored_on_its_own_held_out_rows(ray_local, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("method_name", ["fedit", "fedsa-lora"])  # fedsa-lora: each client's own model (its own B and head)
+def test_each_client_is_scored_on_its_own_held_out_rows(ray_local, tiny_model_dir, tmp_path, method_name):
+    from fedsim.client_state import ClientStore
     from fedsim.data import make_rows
     from fedsim.methods import build_method
     from fedsim.modeling import load_model, load_tokenizer
@@ -32,7 +34,7 @@ def test_each_client_is_scored_on_its_own_held_out_rows(ray_local, tiny_model_di
         "output_dir": str(tmp_path / "run"), "model.name": tiny_model_dir, "workload.name": "bbc-news",
         "workload.train_limit": 150, "workload.eval_limit": 20, "workload.max_length": 32, "clients.count": 3,
         "clients.per_round": 3, "clients.partition": "dirichlet", "clients.alpha": 0.5, "train.rounds": 2,
-        "train.local_steps": 3, "train.batch_size": 8, "train.lr": 0.01, "runtime.workers": 2, "method.name": "fedit",
+        "train.local_steps": 3, "train.batch_size": 8, "train.lr": 0.01, "runtime.workers": 2, "method.name": method_name,
         "method.rank": 4, "eval.per_client": 0.2,
     }.items()])
     run(config, progress=False)
@@ -52,9 +54,10 @@ def test_each_client_is_scored_on_its_own_held_out_rows(ray_local, tiny_model_di
     model = load_model(config, meta["num_labels"]).eval()
     method = build_method(config.method, config.clients, config.seed)
     method.prepare(model, config.model.target_modules)
-    method.load_state(model, state)
     tokenizer = load_tokenizer(config)
+    store = ClientStore(out / "client_state")
     for row in [r for r in clients if r["round"] == 1]:
+        method.load_state(model, method.client_state(state, store.read(row["client_id"], 1)))
         mine = train.filter(pq.filters_to_expression([("client_id", "=", row["client_id"]), (HELD_OUT, "=", True)]))
         batch = make_rows(mine, tokenizer, config).batch(list(range(mine.num_rows)))
         with torch.no_grad():
