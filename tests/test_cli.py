@@ -282,3 +282,70 @@ def test_module_entry_point_exits_2_with_one_line():
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines() == ["fedsim: error: method.rank: must be a positive integer, got 0"]
     assert proc.stdout == ""
+
+
+# --- a real run on a local Ray: the closing table is the run's Parquet -----------------------
+
+
+def closing_rows(out: str) -> dict[str, list[str]]:
+    """The closing table's body rows by run name (whitespace-split cells)."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("run ") and "final accuracy" in line)
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.strip() or line.startswith(("results:", "highest")):
+            break
+        rows[line.split()[0]] = line.split()
+    return rows
+
+
+def expected_cells(run_dir: Path) -> list[str]:
+    """The cells the table must show, computed here from the run's rounds.parquet, clients.parquet and summary.json."""
+    import json
+    import math
+
+    from analysis.summary import human_bytes
+
+    rounds = pq.read_table(run_dir / "rounds.parquet").to_pylist()
+    clients = sorted(pq.read_table(run_dir / "clients.parquet").to_pylist(), key=lambda r: (r["client_id"], r["round"]))
+    first = {(r["client_id"], r["round"]) for i, r in enumerate(clients) if i == 0 or clients[i - 1]["client_id"] != r["client_id"]}
+    ups = [r["bytes_up"] for r in clients if r["bytes_up"] > 0]
+    returning = [r["bytes_down"] for r in clients if (r["client_id"], r["round"]) not in first and r["bytes_down"] > 0]
+    first_down = [r["bytes_down"] for r in clients if (r["client_id"], r["round"]) in first]
+    metrics = [r["eval_metric"] for r in rounds if not math.isnan(r["eval_metric"])]
+    errors = [r["agg_error"] for r in rounds if not math.isnan(r["agg_error"])]
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    wall_s = json.loads((run_dir / "summary.json").read_text())["wall_s"]
+    return [str(config["method"]["rank"]), f"{metrics[-1]:.4f}", f"{sum(ups) / len(ups):,.0f}",
+            f"{sum(returning) / len(returning):,.0f}", f"{sum(first_down) / len(first_down):,.0f}",
+            *human_bytes(sum(r["bytes_up"] for r in rounds)).split(), *human_bytes(sum(r["bytes_down"] for r in rounds)).split(),
+            f"{max(errors):.2e}", f"{wall_s:.1f}"]
+
+
+def test_a_real_run_ends_with_its_table(ray_local, tiny_model_dir, tmp_path, capsys):
+    """fedsim run --methods (each method its own rank) and --resume on a tiny BERT: the closing table's numbers are
+    the ones in the run's Parquet files, and it says where the results, the plot and the report are."""
+    out_dir = tmp_path / "cmp"
+    settings = [f"output_dir={out_dir}", f"model.name={tiny_model_dir}", "workload.train_limit=200", "workload.eval_limit=20",
+                "workload.max_length=32", "clients.count=6", "clients.per_round=3", "train.rounds=2", "train.local_steps=2",
+                "train.batch_size=4", "adapters.init_samples=8", "adapters.init_batch_size=4"]
+    assert main(["run", *settings, "--methods", "fed-sb:rank=6,fedit:rank=2"]) == 0
+    out = capsys.readouterr().out
+    table = closing_rows(out)
+    assert list(table) == ["fed-sb", "fedit"]
+    for name, rank in (("fed-sb", "6"), ("fedit", "2")):
+        assert table[name][1:] == expected_cells(out_dir / name), name
+        assert table[name][1] == rank
+    assert f"results: {out_dir}\n" in out and f"plot:    {out_dir / 'comparison.png'}\n" in out
+    assert (out_dir / "comparison.png").stat().st_size > 10_000
+    assert f"report:  fedsim report {out_dir} " in out
+
+    assert main(["run", "--resume", str(out_dir / "fedit"), "train.rounds=3"]) == 0
+    out = capsys.readouterr().out
+    table = closing_rows(out)
+    assert list(table) == ["fedit"] and table["fedit"][1:] == expected_cells(out_dir / "fedit")
+    assert pq.read_table(out_dir / "fedit" / "rounds.parquet").num_rows == 3
+    assert f"plot:    {out_dir / 'fedit' / 'plot.png'}\n" in out
+
+    assert main(["run", "--resume", str(out_dir / "fedit"), "train.rounds=4", "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
