@@ -347,7 +347,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     for d in args.dirs:
         if not Location(d).exists() and not Location(d).is_dir():
             raise UsageError(f"report: {d}: no such folder; pass the output_dir of a fedsim run")
+    from analysis.summary import format_summary, summary_rows
+
     report = write_report(args.dirs, args.out, clients=parse_ints(args.clients, "--clients"))
+    print(format_summary(summary_rows(args.dirs)))
     print(report)
     return 0
 
@@ -521,7 +524,8 @@ COMMANDS: dict[str, Command] = {
         description=(
             "Write PNGs (accuracy vs communicated parameters with the Pareto front, analytic communication vs\n"
             "clients, metric and loss per round, aggregation error, epsilon vs accuracy where private) and\n"
-            "report.md, with the measured bytes beside the analytic prediction (mismatches flagged).\n\n"
+            "report.md, with the measured bytes beside the analytic prediction (mismatches flagged); print\n"
+            "the runs' closing table (as fedsim run ends with) and the report's path.\n\n"
             "examples:\n"
             "  fedsim report results/default\n"
             "  fedsim report results/a results/b --out results/ab-report"
