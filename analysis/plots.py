@@ -109,7 +109,11 @@ def plot_runs(runs, path) -> Location:
         any_eval |= bool(ok.any())
         ax_eval.plot(x[ok], metric[ok], **style)
         ok_bytes = ok & np.isfinite(total) & (total > 0)
-        ax_eval_bytes.plot(total[ok_bytes], metric[ok_bytes], **style)
+        line, = ax_eval_bytes.plot(total[ok_bytes], metric[ok_bytes], **style)
+        up = _column(rounds, "bytes_up_cum")
+        ok_up = ok & np.isfinite(up) & (up > 0)
+        ax_eval_bytes.plot(up[ok_up], metric[ok_up], linestyle="--", linewidth=1, marker="o", markersize=2, color=line.get_color(),
+                           alpha=0.6)
 
         loss = _column(rounds, "train_loss")
         ok = np.isfinite(loss)
@@ -125,14 +129,14 @@ def plot_runs(runs, path) -> Location:
 
     ax_eval.set(title=f"{metric_name} per round", xlabel="round", ylabel=metric_name)
     ax_eval_bytes.set_xscale("log")
-    ax_eval_bytes.set(title=f"{metric_name} against bytes sent so far (up + down, all clients)",
+    ax_eval_bytes.set(title=f"{metric_name} against bytes sent so far, all clients\n(solid: up + down; dashed: up only)",
                       xlabel="cumulative bytes after the round (log)", ylabel=metric_name)
     if not any_eval:
         for ax in (ax_eval, ax_eval_bytes):
             ax.text(0.5, 0.5, "no evaluation rounds", ha="center", va="center", transform=ax.transAxes)
     ax_text.axis("off")
     ax_text.set_title("as measured (clients.parquet, rounds.parquet)")
-    ax_text.text(0.0, 1.0, _summary_text(labels, summaries, metric_name), family="monospace", fontsize="small",
+    ax_text.text(0.0, 1.0, _summary_text(labels, summaries, metric_name), family="monospace", fontsize="medium",
                  va="top", ha="left", transform=ax_text.transAxes)
     ax_loss.set(title="train loss per round (mean over clients)", xlabel="round", ylabel="train loss")
     ax_err.set_yscale("log")

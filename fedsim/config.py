@@ -95,7 +95,7 @@ class WorkloadConfig:
     # Dataset file or folder, for workloads that read local files; null = the workload's default.
     path: Optional[str] = None
     # Tokens per example; longer inputs are truncated.
-    max_length: int = 64
+    max_length: int = 32
     # Training examples kept before partitioning; null = all.
     train_limit: Optional[int] = 2000
     # Evaluation examples; null = all.
