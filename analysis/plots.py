@@ -16,7 +16,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import EngFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from analysis.results import LABEL_COUNTS_FILE, Run, _as_runs, find_runs, load_run, run_labels, with_cumulative_bytes
 from analysis.summary import human_bytes, run_summary
@@ -60,9 +60,20 @@ def _describe(runs: list[Run]) -> str:
 
 
 def _metric_name(runs: list[Run]) -> str:
+    """`workload.metric` where a config names it; else accuracy, which is what fedsim's `eval_metric` holds for both
+    tasks (classification accuracy; for a causal LM the mean of its sets' accuracies); "eval metric" without a config."""
     workload = runs[0].config.get("workload")
     metric = workload.get("metric") if isinstance(workload, dict) else None
+    if metric is None and isinstance(runs[0].config.get("model"), dict):
+        metric = "accuracy"
     return f"eval {metric}" if metric else "eval metric"
+
+
+def _bytes_axis(axis) -> None:
+    """A log axis of bytes labelled 1 MB, 2 MB, 5 MB, 10 MB… (no crowded minor labels)."""
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(EngFormatter(unit="B"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def _legend_label(label: str, summary: dict) -> str:
@@ -129,6 +140,7 @@ def plot_runs(runs, path) -> Location:
 
     ax_eval.set(title=f"{metric_name} per round", xlabel="round", ylabel=metric_name)
     ax_eval_bytes.set_xscale("log")
+    _bytes_axis(ax_eval_bytes.xaxis)
     ax_eval_bytes.set(title=f"{metric_name} against bytes sent so far, all clients\n(solid: up + down; dashed: up only)",
                       xlabel="cumulative bytes after the round (log)", ylabel=metric_name)
     if not any_eval:
@@ -147,7 +159,8 @@ def plot_runs(runs, path) -> Location:
         + (f"\n(log; values < {AGG_ERROR_FLOOR:g}, e.g. exact 0, drawn at {AGG_ERROR_FLOOR:g})" if floored else " (log)"),
     )
     ax_bytes.set_yscale("log")
-    ax_bytes.set(title="communication, cumulative (up + down)", xlabel="round", ylabel="bytes (log)")
+    _bytes_axis(ax_bytes.yaxis)
+    ax_bytes.set(title="communication, cumulative (up + down, all clients)", xlabel="round", ylabel="bytes (log)")
     for ax in (ax_eval, ax_eval_bytes, ax_loss, ax_err, ax_bytes):
         if ax is not ax_eval_bytes:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
