@@ -194,7 +194,7 @@ class TrainConfig:
     # Optimiser steps per client per round.
     local_steps: int = 5
     # Local batch size.
-    batch_size: int = 16
+    batch_size: int = 8
     # Learning rate (AdamW).
     lr: float = 0.005
     # AdamW weight decay.
