@@ -2,8 +2,9 @@
 
     python -m analysis.plots results/default      # comparison.png + each run's plot.png
 
-``plot_runs`` draws four panels per set of runs (eval metric, train loss, aggregation error,
-cumulative bytes); ``plot_label_counts`` draws the non-IID split of a run's data over its clients.
+``plot_runs`` draws six panels per set of runs (eval metric per round, eval metric against cumulative
+bytes, each run's rank and bytes per client per round, train loss, aggregation error, cumulative
+bytes per round); ``plot_label_counts`` draws the non-IID split of a run's data over its clients.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import EngFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from analysis.results import LABEL_COUNTS_FILE, Run, _as_runs, find_runs, load_run, run_labels, with_cumulative_bytes
+from analysis.summary import human_bytes, run_summary
 from fedsim.errors import UsageError
 from fedsim.storage import Location
 
@@ -58,29 +60,71 @@ def _describe(runs: list[Run]) -> str:
 
 
 def _metric_name(runs: list[Run]) -> str:
+    """`workload.metric` where a config names it; else accuracy, which is what fedsim's `eval_metric` holds for both
+    tasks (classification accuracy; for a causal LM the mean of its sets' accuracies); "eval metric" without a config."""
     workload = runs[0].config.get("workload")
     metric = workload.get("metric") if isinstance(workload, dict) else None
+    if metric is None and isinstance(runs[0].config.get("model"), dict):
+        metric = "accuracy"
     return f"eval {metric}" if metric else "eval metric"
 
 
+def _bytes_axis(axis) -> None:
+    """A log axis of bytes labelled 1 MB, 2 MB, 5 MB, 10 MB… (no crowded minor labels)."""
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(EngFormatter(unit="B"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _legend_label(label: str, summary: dict) -> str:
+    rank = summary["rank"]
+    return label if rank is None or f"r={rank}" in label else f"{label} r={rank}"
+
+
+def _summary_text(labels: list[str], summaries: list[dict], metric: str) -> str:
+    """The runs' ranks and bytes as measured, one block a run (the closing table of `fedsim run`, in short)."""
+    blocks = []
+    for label, row in zip(labels, summaries):
+        final = row["final_metric"]
+        blocks.append("\n".join([
+            f"{_legend_label(label, row)}",
+            f"  final {metric}: {final:.4f}" if np.isfinite(final) else f"  final {metric}: —",
+            f"  up per client per round:   {human_bytes(row['up_per_client_round'])}",
+            f"  down per client per round: {human_bytes(row['down_per_client_round'])}",
+            f"  down at first contact:     {human_bytes(row['down_first_contact'])}",
+            f"  all rounds, up + down:     {human_bytes(row['bytes_up'] + row['bytes_down'])}",
+        ]))
+    return "\n\n".join(blocks)
+
+
 def plot_runs(runs, path) -> Location:
-    """One PNG, 2×2 panels (eval metric, train loss, aggregation error, cumulative bytes), a line per run."""
+    """One PNG, 2×3 panels, a line per run: eval metric per round, eval metric against cumulative bytes (up + down),
+    the runs' ranks and bytes per client per round as measured; train loss, aggregation error, cumulative bytes per round."""
     runs = _as_runs(runs)
     if not runs:
         raise UsageError("plots: no runs to plot; pass run folders or a folder of runs")
     labels = run_labels(runs)
-    fig = Figure(figsize=(12, 8.5), layout="constrained")
-    (ax_eval, ax_loss), (ax_err, ax_bytes) = fig.subplots(2, 2)
+    summaries = [run_summary(run, label) for run, label in zip(runs, labels)]
+    metric_name = _metric_name(runs)
+    fig = Figure(figsize=(17, 9), layout="constrained")
+    (ax_eval, ax_eval_bytes, ax_text), (ax_loss, ax_err, ax_bytes) = fig.subplots(2, 3)
     floored = any_eval = False
-    for run, label in zip(runs, labels):
+    for run, label, summary in zip(runs, labels, summaries):
         rounds = with_cumulative_bytes(run.rounds)
         x = _column(rounds, "round")
-        style = dict(label=label, marker="o", markersize=3, linewidth=1.5)
+        style = dict(label=_legend_label(label, summary), marker="o", markersize=3, linewidth=1.5)
 
         metric = _column(rounds, "eval_metric")
+        total = _column(rounds, "bytes_up_cum") + _column(rounds, "bytes_down_cum")
         ok = np.isfinite(metric)
         any_eval |= bool(ok.any())
         ax_eval.plot(x[ok], metric[ok], **style)
+        ok_bytes = ok & np.isfinite(total) & (total > 0)
+        line, = ax_eval_bytes.plot(total[ok_bytes], metric[ok_bytes], **style)
+        up = _column(rounds, "bytes_up_cum")
+        ok_up = ok & np.isfinite(up) & (up > 0)
+        ax_eval_bytes.plot(up[ok_up], metric[ok_up], linestyle="--", linewidth=1, marker="o", markersize=2, color=line.get_color(),
+                           alpha=0.6)
 
         loss = _column(rounds, "train_loss")
         ok = np.isfinite(loss)
@@ -91,13 +135,21 @@ def plot_runs(runs, path) -> Location:
         floored |= bool((err[ok] < AGG_ERROR_FLOOR).any())
         ax_err.plot(x[ok], np.maximum(err[ok], AGG_ERROR_FLOOR), **style)
 
-        total = _column(rounds, "bytes_up_cum") + _column(rounds, "bytes_down_cum")
         ok = np.isfinite(total) & (total > 0)
         ax_bytes.plot(x[ok], total[ok], **style)
 
-    ax_eval.set(title=f"{_metric_name(runs)} per round", xlabel="round", ylabel=_metric_name(runs))
+    ax_eval.set(title=f"{metric_name} per round", xlabel="round", ylabel=metric_name)
+    ax_eval_bytes.set_xscale("log")
+    _bytes_axis(ax_eval_bytes.xaxis)
+    ax_eval_bytes.set(title=f"{metric_name} against bytes sent so far, all clients\n(solid: up + down; dashed: up only)",
+                      xlabel="cumulative bytes after the round (log)", ylabel=metric_name)
     if not any_eval:
-        ax_eval.text(0.5, 0.5, "no evaluation rounds", ha="center", va="center", transform=ax_eval.transAxes)
+        for ax in (ax_eval, ax_eval_bytes):
+            ax.text(0.5, 0.5, "no evaluation rounds", ha="center", va="center", transform=ax.transAxes)
+    ax_text.axis("off")
+    ax_text.set_title("as measured (clients.parquet, rounds.parquet)")
+    ax_text.text(0.0, 1.0, _summary_text(labels, summaries, metric_name), family="monospace", fontsize="medium",
+                 va="top", ha="left", transform=ax_text.transAxes)
     ax_loss.set(title="train loss per round (mean over clients)", xlabel="round", ylabel="train loss")
     ax_err.set_yscale("log")
     ax_err.set(
@@ -107,14 +159,17 @@ def plot_runs(runs, path) -> Location:
         + (f"\n(log; values < {AGG_ERROR_FLOOR:g}, e.g. exact 0, drawn at {AGG_ERROR_FLOOR:g})" if floored else " (log)"),
     )
     ax_bytes.set_yscale("log")
-    ax_bytes.set(title="communication, cumulative (up + down)", xlabel="round", ylabel="bytes (log)")
-    for ax in (ax_eval, ax_loss, ax_err, ax_bytes):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(True, alpha=0.3, which="both" if ax in (ax_err, ax_bytes) else "major")
+    _bytes_axis(ax_bytes.yaxis)
+    ax_bytes.set(title="communication, cumulative (up + down, all clients)", xlabel="round", ylabel="bytes (log)")
+    for ax in (ax_eval, ax_eval_bytes, ax_loss, ax_err, ax_bytes):
+        if ax is not ax_eval_bytes:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3, which="both" if ax in (ax_err, ax_bytes, ax_eval_bytes) else "major")
         if ax.lines:
             ax.legend(fontsize="small")
     subtitle = _describe(runs)
-    fig.suptitle(" vs ".join(labels) + (f" — {subtitle}" if subtitle else ""), fontweight="bold")
+    title = " vs ".join(_legend_label(label, summary) for label, summary in zip(labels, summaries))
+    fig.suptitle(title + (f" — {subtitle}" if subtitle else ""), fontweight="bold")
     return save_figure(fig, path)
 
 

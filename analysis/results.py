@@ -4,9 +4,14 @@ A run folder holds ``config.yaml``, ``rounds.parquet`` (a row per round), ``clie
 per client per round), ``summary.json`` and ``label_counts.parquet``. A comparison folder holds one
 run folder per method. These functions read them for plots and notebooks::
 
-    from analysis.results import find_runs, load_run, runs_table
+    from analysis.results import find_runs, load_run, runs_table, clients_table
     runs = [load_run(p) for p in find_runs("results/default")]
-    table = runs_table(runs)          # rounds of every run, with a `run` column
+    rounds = runs_table(runs)         # rounds of every run, with a `run` column
+    clients = clients_table(runs)     # a row per client per round of every run
+
+The tables handed back (`runs_table`, `clients_table`, `analysis.summary.summary_table`) are pandas
+DataFrames where pandas is installed (the `notebooks` extra installs it) and Arrow tables where it
+is not; `as_arrow=True` always gives the Arrow table. A `Run` holds its tables as read, in Arrow.
 """
 
 from __future__ import annotations
@@ -29,9 +34,21 @@ SUMMARY_FILE = "summary.json"
 LABEL_COUNTS_FILE = "label_counts.parquet"
 
 
+def as_frame(table: pa.Table, as_arrow: bool = False):
+    """``table`` as a pandas DataFrame where pandas is installed, else (or with ``as_arrow=True``) the Arrow table itself."""
+    if as_arrow:
+        return table
+    try:
+        import pandas  # noqa: F401  (the `notebooks` extra)
+    except ImportError:
+        return table
+    return table.to_pandas()
+
+
 @dataclass
 class Run:
-    """One run's results: its folder (a local path or a URI such as s3://bucket/run), name (the method), resolved config and tables."""
+    """One run's results: its folder (a local path or a URI such as s3://bucket/run), name (the method), resolved config and
+    tables (Arrow, as read; ``runs_table(run)`` and ``clients_table(run)`` give DataFrames)."""
 
     path: Path | Location
     name: str
@@ -139,11 +156,12 @@ def with_cumulative_bytes(rounds: pa.Table) -> pa.Table:
     return rounds
 
 
-def runs_table(paths) -> pa.Table:
+def runs_table(paths, as_arrow: bool = False):
     """The rounds tables of several runs stacked, with a `run` column (first) and cumulative bytes.
 
     `paths`: run folders, comparison folders or `Run` objects (one or a list). Rows are sorted by
     round within each run; runs keep the order given. Columns missing from one run are null there.
+    A pandas DataFrame where pandas is installed, else (or with ``as_arrow=True``) an Arrow table.
     """
     runs = _as_runs(paths)
     if not runs:
@@ -152,7 +170,23 @@ def runs_table(paths) -> pa.Table:
     for run, label in zip(runs, run_labels(runs)):
         rounds = with_cumulative_bytes(run.rounds)
         tables.append(rounds.add_column(0, "run", pa.array([label] * rounds.num_rows, pa.string())))
-    return pa.concat_tables(tables, promote_options="permissive")
+    return as_frame(pa.concat_tables(tables, promote_options="permissive"), as_arrow)
+
+
+def clients_table(paths, as_arrow: bool = False):
+    """The clients tables (a row per client per round) of several runs stacked, with a `run` column first.
+
+    Runs without a ``clients.parquet`` add no rows. A pandas DataFrame where pandas is installed,
+    else (or with ``as_arrow=True``) an Arrow table.
+    """
+    runs = _as_runs(paths)
+    if not runs:
+        raise UsageError("results: no runs given; pass run folders or a folder of runs")
+    tables = [run.clients.add_column(0, "run", pa.array([label] * run.clients.num_rows, pa.string()))
+              for run, label in zip(runs, run_labels(runs)) if run.clients is not None]
+    if not tables:
+        raise UsageError(f"results: no {CLIENTS_FILE} in {', '.join(str(r.path) for r in runs)}")
+    return as_frame(pa.concat_tables(tables, promote_options="permissive"), as_arrow)
 
 
 def _read_mapping(file: Location, parse, error: type[Exception], kind: str) -> dict:

@@ -24,8 +24,10 @@ from typing import Callable, NamedTuple
 from fedsim import __version__
 from fedsim.errors import UsageError
 
-# With no CONFIG (the embedded default), `fedsim run` compares these methods.
-DEFAULT_COMPARISON = ("fed-sb", "fedit")
+# With no CONFIG (the embedded default), `fedsim run` compares these methods at equal bytes per round: MiniLM's
+# query and value layers are 384×384 (d = k = 384), so FedIT at the default rank 4 sends r(d+k) = 3,072 numbers a
+# layer each way and Fed-SB at rank 55 sends r² = 3,025 (both also send the 5-class head, 1,925 numbers).
+DEFAULT_COMPARISON = ("fed-sb:rank=55", "fedit")
 
 
 class Command(NamedTuple):
@@ -97,8 +99,14 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--methods", metavar="M1,M2",
-        help="run the same config once per method, side by side, each in <output_dir>/<method> "
-        f"(default with no CONFIG: {','.join(DEFAULT_COMPARISON)})",
+        help="run the same config once per method, side by side, each in <output_dir>/<method>; a method may carry its own "
+        "settings after a colon, e.g. fed-sb:rank=55,fedit or fed-sb:rank=55:alpha=110 (a key without a dot is under "
+        "method., else a full dotted key such as train.lr=0.01; they override the config and the command line for that "
+        f"method only) (default with no CONFIG: {','.join(DEFAULT_COMPARISON)})",
+    )
+    parser.add_argument(
+        "--quiet", "-q", action="store_true",
+        help="for scripts: no progress bars and no closing table (errors are still printed)",
     )
 
 
@@ -107,6 +115,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config_path, overrides = _split_items(args.items)
     method_override = any(o.split("=", 1)[0].strip() == "method.name" for o in overrides)
+    progress = {"progress": False} if args.quiet else {}
 
     if args.resume is not None:
         if config_path is not None:
@@ -119,7 +128,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config = _resume_config(args.resume, overrides)
         from fedsim.runtime import run
 
-        run(config, resume=args.resume, overwrite=args.overwrite)
+        run(config, resume=args.resume, overwrite=args.overwrite, **progress)
+        _closing(args, config.output_dir, single=True)
         return 0
 
     data = _read_config_dict(config_path, overrides)
@@ -129,36 +139,42 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config = config_from_dict(data)
         from fedsim.runtime import run
 
-        run(config, resume=None, overwrite=args.overwrite)
+        run(config, resume=None, overwrite=args.overwrite, **progress)
+        _closing(args, config.output_dir, single=True)
         return 0
 
+    configs = _comparison_configs(data, methods)
     from fedsim.runtime import run_comparison
 
     extra = {"overwrite": True} if args.overwrite else {}
-    run_comparison(_method_configs(data, methods), data.get("output_dir"), **extra)
+    run_comparison(configs, data.get("output_dir"), **extra, **progress)
+    _closing(args, data.get("output_dir"), single=False)
     return 0
 
 
-def _method_configs(data: dict, methods: list[str]):
-    """One validated config per method of a side-by-side comparison, each in <output_dir>/<method>."""
-    from fedsim.config import config_from_dict
+def _closing(args: argparse.Namespace, output_dir: str, single: bool) -> None:
+    """The answer a run ends with (unless --quiet): the table of `analysis.summary`, from the run's own files, and where things are."""
+    if args.quiet:
+        return
+    from analysis.summary import format_summary, summary_rows, verdict
     from fedsim.storage import join
 
-    base_dir = data.get("output_dir")
-    configs = []
-    for method in methods:
-        one = copy.deepcopy(data)
-        one.setdefault("method", {})
-        if isinstance(one["method"], dict):
-            one["method"]["name"] = method
-        if isinstance(base_dir, str):
-            one["output_dir"] = join(base_dir, method)
-        configs.append(config_from_dict(one))  # validates each, base_dir included
-    return configs
+    rows = summary_rows(output_dir)
+    print()
+    print(format_summary(rows))
+    if len(rows) > 1:
+        print(verdict(rows))
+    print(f"results: {output_dir}")
+    print(f"plot:    {join(output_dir, 'plot.png' if single else 'comparison.png')}")
+    print(f"report:  fedsim report {output_dir}    (writes {join(output_dir, 'report', 'report.md')}: "
+          "figures, bytes against the analytic model)")
 
 
 def _methods_to_run(methods_arg: str | None, config_path: str | None, method_override: bool) -> list[str] | None:
-    """The methods of a side-by-side comparison (``--methods``, or the default's), or None for a single run."""
+    """The methods of a side-by-side comparison (``--methods``, or the default's), or None for a single run.
+
+    Each is a method name, optionally with its own settings: ``fed-sb:rank=55:alpha=110``.
+    """
     from fedsim.config import method_names
 
     if methods_arg is not None:
@@ -168,6 +184,50 @@ def _methods_to_run(methods_arg: str | None, config_path: str | None, method_ove
     if config_path is None and not method_override:
         return list(DEFAULT_COMPARISON)
     return None
+
+
+def _split_method(spec: str) -> tuple[str, list[str]]:
+    """``fed-sb:rank=55:train.lr=0.01`` → ("fed-sb", ["method.rank=55", "train.lr=0.01"])."""
+    name, *settings = [part.strip() for part in spec.split(":")]
+    overrides = []
+    for setting in settings:
+        key, equals, value = setting.partition("=")
+        if not equals or not key.strip() or not value.strip():
+            raise UsageError(f"--methods: {spec!r}: a method's settings are key=value after a colon, e.g. fed-sb:rank=55")
+        key = key.strip()
+        if key in ("name", "method.name", "output_dir"):
+            raise UsageError(f"--methods: {spec!r}: {key} cannot be set per method")
+        overrides.append(f"{key if '.' in key else 'method.' + key}={value.strip()}")
+    return name, overrides
+
+
+def _method_folder(spec: str, specs: list[str]) -> str:
+    """A comparison member's folder: the method's name, or with its settings where the name occurs twice (fed-sb-rank55)."""
+    name, overrides = _split_method(spec)
+    if [_split_method(s)[0] for s in specs].count(name) == 1:
+        return name
+    parts = [name] + [o.split("=", 1)[0].rsplit(".", 1)[-1] + "".join(c for c in o.split("=", 1)[1] if c.isalnum() or c in ".-")
+                      for o in overrides]
+    return "-".join(parts)
+
+
+def _comparison_configs(data: dict, specs: list[str]) -> list:
+    """One validated config per member of a comparison, each in ``<output_dir>/<folder>`` with its own settings."""
+    from fedsim.config import apply_overrides, config_from_dict
+    from fedsim.storage import join
+
+    base_dir = data.get("output_dir")
+    configs = []
+    for spec in specs:
+        name, overrides = _split_method(spec)
+        one = copy.deepcopy(data)
+        if isinstance(one.setdefault("method", {}), dict):
+            one["method"]["name"] = name
+        one = apply_overrides(one, overrides)
+        if isinstance(base_dir, str):
+            one["output_dir"] = join(base_dir, _method_folder(spec, specs))
+        configs.append(config_from_dict(one))  # validates each, base_dir included
+    return configs
 
 
 def _resume_config(run_dir: str, overrides: list[str]):
@@ -190,16 +250,18 @@ def _resume_config(run_dir: str, overrides: list[str]):
 
 
 def _parse_methods(text: str, valid: tuple[str, ...]) -> list[str]:
-    methods = [m.strip() for m in text.split(",") if m.strip()]
-    if not methods:
+    specs = [m.strip() for m in text.split(",") if m.strip()]
+    if not specs:
         raise UsageError(f"--methods: expected a comma-separated list such as fed-sb,fedit; valid: {', '.join(valid)}")
-    for m in methods:
-        if m not in valid:
-            raise UsageError(f"--methods: unknown method '{m}'; valid: {', '.join(valid)}")
-    duplicates = sorted({m for m in methods if methods.count(m) > 1})
+    for spec in specs:
+        name, _ = _split_method(spec)
+        if name not in valid:
+            raise UsageError(f"--methods: unknown method '{name}'; valid: {', '.join(valid)}")
+    folders = [_method_folder(spec, specs) for spec in specs]
+    duplicates = sorted({spec for spec, folder in zip(specs, folders) if folders.count(folder) > 1})
     if duplicates:
         raise UsageError(f"--methods: '{duplicates[0]}' is listed twice")
-    return methods
+    return specs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +290,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         data = _read_config_dict(config_path, overrides)
         method_override = any(o.split("=", 1)[0].strip() == "method.name" for o in overrides)
         methods = _methods_to_run(args.methods, config_path, method_override)
-        configs = [config_from_dict(data)] if methods is None else _method_configs(data, methods)
+        configs = [config_from_dict(data)] if methods is None else _comparison_configs(data, methods)
     what = config_path or (f"--resume {args.resume}" if args.resume else "the embedded default")
     for config in configs:
         result = check(config, resume=args.resume)
@@ -360,7 +422,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     for d in args.dirs:
         if not Location(d).exists() and not Location(d).is_dir():
             raise UsageError(f"report: {d}: no such folder; pass the output_dir of a fedsim run")
+    from analysis.summary import format_summary, summary_rows
+
     report = write_report(args.dirs, args.out, clients=parse_ints(args.clients, "--clients"))
+    print(format_summary(summary_rows(args.dirs)))
     print(report)
     return 0
 
@@ -425,11 +490,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     data = _read_config_dict(config_path, overrides)
     methods = _methods_to_run(args.methods, config_path, method_override)
     config = config_from_dict(data)
-    for method in methods or []:  # as fedsim run would: every method's config is valid
-        one = copy.deepcopy(data)
-        if isinstance(one.setdefault("method", {}), dict):
-            one["method"]["name"] = method
-        config_from_dict(one)
+    if methods:  # as fedsim run would: every method's config is valid
+        _comparison_configs(data, methods)
     client, job_id = jobs.submit(config, args.address, methods=methods, pip=args.pip, overwrite=args.overwrite,
                                  submission_id=args.job_id, entrypoint_num_cpus=args.entrypoint_cpus)
     print(job_id, flush=True)
@@ -492,11 +554,17 @@ COMMANDS: dict[str, Command] = {
         description=(
             "Run an experiment. The config is the embedded default (the offline demo: MiniLM on BBC News),\n"
             "a YAML file merged over it, and key=value overrides over that.\n"
-            "With no CONFIG, or with --methods, the same config runs once per method, side by side.\n\n"
+            "With no CONFIG, or with --methods, the same config runs once per method, side by side; a method\n"
+            "may carry its own settings after a colon (fed-sb:rank=55). It ends with a table per method (final\n"
+            "accuracy, bytes per client per round and in all, max aggregation error, wall time, epsilon where\n"
+            "private) and the paths of the results and the plot; --quiet prints neither.\n\n"
+            "The demo (no CONFIG) compares fed-sb at rank 55 with fedit at rank 4: equal bytes per round\n"
+            "(r^2 = 3,025 against r(d+k) = 3,072 numbers per adapted layer of MiniLM).\n\n"
             "examples:\n"
-            "  fedsim run                                      # demo: fed-sb vs fedit\n"
+            "  fedsim run                                      # demo: fed-sb r=55 vs fedit r=4\n"
             "  fedsim run my.yaml train.rounds=50 clients.count=200\n"
             "  fedsim run my.yaml --methods fed-sb,fedit,ffa-lora\n"
+            "  fedsim run my.yaml --methods fed-sb:rank=64,fedit:rank=8:train.lr=0.001\n"
             "  fedsim run --resume results/my train.rounds=100"
         ),
         add_arguments=_add_run,
@@ -553,7 +621,8 @@ COMMANDS: dict[str, Command] = {
         description=(
             "Write PNGs (accuracy vs communicated parameters with the Pareto front, analytic communication vs\n"
             "clients, metric and loss per round, aggregation error, epsilon vs accuracy where private) and\n"
-            "report.md, with the measured bytes beside the analytic prediction (mismatches flagged).\n\n"
+            "report.md, with the measured bytes beside the analytic prediction (mismatches flagged); print\n"
+            "the runs' closing table (as fedsim run ends with) and the report's path.\n\n"
             "examples:\n"
             "  fedsim report results/default\n"
             "  fedsim report results/a results/b --out results/ab-report"

@@ -171,7 +171,7 @@ class WorkloadConfig(Section):
     prefix: ClassVar[str] = "workload."
     name: str = setting("bbc-news", "a name from the workload registry, e.g. bbc-news, sst2, gsm8k", nonempty=True)
     path: Optional[str] = setting(None, "dataset file or folder for workloads that read local files; null = the workload's default")
-    max_length: int = setting(64, "tokens per example; longer inputs are truncated", **AT_LEAST_ONE)
+    max_length: int = setting(32, "tokens per example; longer inputs are truncated", **AT_LEAST_ONE)
     train_limit: Optional[int] = setting(2000, "training examples kept before partitioning; null = all", **AT_LEAST_ONE)
     eval_limit: Optional[int] = setting(400, "evaluation examples; null = all", **AT_LEAST_ONE)
     options: dict[str, Any] = setting({}, "loader-specific settings (text_column, label_column, ...), passed to the workload")
@@ -254,7 +254,7 @@ class TrainConfig(Section):
     local_steps: Optional[int] = setting(5, "optimiser steps per client per round; null with train.local_epochs", **AT_LEAST_ONE)
     local_epochs: Optional[float] = setting(None, "instead of local_steps: passes over its own data per client per round "
                                             "(⌈n_i / batch_size⌉ × epochs steps, rounded up)", **POSITIVE)
-    batch_size: int = setting(16, "local batch size", **AT_LEAST_ONE)
+    batch_size: int = setting(8, "local batch size", **AT_LEAST_ONE)
     lr: float = setting(0.005, "learning rate (AdamW)", **POSITIVE)
     weight_decay: float = setting(0.0, "AdamW weight decay", **NON_NEGATIVE)
     schedule: str = setting("constant", "learning-rate schedule over a client's local steps: constant | linear | cosine",

@@ -5,6 +5,8 @@ import sys
 import types
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -15,22 +17,34 @@ from fedsim.errors import UsageError
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def write_fake_run(config):
+    """What a finished run leaves that the closing table reads: config.yaml and a one-round rounds.parquet."""
+    folder = Path(config.output_dir)
+    save_config(config, folder / "config.yaml")
+    pq.write_table(pa.table({"round": [0], "bytes_up": [10], "bytes_down": [20], "agg_error": [0.0], "eval_metric": [0.5],
+                             "wall_s": [1.0]}), folder / "rounds.parquet")
+
+
 @pytest.fixture
-def fake_runtime(monkeypatch):
-    """Replace fedsim.runtime with a recorder; `calls` holds (name, args, kwargs)."""
+def fake_runtime(monkeypatch, tmp_path):
+    """Replace fedsim.runtime with a recorder; `calls` holds (name, args, kwargs). Runs happen in tmp_path."""
+    monkeypatch.chdir(tmp_path)  # the default output_dir, results/default, is relative
     calls = []
     module = types.ModuleType("fedsim.runtime")
     module.behaviour = None  # an exception to raise from run/run_comparison
 
-    def run(config, resume=None, overwrite=False):
-        calls.append(("run", (config,), {"resume": resume, "overwrite": overwrite}))
+    def run(config, resume=None, overwrite=False, **kwargs):
+        calls.append(("run", (config,), {"resume": resume, "overwrite": overwrite, **kwargs}))
         if module.behaviour is not None:
             raise module.behaviour
+        write_fake_run(config)
 
     def run_comparison(configs, output_dir, **kwargs):
         calls.append(("run_comparison", (configs, output_dir), kwargs))
         if module.behaviour is not None:
             raise module.behaviour
+        for config in configs:
+            write_fake_run(config)
 
     module.run, module.run_comparison, module.calls = run, run_comparison, calls
     monkeypatch.setitem(sys.modules, "fedsim.runtime", module)
@@ -123,7 +137,7 @@ def test_version(capsys):
 # --- fedsim run: what reaches the runtime -----------------------------------------------------
 
 
-def test_run_with_config_calls_run(tmp_path, fake_runtime):
+def test_run_with_config_calls_run(tmp_path, fake_runtime, capsys):
     path = tmp_path / "c.yaml"
     path.write_text(f"output_dir: {tmp_path / 'out'}\nmethod:\n  name: ffa-lora\n")
     assert main(["run", str(path), "--overwrite", "train.rounds=2"]) == 0
@@ -131,17 +145,61 @@ def test_run_with_config_calls_run(tmp_path, fake_runtime):
     assert name == "run"
     assert args[0].method.name == "ffa-lora" and args[0].train.rounds == 2
     assert kwargs == {"resume": None, "overwrite": True}
+    out = capsys.readouterr().out
+    assert "ffa-lora" in out and "0.5000" in out  # the closing table, from the run's rounds.parquet
+    assert f"plot:    {tmp_path / 'out' / 'plot.png'}" in out
 
 
-def test_run_default_compares_fed_sb_and_fedit(tmp_path, fake_runtime):
+def test_run_default_compares_fed_sb_and_fedit_at_equal_bytes(tmp_path, fake_runtime, capsys):
     assert main(["run", f"output_dir={tmp_path}", "train.rounds=1"]) == 0
     [(name, (configs, output_dir), kwargs)] = fake_runtime.calls
     assert name == "run_comparison"
     assert [c.method.name for c in configs] == ["fed-sb", "fedit"]
     assert [c.output_dir for c in configs] == [str(tmp_path / "fed-sb"), str(tmp_path / "fedit")]
     assert all(c.train.rounds == 1 for c in configs)
+    # Equal numbers per adapted layer each round: Fed-SB's r² against FedIT's r(d+k), MiniLM's d = k = 384.
+    fed_sb, fedit = configs
+    assert fed_sb.method.rank == 55 and fedit.method.rank == 4
+    assert abs(fed_sb.method.rank ** 2 - fedit.method.rank * (384 + 384)) / (fedit.method.rank * 768) < 0.02
     assert output_dir == str(tmp_path)
     assert kwargs == {}
+    out = capsys.readouterr().out
+    assert f"results: {tmp_path}" in out and f"plot:    {tmp_path / 'comparison.png'}" in out
+    assert f"fedsim report {tmp_path}" in out
+
+
+def test_run_methods_with_their_own_settings(tmp_path, fake_runtime):
+    assert main(["run", f"output_dir={tmp_path}", "method.rank=8", "--methods",
+                 "fed-sb:rank=64:train.lr=0.02, fedit, fed-sb:rank=16"]) == 0
+    [(_, (configs, _), _)] = fake_runtime.calls
+    assert [(c.method.name, c.method.rank, c.train.lr) for c in configs] == [
+        ("fed-sb", 64, 0.02), ("fedit", 8, configs[1].train.lr), ("fed-sb", 16, configs[1].train.lr)]
+    # The method's name is the folder, with its settings where the name occurs twice.
+    assert [Path(c.output_dir).name for c in configs] == ["fed-sb-rank64-lr0.02", "fedit", "fed-sb-rank16"]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("fed-sb:rank", "a method's settings are key=value after a colon"),
+    ("fed-sb:rank=0", "method.rank: must be a positive integer, got 0"),
+    ("fed-sb:ranc=4", "method.ranc"),
+    ("fed-sb:name=fedit", "name cannot be set per method"),
+    ("fedx:rank=4", "unknown method 'fedx'"),
+    ("fed-sb:rank=4,fed-sb:rank=4", "'fed-sb:rank=4' is listed twice"),
+])
+def test_run_methods_settings_errors(spec, message, fake_runtime, capsys):
+    assert main(["run", "--methods", spec]) == 2
+    assert message in one_error_line(capsys)
+    assert fake_runtime.calls == []
+
+
+def test_run_quiet_prints_nothing_and_hides_progress(tmp_path, fake_runtime, capsys):
+    assert main(["run", f"output_dir={tmp_path / 'q'}", "--quiet"]) == 0
+    [(_, _, kwargs)] = fake_runtime.calls
+    assert kwargs == {"progress": False}
+    assert main(["run", f"output_dir={tmp_path / 'one'}", "method.name=fedit", "-q"]) == 0
+    assert fake_runtime.calls[1][2] == {"resume": None, "overwrite": False, "progress": False}
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
 
 
 def test_run_default_with_method_override_is_a_single_run(fake_runtime):
@@ -265,3 +323,70 @@ def test_check_does_not_start_ray_or_write(tmp_path, monkeypatch, capsys):
 def test_privacy_settings_without_privacy_is_exit_2(capsys):
     assert main(["config", "privacy.noise_multiplier=1.0"]) == 2
     assert one_error_line(capsys).startswith("fedsim: error: privacy.enabled: ")
+
+
+# --- a real run on a local Ray: the closing table is the run's Parquet -----------------------
+
+
+def closing_rows(out: str) -> dict[str, list[str]]:
+    """The closing table's body rows by run name (whitespace-split cells)."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("run ") and "final accuracy" in line)
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.strip() or line.startswith(("results:", "highest")):
+            break
+        rows[line.split()[0]] = line.split()
+    return rows
+
+
+def expected_cells(run_dir: Path) -> list[str]:
+    """The cells the table must show, computed here from the run's rounds.parquet, clients.parquet and summary.json."""
+    import json
+    import math
+
+    from analysis.summary import human_bytes
+
+    rounds = pq.read_table(run_dir / "rounds.parquet").to_pylist()
+    clients = sorted(pq.read_table(run_dir / "clients.parquet").to_pylist(), key=lambda r: (r["client_id"], r["round"]))
+    first = {(r["client_id"], r["round"]) for i, r in enumerate(clients) if i == 0 or clients[i - 1]["client_id"] != r["client_id"]}
+    ups = [r["bytes_up"] for r in clients if r["bytes_up"] > 0]
+    returning = [r["bytes_down"] for r in clients if (r["client_id"], r["round"]) not in first and r["bytes_down"] > 0]
+    first_down = [r["bytes_down"] for r in clients if (r["client_id"], r["round"]) in first]
+    metrics = [r["eval_metric"] for r in rounds if not math.isnan(r["eval_metric"])]
+    errors = [r["agg_error"] for r in rounds if not math.isnan(r["agg_error"])]
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    wall_s = json.loads((run_dir / "summary.json").read_text())["wall_s"]
+    return [str(config["method"]["rank"]), f"{metrics[-1]:.4f}", f"{sum(ups) / len(ups):,.0f}",
+            f"{sum(returning) / len(returning):,.0f}", f"{sum(first_down) / len(first_down):,.0f}",
+            *human_bytes(sum(r["bytes_up"] for r in rounds)).split(), *human_bytes(sum(r["bytes_down"] for r in rounds)).split(),
+            f"{max(errors):.2e}", f"{wall_s:.1f}"]
+
+
+def test_a_real_run_ends_with_its_table(ray_local, tiny_model_dir, tmp_path, capsys):
+    """fedsim run --methods (each method its own rank) and --resume on a tiny BERT: the closing table's numbers are
+    the ones in the run's Parquet files, and it says where the results, the plot and the report are."""
+    out_dir = tmp_path / "cmp"
+    settings = [f"output_dir={out_dir}", f"model.name={tiny_model_dir}", "workload.train_limit=200", "workload.eval_limit=20",
+                "workload.max_length=32", "clients.count=6", "clients.per_round=3", "train.rounds=2", "train.local_steps=2",
+                "train.batch_size=4", "adapters.init_samples=8", "adapters.init_batch_size=4"]
+    assert main(["run", *settings, "--methods", "fed-sb:rank=6,fedit:rank=2"]) == 0
+    out = capsys.readouterr().out
+    table = closing_rows(out)
+    assert list(table) == ["fed-sb", "fedit"]
+    for name, rank in (("fed-sb", "6"), ("fedit", "2")):
+        assert table[name][1:] == expected_cells(out_dir / name), name
+        assert table[name][1] == rank
+    assert f"results: {out_dir}\n" in out and f"plot:    {out_dir / 'comparison.png'}\n" in out
+    assert (out_dir / "comparison.png").stat().st_size > 10_000
+    assert f"report:  fedsim report {out_dir} " in out
+
+    assert main(["run", "--resume", str(out_dir / "fedit"), "train.rounds=3"]) == 0
+    out = capsys.readouterr().out
+    table = closing_rows(out)
+    assert list(table) == ["fedit"] and table["fedit"][1:] == expected_cells(out_dir / "fedit")
+    assert pq.read_table(out_dir / "fedit" / "rounds.parquet").num_rows == 3
+    assert f"plot:    {out_dir / 'fedit' / 'plot.png'}\n" in out
+
+    assert main(["run", "--resume", str(out_dir / "fedit"), "train.rounds=4", "--quiet"]) == 0
+    assert capsys.readouterr().out == ""

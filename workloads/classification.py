@@ -14,7 +14,8 @@ is valid.
 - `mnli`: a GLUE MNLI folder (`train.tsv`, `dev_matched.tsv`, `dev_mismatched.tsv`; columns
   `sentence1`, `sentence2`, `gold_label` among GLUE's others), or MultiNLI 1.0's own JSONL files
   (`multinli_1.0_{train,dev_matched,dev_mismatched}.jsonl`); `gold_label == "-"` dropped.
-- `text-file`: CSV, TSV or JSON(L) with a text column and a label column.
+- `text-file`: CSV, TSV or JSON(L) with a text column and a label column (CSV/TSV without a header line:
+  `header: false`, columns named by position).
 """
 
 from __future__ import annotations
@@ -335,17 +336,26 @@ def load_mnli(path: str | None, eval_split: str = "matched") -> Workload:
 # text-file
 
 
-def _read_records(file: Path, field: str = "path") -> tuple[list[dict], list[str]]:
-    """Rows of a CSV, TSV, JSONL or JSON-list file as dicts, and the column names."""
+def _read_records(file: Path, field: str = "path", header: bool = True) -> tuple[list, list]:
+    """Rows of a CSV, TSV, JSONL or JSON-list file, and the column names.
+
+    With a header line (CSV/TSV) or JSON, rows are dicts keyed by column name; without one
+    (``header=False``, CSV/TSV only) rows are lists and the columns are the positions 0, 1, ….
+    """
     suffix = file.suffix.lower()
     if suffix in (".csv", ".tsv"):
         with file.open(encoding="utf-8-sig", newline="") as f:
             if suffix == ".csv":
-                reader = csv.DictReader(f)
+                reader = csv.reader(f)
             else:  # TSV as GLUE writes it: no quoting, quotes are ordinary characters
-                reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            rows = list(reader)
-            return rows, list(reader.fieldnames or [])
+                reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            lines = [line for line in reader if line]
+        if not header:
+            return lines, list(range(max((len(line) for line in lines), default=0)))
+        names = lines[0] if lines else []
+        return [dict(zip(names, line)) for line in lines[1:]], names
+    if not header:
+        raise UsageError(f"workload.options.header: false applies to CSV and TSV files only; {file} is JSON, whose records name their fields")
     text = file.read_text(encoding="utf-8-sig")
     try:
         if text.lstrip().startswith("["):  # a JSON list of records
@@ -360,10 +370,23 @@ def _read_records(file: Path, field: str = "path") -> tuple[list[dict], list[str
     return rows, columns
 
 
-def _column(rows, columns, name, field, file, required=True):
-    if name not in columns:
-        raise UsageError(f"{option_field(field)}: column {name!r} not in {file}; columns are: {', '.join(map(str, columns))}")
-    values = [row.get(name) for row in rows]
+HEADERLESS_HINT = ("if the file has no header line, set workload.options.header: false and name the columns by position "
+                   "(text_column: 0, label_column: 1)")
+
+
+def _column(rows, columns, name, field, file, required=True, header=True):
+    """The values of column ``name`` (a name, or with ``header=False`` a 0-based position) in every row."""
+    if not header:
+        if isinstance(name, bool) or not isinstance(name, int) or name < 0:
+            raise UsageError(f"{option_field(field)}: with header: false columns are named by position (0 = the first); got {name!r}")
+        if name not in columns:
+            raise UsageError(f"{option_field(field)}: column {name} not in {file}, whose records have {len(columns)} fields (0 to {len(columns) - 1})")
+        values = [row[name] if name < len(row) else None for row in rows]
+    else:
+        if name not in columns:
+            hint = f" ({HEADERLESS_HINT})" if file.suffix.lower() in (".csv", ".tsv") else ""
+            raise UsageError(f"{option_field(field)}: column {name!r} not in {file}; columns are: {', '.join(map(str, columns))}{hint}")
+        values = [row.get(name) for row in rows]
     if required:
         for i, value in enumerate(values):
             if value is None or value == "":
@@ -395,8 +418,13 @@ def load_text_file(
     eval_path: str | None = None,
     eval_fraction: float = 0.2,
     split_seed: int = 0,
+    header: bool = True,
 ) -> Workload:
     """A labelled-text file: CSV, TSV (no quoting), JSONL or a JSON list, chosen by extension.
+
+    CSV and TSV files start with a header line naming the columns; with ``header: false`` (as AG
+    News and many TSVs ship) every line is a record and the columns are named by position:
+    ``text_column: 0``, ``label_column: 1``, ``text_pair_column: 2`` (0 = the first field).
 
     Labels may be integers (used as ids; `label_names` are "0".."max") or strings (mapped to ids in
     sorted order over train and eval together; `label_names` holds them). A mix of both is an error.
@@ -411,20 +439,23 @@ def load_text_file(
     else:
         eval_fraction = _check_eval_fraction(eval_fraction)
         split_seed = _check_int(option_field("split_seed"), split_seed)
+    if not isinstance(header, bool):
+        raise UsageError(f"{option_field('header')}: must be true or false, got {header!r}")
     parts = {}
     for field, file in files.items():
         if file.suffix.lower() not in TEXT_FILE_SUFFIXES:
             raise UsageError(f"{option_field(field)}: {file} has an unknown extension; valid: {', '.join(TEXT_FILE_SUFFIXES)}")
         if not file.is_file():
             raise UsageError(f"{option_field(field)}: {file} does not exist ({what})")
-        rows, columns = _read_records(file, field)
+        rows, columns = _read_records(file, field, header)
         if not rows:
             raise UsageError(f"{option_field(field)}: {file} has no records")
-        texts = [str(v) for v in _column(rows, columns, text_column, "text_column", file)]
-        labels = _parse_labels(_column(rows, columns, label_column, "label_column", file))
+        texts = [str(v) for v in _column(rows, columns, text_column, "text_column", file, header=header)]
+        labels = _parse_labels(_column(rows, columns, label_column, "label_column", file, header=header))
         pairs = None
         if text_pair_column is not None:
-            pairs = [None if v is None else str(v) for v in _column(rows, columns, text_pair_column, "text_pair_column", file, required=False)]
+            pairs = [None if v is None else str(v)
+                     for v in _column(rows, columns, text_pair_column, "text_pair_column", file, required=False, header=header)]
         parts[field] = (texts, pairs, labels, file)
 
     all_labels = [label for _, _, labels, _ in parts.values() for label in labels]
@@ -452,7 +483,8 @@ def load_text_file(
         )
 
     texts, pairs, labels, file = parts["path"]
-    info = {"path": str(file), "text_column": text_column, "label_column": label_column, "text_pair_column": text_pair_column}
+    info = {"path": str(file), "text_column": text_column, "label_column": label_column, "text_pair_column": text_pair_column,
+            "header": header}
     if "eval_path" in parts:
         train = table(texts, pairs, labels)
         eval_ = table(*parts["eval_path"][:3])

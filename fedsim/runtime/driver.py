@@ -98,9 +98,9 @@ def run_comparison(configs: list[Config], output_dir: str, overwrite: bool = Fal
     with ray_session(configs[0]):
         for experiment in experiments:
             experiment.run()
-    from analysis.plots import write_run_plots
+    from analysis.plots import plot_runs
 
-    write_run_plots(Location(output_dir))
+    plot_runs(Location(output_dir), Location(output_dir) / "comparison.png")  # each run drew its own plots as it finished
     return Location(output_dir).native()
 
 

@@ -55,6 +55,8 @@ def test_pareto_front():
 def test_report_cli(demo, tmp_path, capsys):
     assert main(["report", str(demo), "--out", str(tmp_path / "r"), "--clients", "10,100"]) == 0
     assert (tmp_path / "r" / "report.md").is_file()
+    out = capsys.readouterr().out.splitlines()
+    assert "final accuracy" in out[0] and out[-1] == str(tmp_path / "r" / "report.md")  # the closing table, then the path
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert main(["report", str(demo), "--clients", "0"]) == 2
     assert "fedsim: error:" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 import json
 import math
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -10,7 +11,7 @@ import pytest
 import yaml
 
 from analysis.plots import main, plot_label_counts, plot_runs, write_run_plots
-from analysis.results import Run, find_runs, load_run, runs_table
+from analysis.results import Run, clients_table, find_runs, load_run, runs_table
 from fedsim.errors import UsageError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -142,7 +143,7 @@ def test_load_run_falls_back_to_folder_name_and_tolerates_missing_files(tmp_path
 
 
 def test_runs_table_stacks_runs_with_cumulative_bytes(comparison):
-    table = runs_table(comparison)
+    table = runs_table(comparison, as_arrow=True)
     assert table.column_names[0] == "run"
     assert table.num_rows == 2 * ROUNDS
     assert table["run"].to_pylist() == ["fed-sb"] * ROUNDS + ["fedit"] * ROUNDS
@@ -151,7 +152,7 @@ def test_runs_table_stacks_runs_with_cumulative_bytes(comparison):
     assert fedit["bytes_up_cum"].to_pylist() == expected_up.tolist()
     assert fedit["bytes_down_cum"].to_pylist() == (500 * (np.arange(ROUNDS) + 1)).tolist()
     # Run objects and lists of folders work too; NaN evals survive.
-    same = runs_table([load_run(comparison / "fed-sb"), comparison / "fedit"])
+    same = runs_table([load_run(comparison / "fed-sb"), comparison / "fedit"], as_arrow=True)
     assert same["bytes_up_cum"].to_pylist() == table["bytes_up_cum"].to_pylist()
     assert math.isnan(same["eval_metric"][0].as_py())
 
@@ -161,11 +162,44 @@ def test_runs_table_sorts_rounds_and_disambiguates_names(tmp_path):
     make_run(tmp_path / "b", "fed-sb", exact=True)
     shuffled = pq.read_table(a / "rounds.parquet").take([3, 0, 5, 1, 4, 2])
     pq.write_table(shuffled, a / "rounds.parquet")
-    table = runs_table(tmp_path)
+    table = runs_table(tmp_path, as_arrow=True)
     assert sorted(set(table["run"].to_pylist())) == ["fed-sb (a)", "fed-sb (b)"]
     first = table.slice(0, ROUNDS)
     assert first["round"].to_pylist() == list(range(ROUNDS))
     assert first["bytes_up_cum"].to_pylist() == np.cumsum(1000 * (np.arange(ROUNDS) + 1)).tolist()
+
+
+def test_tables_are_dataframes_where_pandas_is_installed(comparison):
+    pd = pytest.importorskip("pandas", reason="pandas is not installed (pip install -e '.[notebooks]')")
+    frame = runs_table(comparison)
+    assert isinstance(frame, pd.DataFrame)
+    arrow = runs_table(comparison, as_arrow=True)
+    assert list(frame.columns) == arrow.column_names
+    assert frame["bytes_up_cum"].tolist() == arrow["bytes_up_cum"].to_pylist()
+    assert frame["run"].tolist() == ["fed-sb"] * ROUNDS + ["fedit"] * ROUNDS
+    clients = clients_table(comparison)
+    assert isinstance(clients, pd.DataFrame) and len(clients) == 2 * 2 * ROUNDS
+    assert clients.columns[0] == "run" and clients["client_id"].tolist()[:2] == [0, 1]
+
+
+def test_tables_are_arrow_where_pandas_is_absent(comparison, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pandas", None)  # `import pandas` now raises ImportError
+    with pytest.raises(ImportError):
+        import pandas  # noqa: F401
+    table = runs_table(comparison)
+    arrow = runs_table(comparison, as_arrow=True)
+    assert isinstance(table, pa.Table) and table.schema == arrow.schema
+    assert table["bytes_up_cum"].to_pylist() == arrow["bytes_up_cum"].to_pylist()
+    clients = clients_table(comparison)
+    assert isinstance(clients, pa.Table) and clients.num_rows == 2 * 2 * ROUNDS
+    assert clients.column_names[0] == "run"
+
+
+def test_clients_table_needs_a_clients_file(tmp_path):
+    folder = make_run(tmp_path / "r", "fed-sb", exact=True)
+    (folder / "clients.parquet").unlink()
+    with pytest.raises(UsageError, match="no clients.parquet"):
+        clients_table(folder)
 
 
 def test_plot_runs_comparison_and_single(comparison, tmp_path):

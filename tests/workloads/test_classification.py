@@ -218,7 +218,8 @@ def test_text_file_errors_name_the_field(tmp_path):
     write_rows(path, sample_rows(10))
     with pytest.raises(UsageError) as e:
         load_workload("text-file", path=str(path), label_column="y")
-    assert str(e.value) == f"workload.options.label_column: column 'y' not in {path}; columns are: text, label"
+    assert str(e.value) == (f"workload.options.label_column: column 'y' not in {path}; columns are: text, label (if the file has no "
+                            "header line, set workload.options.header: false and name the columns by position (text_column: 0, label_column: 1))")
     with pytest.raises(UsageError, match=r"^workload\.options\.text_column: column 'body' not in"):
         load_workload("text-file", path=str(path), text_column="body")
     with pytest.raises(UsageError, match=r"^workload\.path: .*missing\.csv does not exist"):
@@ -235,6 +236,57 @@ def test_text_file_errors_name_the_field(tmp_path):
     write_rows(holes, [{"text": "a", "label": 1}, {"text": "b", "label": None}])
     with pytest.raises(UsageError, match=r"^workload\.options\.label_column: record 2 of .* has no value"):
         load_workload("text-file", path=str(holes))
+
+
+def test_text_file_headerless_tsv_with_pairs(tmp_path):
+    """AG News style: no header line, label first; columns named by position, the first line is a record."""
+    lines = [f'{i % 3}\tpremise "{i}"\thypothesis {i}' for i in range(30)]
+    (tmp_path / "train.tsv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "dev.tsv").write_text("2\tp\th\n0\tq\tk\n")
+    w = load_workload("text-file", path=str(tmp_path / "train.tsv"), eval_path=str(tmp_path / "dev.tsv"), header=False,
+                      text_column=1, text_pair_column=2, label_column=0)
+    assert w.label_names == ["0", "1", "2"]
+    assert column(w.train, "text") == [f'premise "{i}"' for i in range(30)]  # line 1 is data, quotes kept
+    assert column(w.train, "text_pair") == [f"hypothesis {i}" for i in range(30)]
+    assert column(w.train, "label") == [i % 3 for i in range(30)]
+    assert column(w.eval, "text") == ["p", "q"] and column(w.eval, "label") == [2, 0]
+
+
+def test_text_file_headerless_csv(tmp_path):
+    rows = sample_rows(30)
+    path = tmp_path / "data.csv"
+    with path.open("w", newline="") as f:  # quoted fields with commas and quotes, no header line
+        csv.writer(f).writerows([[r["label"], r["text"]] for r in rows])
+    w = load_workload("text-file", path=str(path), header=False, text_column=1, label_column=0)
+    assert w.label_names == ["angry", "happy", "sad"]
+    assert w.train.num_rows + w.eval.num_rows == 30
+    by_text = {r["text"]: r["label"] for r in rows}
+    for table in (w.train, w.eval):
+        for text, label in zip(column(table, "text"), column(table, "label")):
+            assert w.label_names[label] == by_text[text]
+    assert sorted(column(w.train, "text") + column(w.eval, "text")) == sorted(by_text)
+    # The same file read with a header: its first record is taken as the header, and the error says what to do.
+    with pytest.raises(UsageError) as e:
+        load_workload("text-file", path=str(path))
+    assert str(e.value).startswith(f"workload.options.text_column: column 'text' not in {path}; columns are: sad, ")
+    assert str(e.value).endswith("set workload.options.header: false and name the columns by position (text_column: 0, label_column: 1))")
+
+
+def test_text_file_headerless_errors(tmp_path):
+    path = tmp_path / "a.tsv"
+    path.write_text("1\tgood\n0\tbad\n")
+    with pytest.raises(UsageError) as e:
+        load_workload("text-file", path=str(path), header=False)
+    assert str(e.value) == "workload.options.text_column: with header: false columns are named by position (0 = the first); got 'text'"
+    with pytest.raises(UsageError) as e:
+        load_workload("text-file", path=str(path), header=False, text_column=2, label_column=0)
+    assert str(e.value) == f"workload.options.text_column: column 2 not in {path}, whose records have 2 fields (0 to 1)"
+    with pytest.raises(UsageError, match=r"^workload\.options\.header: must be true or false, got 'no'$"):
+        load_workload("text-file", path=str(path), header="no", text_column=1, label_column=0)
+    jsonl = tmp_path / "a.jsonl"
+    write_rows(jsonl, [{"text": "a", "label": 1}])
+    with pytest.raises(UsageError, match=r"^workload\.options\.header: false applies to CSV and TSV files only"):
+        load_workload("text-file", path=str(jsonl), header=False, text_column=0, label_column=1)
 
 
 # ----------------------------------------------------------------------------------------- limits
