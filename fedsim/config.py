@@ -84,6 +84,9 @@ class ModelConfig:
     task: str = "classification"
     # dtype of the frozen base weights: float32 | bfloat16 | float16
     dtype: str = "float32"
+    # Dropout probability of every dropout in the base model (attention dropout too); null = the model's own.
+    # 0 makes training deterministic given the data, so runs can be compared exactly.
+    dropout: Optional[float] = None
 
 
 @dataclass
@@ -227,6 +230,9 @@ class RuntimeConfig:
     deadline_s: Optional[float] = None
     # Fault injection: worker 0 dies (os._exit) after its first client of this round, once; null = never.
     kill_worker_round: Optional[int] = None
+    # Clients a worker trains together in one batched forward and backward pass (fedsim.cohort); 1 = one at a time.
+    # Under privacy.enabled clients train one at a time whatever this says.
+    cohort_size: int = 1
 
 
 @dataclass
@@ -552,6 +558,7 @@ def _validate(cfg: Config) -> None:
     )
     _choice(m.task, TASKS, "model.task")
     _choice(m.dtype, DTYPES, "model.dtype")
+    _check(m.dropout is None or 0.0 <= m.dropout < 1.0, "model.dropout", f"must be null (the model's own) or in [0, 1), got {m.dropout}")
 
     w = cfg.workload
     _check(bool(w.name.strip()), "workload.name", "must not be empty")
@@ -619,6 +626,7 @@ def _validate(cfg: Config) -> None:
     _non_negative(r.max_restarts, "runtime.max_restarts")
     _positive(r.deadline_s, "runtime.deadline_s", optional=True)
     _positive(r.placement_timeout_s, "runtime.placement_timeout_s")
+    _positive_int(r.cohort_size, "runtime.cohort_size")
 
     e = cfg.eval
     _positive_int(e.every, "eval.every")

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from fedsim.client import derive_seed, is_finite, run_client
+from fedsim.cohort import train_cohort
 from fedsim.config import Config, config_from_dict
 from fedsim.data import InstructionRows, TokenizedRows, evaluate, make_rows
 from fedsim.methods import build_method, nbytes
@@ -46,6 +47,10 @@ class ClientWorker:
         self.client_rows = self._read_clients(client_ids)
         eval_table = read_clients(self.data_dir / "eval.parquet", [worker_id % num_workers]) if (self.data_dir / "eval.parquet").exists() else None
         self.eval_rows = make_rows(eval_table, self.tokenizer, self.config) if eval_table is not None and eval_table.num_rows else None
+        self.cohort_size = 1 if self.config.privacy.enabled else self.config.runtime.cohort_size
+        if self.cohort_size != self.config.runtime.cohort_size and worker_id == 0:
+            print(f"fedsim: runtime.cohort_size={self.config.runtime.cohort_size} is not used under privacy.enabled "
+                  "(DP-SGD in a cohort is not built yet): clients train one at a time", flush=True)
 
     def _read_clients(self, client_ids: list[int]) -> dict[int, TokenizedRows | InstructionRows]:
         """Each client's training rows; its held-out rows (``eval.per_client``) go to ``self.client_eval_rows``."""
@@ -143,13 +148,16 @@ class ClientWorker:
         return self.method.init_state(self.model, grad_sums, init_lr)
 
     def run_cohort(self, round_idx: int, state: State, client_ids: list[int]) -> tuple[list[dict], list[dict]]:
-        """Train this round's clients of this worker, in client-id order. Returns (uploads, stats rows)."""
+        """Train this round's clients of this worker, in client-id order (``runtime.cohort_size`` at a time, through
+        ``fedsim.cohort``). Returns (uploads, stats rows)."""
         state = {key: value.to(self.device) for key, value in state.items()}
         settings = train_settings(self.config)
         deadline = self.config.runtime.deadline_s
         start = time.perf_counter()
         uploads, rows = [], []
-        for position, client_id in enumerate(sorted(client_ids)):
+        order = sorted(client_ids)
+        cohort: dict[int, tuple] = {}  # (upload, stats) of the clients of the cohort trained last
+        for position, client_id in enumerate(order):
             self._maybe_die(round_idx, position)
             rows_of_client = self.client_rows[client_id]
             privacy = self.client_privacy(client_id)
@@ -161,14 +169,13 @@ class ClientWorker:
             if late:  # the round's deadline has passed: this client would only report later still
                 rows.append({**row, "status": "straggler"})
                 continue
-            batch_seed = derive_seed(self.config.seed, round_idx, client_id, 1)
-            if privacy is not None:
-                batches = poisson_batches(rows_of_client, privacy.sample_rate, batch_seed)
+            if self.cohort_size > 1 and client_id not in cohort:
+                cohort = self._train_cohort(round_idx, state, order[position : position + self.cohort_size], settings)
+            if client_id in cohort:
+                upload, stats = cohort.pop(client_id)
             else:
-                batches = rows_of_client.batches(settings.batch_size, batch_seed)
-            batches = (None if b is None else {k: v.to(self.device) for k, v in b.items()} for b in batches)
-            upload, stats = run_client(self.model, self.method, state, round_idx, batches, settings,
-                                       derive_seed(self.config.seed, round_idx, client_id), self.client_rank(client_id), privacy)
+                upload, stats = run_client(self.model, self.method, state, round_idx, self._batches(round_idx, client_id, settings, privacy),
+                                           settings, derive_seed(self.config.seed, round_idx, client_id), self.client_rank(client_id), privacy)
             if client_id in self.config.clients.corrupt:
                 upload = {key: torch.full_like(value, float("nan")) for key, value in upload.items()}
             status = "ok" if is_finite(upload) else "nonfinite"
@@ -179,6 +186,24 @@ class ClientWorker:
             if status == "ok":
                 uploads.append({"client_id": client_id, "num_samples": len(rows_of_client), "tensors": upload})
         return uploads, rows
+
+    def _batches(self, round_idx: int, client_id: int, settings, privacy: PrivacySettings | None):
+        """The client's endless seeded batches (Poisson batches under DP), on the worker's device."""
+        rows_of_client = self.client_rows[client_id]
+        batch_seed = derive_seed(self.config.seed, round_idx, client_id, 1)
+        if privacy is not None:
+            batches = poisson_batches(rows_of_client, privacy.sample_rate, batch_seed)
+        else:
+            batches = rows_of_client.batches(settings.batch_size, batch_seed)
+        return (None if b is None else {k: v.to(self.device) for k, v in b.items()} for b in batches)
+
+    def _train_cohort(self, round_idx: int, state: State, client_ids: list[int], settings) -> dict[int, tuple]:
+        """Train these clients together (``fedsim.cohort``): ``{client_id: (upload, stats)}``. The pass is seeded by
+        the first client's seed (dropout draws for the cohort as a whole; ``model.dropout: 0`` compares exactly)."""
+        results = train_cohort(self.model, self.method, round_idx, [state] * len(client_ids), [self.client_rank(c) for c in client_ids],
+                               [self._batches(round_idx, c, settings, None) for c in client_ids], [settings] * len(client_ids),
+                               derive_seed(self.config.seed, round_idx, client_ids[0]), self.config.model.task)
+        return dict(zip(client_ids, results))
 
     def _maybe_die(self, round_idx: int, position: int) -> None:
         """Fault injection (``runtime.kill_worker_round``): worker 0 dies once, after its first client."""
