@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedsim.adapters.layers import adapted_layers, leading_block
+from fedsim.adapters.layers import adapted_layers, adapted_modules, leading_block
 from fedsim.methods.base import Method, State, pad_to, state_key
 from fedsim.trainer import TrainSettings, TrainStats, lr_factor
 
@@ -69,13 +69,12 @@ class Segments:
         self.count = len(sizes)
         self.longest = max(sizes)
         self.equal = all(n == self.longest for n in sizes)
-        self.index = None if clients == list(range(num_clients)) else torch.tensor(clients, device=device)
-        self.example_client = torch.repeat_interleave(torch.arange(self.count, device=device),
-                                                      torch.tensor(sizes, device=device))
+        # built on the CPU and copied once: no device round trip per step
+        self.index = None if clients == list(range(num_clients)) else torch.tensor(clients).to(device)
+        example_client = [i for i, n in enumerate(sizes) for _ in range(n)]
+        self.example_client = torch.tensor(example_client).to(device)
         if not self.equal:  # each row's place in the zero-padded layout (count × longest rows)
-            starts = torch.tensor([0, *sizes[:-1]], device=device).cumsum(0)
-            row = torch.arange(sum(sizes), device=device)
-            self.rows = self.example_client * self.longest + row - starts[self.example_client]
+            self.rows = torch.tensor([i * self.longest + j for i, n in enumerate(sizes) for j in range(n)]).to(device)
 
     def select(self, stacked: torch.Tensor) -> torch.Tensor:
         """The active clients' slices of a stacked tensor."""
@@ -149,9 +148,12 @@ class Cohort:
 class StackedAdamW:
     """AdamW (Loshchilov & Hutter, arXiv:1711.05101) over tensors whose first dimension is the client.
 
-    torch.optim.AdamW's arithmetic (its single-tensor path; betas (0.9, 0.999), eps 1e-8, the defaults
-    ``train_local`` uses), elementwise, so slice k follows exactly the AdamW client k would run alone. Where
-    the clients' learning rates (or weight decays) differ at a step, they are applied per slice.
+    AdamW is elementwise, so slice k follows exactly the AdamW client k would run alone. Where every client
+    has the same learning rate and weight decay at a step (one schedule for all), the step is torch's own
+    AdamW (``torch.optim.adamw.adamw``, the function ``torch.optim.AdamW`` calls: its multi-tensor kernels on
+    a GPU); where they differ (clients whose schedules run over different numbers of steps), the same
+    arithmetic is applied with a learning rate per slice. Betas (0.9, 0.999) and eps 1e-8: torch's defaults,
+    which ``train_local`` uses.
     """
 
     def __init__(self, params: list[torch.Tensor], betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
@@ -159,33 +161,33 @@ class StackedAdamW:
         self.betas, self.eps = betas, eps
         self.exp_avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
         self.exp_avg_sq = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
-        self.steps = 0
+        self.state_steps = [torch.tensor(0.0) for _ in params]  # as torch.optim.AdamW keeps them
 
     @torch.no_grad()
     def step(self, lr: Sequence[float], weight_decay: Sequence[float]) -> None:
-        self.steps += 1
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        params = [self.params[i] for i in live]
+        exp_avgs, exp_avg_sqs = [self.exp_avg[i] for i in live], [self.exp_avg_sq[i] for i in live]
+        steps = [self.state_steps[i] for i in live]
         beta1, beta2 = self.betas
-        bias_correction1 = 1 - beta1**self.steps
-        bias_correction2_sqrt = (1 - beta2**self.steps) ** 0.5
-        uniform = len(set(lr)) == 1 and len(set(weight_decay)) == 1
-        for param, exp_avg, exp_avg_sq in zip(self.params, self.exp_avg, self.exp_avg_sq):
-            grad = param.grad
-            if grad is None:
-                continue
-            if uniform:
-                param.mul_(1 - lr[0] * weight_decay[0])
-            else:
-                shape = (len(lr),) + (1,) * (param.dim() - 1)
-                dtype = torch.promote_types(param.dtype, torch.float32)
-                lr_t = torch.tensor(lr, dtype=dtype, device=param.device).reshape(shape)
-                param.mul_(1 - lr_t * torch.tensor(weight_decay, dtype=dtype, device=param.device).reshape(shape))
-            exp_avg.lerp_(grad, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
-            if uniform:
-                param.addcdiv_(exp_avg, denom, value=-lr[0] / bias_correction1)
-            else:
-                param.add_(exp_avg / denom * (-lr_t / bias_correction1))
+        if len(set(lr)) == 1 and len(set(weight_decay)) == 1:
+            from torch.optim.adamw import adamw
+
+            adamw(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, beta1=beta1, beta2=beta2,
+                  lr=lr[0], weight_decay=weight_decay[0], eps=self.eps, maximize=False)
+            return
+        for param, exp_avg, exp_avg_sq, step_t in zip(params, exp_avgs, exp_avg_sqs, steps):
+            step_t += 1
+            step = step_t.item()
+            shape = (len(lr),) + (1,) * (param.dim() - 1)
+            dtype = torch.promote_types(param.dtype, torch.float32)
+            lr_t = torch.tensor(lr, dtype=dtype).reshape(shape).to(param.device)
+            decay_t = torch.tensor(weight_decay, dtype=dtype).reshape(shape).to(param.device)
+            param.mul_(1 - lr_t * decay_t)
+            exp_avg.lerp_(param.grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
+            denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(self.eps)
+            param.add_(exp_avg / denom * (-lr_t / (1 - beta1**step)))
 
     def zero_grad(self) -> None:
         for param in self.params:
@@ -267,10 +269,10 @@ def stack_clients(model: nn.Module, method: Method, round_idx: int, states: Sequ
         raise ValueError("cohort: clients of one cohort use different adapter scalings; use runtime.cohort_size=1")
 
     personal_values = _collect_personal(model, method, states, ranks, personal) if personal else {}
-    layers = adapted_layers(model)
+    modules = dict(adapted_modules(model))
     stacked: dict[str, torch.Tensor] = {}
     stacked_layers = []
-    for name, layer in layers.items():
+    for name, layer in adapted_layers(model).items():
         r_c = max(layer_ranks[name])
         factors = []
         for kind in _layer_kinds(layer):
@@ -287,7 +289,7 @@ def stack_clients(model: nn.Module, method: Method, round_idx: int, states: Sequ
             mask = torch.zeros(K, r_c, dtype=factors[0].weight.dtype, device=factors[0].weight.device)
             for k, rank in enumerate(layer_ranks[name]):
                 mask[k, :rank] = 1
-        stacked_layers.append(StackedLayer(layer_module(model, name), layer.base, factors, float(layer.scaling), mask))
+        stacked_layers.append(StackedLayer(modules[name], layer.base, factors, float(layer.scaling), mask))
 
     linears = _stack_linears(model, params, trained, stacked)
     return Cohort(stacked, stacked_layers, linears)
@@ -332,13 +334,6 @@ def _check_shared_state(states: Sequence[State], trained: set[str], adapter_keys
             continue
         if not all(_same(state.get(key), states[0].get(key)) for state in states[1:]):
             raise ValueError(f"cohort: the clients' states differ in '{key}', which they do not train; use runtime.cohort_size=1")
-
-
-def layer_module(model: nn.Module, name: str) -> nn.Module:
-    """The adapted module (PEFT LoRA layer or LoraSBLinear) of the layer ``name``."""
-    from fedsim.adapters.layers import adapted_modules
-
-    return dict(adapted_modules(model))[name]
 
 
 def _stack_linears(model: nn.Module, params: dict[str, nn.Parameter], trained: list[dict[str, torch.Tensor]],
@@ -450,11 +445,12 @@ def client_losses(logits: torch.Tensor, labels: torch.Tensor, segments: Segments
     """Each client's own mean loss (clients,): what the model's loss is on that client's batch alone.
 
     classification: mean cross-entropy over the client's examples (single-label, as HF's
-    ``CrossEntropyLoss``); causal-lm: next-token cross-entropy (logits in float32, as HF's
-    ``ForCausalLMLoss``) summed over the client's labelled tokens, divided by their number.
+    ``CrossEntropyLoss``); causal-lm: next-token cross-entropy (logits in float32 at least, as HF's
+    ``ForCausalLMLoss`` upcasts them) summed over the client's labelled tokens, divided by their number.
     """
     if task == "causal-lm":
-        per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none")
+        shifted = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+        per_token = F.cross_entropy(shifted.transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none")
         counts = (labels[:, 1:] != IGNORE_INDEX).sum(1).to(per_token.dtype)
         return segments.sum(per_token.sum(1)) / segments.sum(counts)
     if labels.dim() != 1 or labels.dtype not in (torch.long, torch.int) or logits.shape[-1] < 2:
@@ -518,22 +514,24 @@ def train_cohort(
                     lrs[k], decays[k] = lrs[active[0]], decays[active[0]]
                 optimizer.step(lrs, decays)
                 optimizer.zero_grad()
-                row_tokens = inputs["attention_mask"].sum(1) if "attention_mask" in inputs else torch.full((len(labels),), inputs["input_ids"].shape[1], device=device)
+                mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
+                row_tokens = mask.sum(1)
                 values, step_tokens = torch.stack([loss.detach().double(), segments.sum(row_tokens.double())]).tolist()
                 for position, k in enumerate(active):
                     losses[k].append(values[position])
                     samples[k] += sizes[position]
                     tokens[k] += step_tokens[position]
-                    if step + 1 == steps[k]:
+                    if step + 1 == steps[k] < max(steps):  # done before the others: keep its slice as it is now
                         finals[k] = {key: tensor[k].detach().clone() for key, tensor in cohort.trained.items()}
     finally:
         model.eval()
     results = []
     for k in range(K):
+        final = finals[k] or {key: tensor[k] for key, tensor in cohort.trained.items()}
         method.load_state(model, states[k], ranks[k])
         with torch.no_grad():
             for key, param in method.trainable_parameters(model, round_idx).items():
-                param.copy_(leading_block(finals[k][key], param.shape))
+                param.copy_(leading_block(final[key], param.shape))
         results.append(method.upload(model, round_idx))
     wall = time.perf_counter() - start
     total_tokens = sum(tokens) or 1.0
