@@ -1,4 +1,4 @@
-"""Cohort-batched training: K clients of a round trained together, one forward and one backward pass a step.
+"""Cohort-batched training: K clients of a round trained together, in one forward and backward pass a step.
 
 The clients of a worker share its frozen base model and differ only in small tensors (their adapters, and
 the classification head where it is trained), so one pass through the base model can train them all:
@@ -10,7 +10,9 @@ the classification head where it is trained), so one pass through the base model
   (attention mask 0, labels −100), so client k's examples are one contiguous segment of rows. A stacked
   tensor meets its segment by a batched matmul over the K segments: a view of the activations when the
   segments hold equally many examples, else one zero-padded copy (of the low-rank activations where the
-  first factor is shared, as Fed-SB's A is).
+  first factor is shared, as Fed-SB's A is). Where the clients' batches differ much in length, a step
+  is split into a few passes of clients of similar lengths (`plan_passes`), so that padding does not
+  cost more than another pass would; their gradients add up to the one pass's.
 - The loss is Σ_k (client k's own mean loss): classification, the mean cross-entropy over its examples;
   causal LM, the mean over its labelled tokens (what the model's own loss is on the client's batch alone).
   Client k's tensors touch only its rows, so its gradient is its solo gradient.
@@ -53,6 +55,10 @@ from fedsim.trainer import TrainSettings, TrainStats, lr_factor
 IGNORE_INDEX = -100
 TASKS = ("classification", "causal-lm")
 FACTOR_ORDER = ("lora_A", "lora_R", "lora_B")  # x → A → R → B
+# What one more pass of a step costs, counted in padded tokens: a pass's fixed work (kernel launches, Python) against
+# the work of a token. Rough: on a CPU a token of MiniLM is ~0.5 ms and a pass's overhead a few ms; on a GPU a pass of
+# a 1B model costs some ms of launches, the time of a few thousand tokens. bench/cohort.py and bench/gpu.py measure.
+PASS_COST_TOKENS = {"cpu": 32, "cuda": 2048}
 
 
 # -- where each client's rows sit in the cohort's batch --------------------------------------------------
@@ -241,8 +247,11 @@ def stack_clients(model: nn.Module, method: Method, round_idx: int, states: Sequ
     personal: set[str] = set()  # frozen adapter tensors that differ between clients
     layer_ranks: dict[str, list[int]] = {}
     scalings: dict[str, set[float]] = {}
+    loaded: set[tuple[int, int | None]] = set()  # (state, rank) pairs seen: the same pair loads the same frozen tensors
     for k in range(K):
         method.load_state(model, states[k], ranks[k])
+        seen = (id(states[k]), ranks[k]) in loaded
+        loaded.add((id(states[k]), ranks[k]))
         params = method.trainable_parameters(model, round_idx)
         if trained_keys is None:
             trained_keys = list(params)
@@ -258,7 +267,7 @@ def stack_clients(model: nn.Module, method: Method, round_idx: int, states: Sequ
                 tensor = _effective(layer.module(kind).weight, kind, rank).detach()
                 if key in params:
                     mine[key] = tensor.clone()
-                elif key not in personal:
+                elif key not in personal and not seen:
                     _compare_frozen(frozen, personal, key, tensor)
         for key, param in params.items():
             if key not in mine:
@@ -386,7 +395,7 @@ def _adapter_forward(layer: StackedLayer, current: list, x: torch.Tensor, *args,
             h = h * (mask[:, None, :] if shape is not None else segments.per_example(mask, h.dim()))
         if shape is not None and not any(f.stacked for f in layer.factors[i + 1:]):
             h, shape = segments.unpack(h, shape), None
-    return (result + h * layer.scaling).to(result_dtype)
+    return (result + (h if layer.scaling == 1.0 else h * layer.scaling)).to(result_dtype)
 
 
 def _linear_forward(linear: StackedLinear, current: list, x: torch.Tensor) -> torch.Tensor:
@@ -459,6 +468,31 @@ def client_losses(logits: torch.Tensor, labels: torch.Tensor, segments: Segments
     return segments.sum(per_example) / torch.tensor(segments.sizes, dtype=per_example.dtype, device=per_example.device)
 
 
+def plan_passes(widths: Sequence[int], rows: Sequence[int], pass_cost: int) -> list[list[int]]:
+    """Split a step's clients into passes (lists of positions in ``widths``), each holding whole clients.
+
+    Every pass pads to its longest batch, so clients of very different lengths waste work together; a pass costs
+    ``pass_cost`` padded tokens of its own. The clients, sorted by their batch's length, are cut into runs that
+    minimise Σ (pass_cost + rows × longest width) (dynamic programming over the sorted order). Clients of equal
+    lengths always share a pass. The passes' gradients add up to the one pass's: nothing else changes.
+    """
+    order = sorted(range(len(widths)), key=lambda i: (widths[i], i))
+    best = [0.0] + [float("inf")] * len(order)
+    start = [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        count = 0
+        for first in range(end, 0, -1):  # the pass order[first - 1 : end]
+            count += rows[order[first - 1]]
+            cost = best[first - 1] + pass_cost + count * widths[order[end - 1]]
+            if cost < best[end]:
+                best[end], start[end] = cost, first - 1
+    passes, end = [], len(order)
+    while end > 0:
+        passes.append(sorted(order[start[end] : end]))
+        end = start[end]
+    return passes[::-1]
+
+
 # -- training -----------------------------------------------------------------------------------------------
 def train_cohort(
     model: nn.Module,
@@ -495,6 +529,7 @@ def train_cohort(
     pad_token_id = _pad_token_id(model)
     torch.manual_seed(seed)
     model.train()
+    pass_cost = PASS_COST_TOKENS.get(device.type, PASS_COST_TOKENS["cuda"])
     try:
         with stacked_forward(cohort):
             for step in range(max(steps)):
@@ -502,25 +537,33 @@ def train_cohort(
                 step_batches = [next(batches[k]) for k in active]
                 if any(b is None for b in step_batches):
                     raise ValueError("cohort: an empty batch (Poisson sampling is for DP, which trains clients one at a time)")
-                inputs, labels, sizes = cohort_batch(step_batches, pad_token_id)
-                segments = cohort.current[0] = Segments(sizes, active, K, device)
-                loss = client_losses(model(**inputs).logits, labels, segments, task)
-                loss.sum().backward()
+                passes = plan_passes([b["input_ids"].shape[1] for b in step_batches], [len(b["input_ids"]) for b in step_batches], pass_cost)
+                measured = []  # per pass: (positions, rows, each client's loss and tokens)
+                for positions in passes:
+                    inputs, labels, sizes = cohort_batch([step_batches[p] for p in positions], pad_token_id)
+                    segments = cohort.current[0] = Segments(sizes, [active[p] for p in positions], K, device)
+                    loss = client_losses(model(**inputs).logits, labels, segments, task)
+                    loss.sum().backward()
+                    row_tokens = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).sum(1)
+                    measured.append((positions, sizes, torch.stack([loss.detach().double(), segments.sum(row_tokens.double())])))
                 clip_per_client(trained, [s.max_grad_norm for s in settings])
                 lrs = [settings[k].lr * lr_factor(step, settings[k]) for k in range(K)]
                 decays = [s.weight_decay for s in settings]
-                done = [k for k in range(K) if k not in active]  # their slices are kept aside: any value will do
-                for k in done:
-                    lrs[k], decays[k] = lrs[active[0]], decays[active[0]]
+                for k in range(K):
+                    if k not in active:  # its slice is kept aside: any value will do
+                        lrs[k], decays[k] = lrs[active[0]], decays[active[0]]
                 optimizer.step(lrs, decays)
                 optimizer.zero_grad()
-                mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
-                row_tokens = mask.sum(1)
-                values, step_tokens = torch.stack([loss.detach().double(), segments.sum(row_tokens.double())]).tolist()
-                for position, k in enumerate(active):
-                    losses[k].append(values[position])
-                    samples[k] += sizes[position]
-                    tokens[k] += step_tokens[position]
+                values = torch.cat([m for _, _, m in measured], dim=1).tolist()  # one device round trip a step
+                column = 0
+                for positions, sizes, _ in measured:
+                    for position, size in zip(positions, sizes):
+                        k = active[position]
+                        losses[k].append(values[0][column])
+                        tokens[k] += values[1][column]
+                        samples[k] += size
+                        column += 1
+                for k in active:
                     if step + 1 == steps[k] < max(steps):  # done before the others: keep its slice as it is now
                         finals[k] = {key: tensor[k].detach().clone() for key, tensor in cohort.trained.items()}
     finally:

@@ -17,8 +17,8 @@ from torch.nn import functional as F
 
 from fedsim.adapters import accumulate_gradients, adapted_layers
 from fedsim.client import run_client
-from fedsim.cohort import (Segments, StackedAdamW, clip_per_client, client_losses, cohort_batch, stack_clients, stacked_forward,
-                           train_cohort)
+from fedsim.cohort import (Segments, StackedAdamW, clip_per_client, client_losses, cohort_batch, plan_passes, stack_clients,
+                           stacked_forward, train_cohort)
 from fedsim.config import load_config
 from fedsim.data import InstructionRows, TokenizedRows
 from fedsim.methods import METHODS, Upload, build_method
@@ -338,3 +338,32 @@ def test_a_tensor_no_client_trains_must_be_shared(tiny_model_dir):
     state = {**state, "head:classifier.weight": model.classifier.weight.detach().clone()}
     with pytest.raises(ValueError, match="head:classifier.weight"):
         train_cohort(model, method, 0, [state, other], [None, None], [r.batches(4, 0) for r in rows], [SETTINGS, SETTINGS], seed=0)
+
+
+def test_per_client_states_and_a_frozen_tensor_that_differs_between_clients(tiny_model_dir):
+    """Personalised methods start each client from its own state: here FFA's frozen A differs per client (as a method
+    keeping A on the client would have it), so the cohort stacks it like a trained tensor; float64, 1e-9."""
+    config, model, method = prepared(tiny_model_dir, "ffa-lora")
+    rows = [TokenizedRows(table, load_tokenizer(config), 24) for table in client_tables()[:4]]
+    base = initial_state(model, method, rows[0])
+    generator = torch.Generator().manual_seed(3)
+    states = [{key: value + 0.05 * torch.randn(value.shape, generator=generator, dtype=value.dtype) if key.endswith("lora_A") else value
+               for key, value in base.items()} for _ in rows]
+    ranks = [4, 2, 4, 3]
+    solo = [run_client(model, method, states[i], 0, rows[i].batches(4, i), SETTINGS, i, ranks[i])[0] for i in range(4)]
+    together = train_cohort(model, method, 0, states, ranks, [r.batches(4, i) for i, r in enumerate(rows)], [SETTINGS] * 4, seed=0)
+    for i, (upload, _) in enumerate(together):
+        assert_same_upload(upload, solo[i], f"client {i}", 1e-9)
+    cohort = stack_clients(model, method, 0, states, ranks)
+    assert all(layer.factors[0].stacked and layer.factors[0].weight.shape[0] == 4 for layer in cohort.layers)  # A, per client
+    assert not any(key.endswith("lora_A") for key in cohort.trained)  # and not trained
+    shared = stack_clients(model, method, 0, [dict(base) for _ in rows], ranks)  # equal values in distinct dicts: one A
+    assert not any(layer.factors[0].stacked for layer in shared.layers)
+
+
+def test_plan_passes_groups_clients_of_similar_lengths():
+    assert plan_passes([256] * 16, [4] * 16, 2048) == [list(range(16))]  # equal lengths: one pass
+    assert plan_passes([10, 60, 12, 58], [8] * 4, 32) == [[0, 2], [1, 3]]  # padding 10 → 60 costs more than a pass
+    assert plan_passes([10, 60, 12, 58], [8] * 4, 10_000) == [[0, 1, 2, 3]]  # passes dearer than any padding
+    passes = plan_passes([5, 7, 30, 31, 64, 6], [4, 4, 4, 4, 4, 1], 16)
+    assert sorted(p for group in passes for p in group) == list(range(6)) and all(group == sorted(group) for group in passes)
