@@ -161,8 +161,9 @@ def test_cohorts_equal_clients_trained_alone_for_every_method(tiny_model_dir, me
 @pytest.mark.parametrize("method_name", ["fed-sb", "fedit"])
 def test_float32_cohorts_agree_to_float32_rounding(tiny_model_dir, method_name):
     """In float32 a client's upload also depends on rounding: its batch padded 7 tokens longer (attention mask 0), K = 1
-    itself moves by 5e-6 (this small BERT) to 2e-4 (MiniLM), because Adam's first steps divide by √v + ε and
-    LoRA's A starts with gradients near ε = 1e-8. The cohort pads to the cohort's longest, so it is held to 1e-4 here."""
+    itself moves by 5e-6 (this small BERT) to 1.6e-4 (MiniLM), because Adam's first steps divide by √v + ε and
+    LoRA's A starts with gradients near ε = 1e-8. A cohort pads to its pass's longest, so it is held to 1e-4 here
+    (measured: 8e-6; on MiniLM 2.4e-4 at most, every method)."""
     config, model, method = prepared(tiny_model_dir, method_name, dtype=torch.float32)
     rows = [TokenizedRows(table, load_tokenizer(config), 24) for table in client_tables()]
     compare(model, method, initial_state(model, method, rows[3]), 0, rows, RANKS, [SETTINGS] * len(rows), tolerance=1e-4)
