@@ -34,10 +34,15 @@ SCRATCH = Path(os.environ.get("FEDSIM_BENCH_SCRATCH", Path(tempfile.gettempdir()
 
 # -- machine ---------------------------------------------------------------------------------
 def machine_info() -> dict:
-    import psutil
-    import ray
+    """Where a number was taken. Ray and psutil are optional (bench/gpu.py runs where only torch, transformers and
+    peft are installed)."""
     import torch
     import transformers
+
+    try:
+        import ray
+    except ImportError:
+        ray = None
 
     cpu_model = platform.processor() or ""
     with contextlib.suppress(OSError):
@@ -52,11 +57,11 @@ def machine_info() -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu_count": os.cpu_count(),
         "cpu_model": cpu_model,
-        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "gpu": gpu,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "ray": ray.__version__,
+        "ray": ray.__version__ if ray is not None else None,
         "transformers": transformers.__version__,
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "git": git_revision(),

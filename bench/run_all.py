@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("overhead", "scale", "bytes", "gpu")
+SCRIPTS = ("overhead", "scale", "bytes", "cohort", "gpu")
 
 
 def main() -> int:

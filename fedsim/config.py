@@ -162,6 +162,8 @@ class ModelConfig(Section):
                                         "module names as PEFT matches them", nonempty=True)
     task: str = setting("classification", "classification (a sequence-classification head) | causal-lm", choices=TASKS)
     dtype: str = setting("float32", "dtype of the frozen base weights: float32 | bfloat16 | float16", choices=DTYPES)
+    dropout: Optional[float] = setting(None, "probability of every dropout of the base model (attention dropout too); null = "
+                                       "the model's own; 0 makes a client's training a function of its data alone", **SHARE)
 
 
 @dataclass
@@ -279,6 +281,8 @@ class RuntimeConfig(Section):
     deadline_s: Optional[float] = setting(None, "straggler deadline per round, seconds; null = wait for every client", **POSITIVE)
     kill_worker_round: Optional[int] = setting(None, "fault injection: worker 0 dies (os._exit) after its first client of this "
                                                "round, once; null = never")
+    cohort_size: int = setting(1, "clients a worker trains together in one batched forward and backward pass (fedsim.cohort); "
+                               "1 = one at a time; under privacy.enabled one at a time", **AT_LEAST_ONE)
 
 
 @dataclass

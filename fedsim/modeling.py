@@ -42,12 +42,42 @@ def load_model(config: Config, num_labels: int, device: str = "cpu") -> nn.Modul
     causal = config.model.task == "causal-lm"
     kwargs = {} if causal else {"num_labels": num_labels, "ignore_mismatched_sizes": True}
     try:
+        if config.model.dropout is not None:
+            kwargs.update(_config_dropouts(path, config.model.dropout))
         model = _model_class(config).from_pretrained(path, dtype=DTYPES[config.model.dtype], **kwargs)
     except (OSError, ValueError) as error:
         raise UsageError(f"model.name: cannot load '{config.model.name}' ({_first_line(error)}); give an HF id or a local model folder") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
+    if config.model.dropout is not None:
+        set_dropout(model, config.model.dropout)
     return model.to(device).eval()
+
+
+def _is_dropout_name(name: str) -> bool:
+    """A dropout probability's name in HF configs and modules: ``hidden_dropout_prob``, ``attention_dropout``, ``attn_pdrop``..."""
+    return "dropout" in name or name.endswith("pdrop")
+
+
+def _config_dropouts(path: str, p: float) -> dict[str, float]:
+    """``{name: p}`` for every dropout probability of the model's config, passed to ``from_pretrained`` so that
+    the modules are built with it (attention layers keep their probability as a plain attribute)."""
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(path)
+    return {name: p for name, value in model_config.to_dict().items()
+            if _is_dropout_name(name) and (value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)))}
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Every dropout of ``model`` at probability ``p`` (``model.dropout``): the ``nn.Dropout`` modules, and the
+    probabilities that attention layers keep as attributes (``dropout_prob``, ``attention_dropout``) for functional dropout."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = p
+        for name, value in list(vars(module).items()):
+            if _is_dropout_name(name) and isinstance(value, float):
+                setattr(module, name, p)
 
 
 def check_model(config: Config, num_labels: int) -> None:

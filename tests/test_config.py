@@ -250,6 +250,9 @@ def test_validation_messages(overrides, expected):
         ("runtime.max_restarts=-1", "runtime.max_restarts"),
         ("runtime.deadline_s=0", "runtime.deadline_s"),
         ("eval.every=0", "eval.every"),
+        ("model.dropout=1", "model.dropout"),
+        ("model.dropout=-0.1", "model.dropout"),
+        ("runtime.cohort_size=0", "runtime.cohort_size"),
     ],
 )
 def test_each_field_is_checked(override, field):

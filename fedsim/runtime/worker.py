@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from fedsim.client import is_finite, run_client
+from fedsim.cohort import train_cohort
 from fedsim.data import InstructionRows, TokenizedRows, evaluate, make_rows
 from fedsim.methods import nbytes
 from fedsim.methods.base import HEAD_PREFIX, State
@@ -53,6 +54,10 @@ class ClientWorker:
         self.cache: OrderedDict[int, tuple[Rows, Rows | None]] = OrderedDict()  # client -> (training rows, held-out rows)
         self.eval_rows: dict[int, Rows] = {}  # evaluation chunk -> rows (a worker is given the same chunks every round)
         self.store = plan.client_store  # what personalised clients keep between their rounds
+        self.cohort_size = 1 if self.config.privacy.enabled else self.config.runtime.cohort_size
+        if self.cohort_size != self.config.runtime.cohort_size and worker_id == 0:
+            print(f"fedsim: runtime.cohort_size={self.config.runtime.cohort_size} is not used under privacy.enabled "
+                  "(DP-SGD in a cohort is not built yet): clients train one at a time", flush=True)
 
     # -- data, on demand ------------------------------------------------------------------------
     def client_rows(self, client_ids: list[int]) -> dict[int, tuple[Rows, Rows | None]]:
@@ -172,13 +177,16 @@ class ClientWorker:
     # -- a round --------------------------------------------------------------------------------
     def train(self, round_idx: int, state: State, client_ids: list[int], noise_multiplier: float | None = None
               ) -> tuple[list[dict], list[dict]]:
-        """Train this worker's share of the round, in client-id order. Returns (uploads, stats rows)."""
+        """Train this worker's share of the round, in client-id order, ``runtime.cohort_size`` clients at a time
+        (``fedsim.cohort``; one at a time under DP). Returns (uploads, stats rows)."""
         state = {key: value.to(self.device) for key, value in state.items()}
         deadline = self.config.runtime.deadline_s
         start = time.perf_counter()
         uploads, rows = [], []
-        data = self.client_rows(sorted(client_ids))
-        for position, client_id in enumerate(sorted(client_ids)):
+        order = sorted(client_ids)
+        data = self.client_rows(order)
+        trained: dict[int, tuple] = {}  # (upload, stats, kept) of the clients of the cohort trained last
+        for position, client_id in enumerate(order):
             self._maybe_die(round_idx, position)
             client_rows = data[client_id][0]
             rank = self.plan.client_ranks[client_id]
@@ -190,18 +198,12 @@ class ClientWorker:
             if deadline is not None and time.perf_counter() - start > deadline:  # it would only report later still
                 rows.append({**row, "status": "straggler"})
                 continue
-            batch_seed = derive_seed(self.config.seed, "batches", round_idx, client_id)
-            if privacy is not None:
-                batches = poisson_batches(client_rows, privacy.sample_rate, batch_seed)
-            else:
-                batches = client_rows.batches(self.config.train.batch_size, batch_seed)
-            batches = (None if b is None else {k: v.to(self.device) for k, v in b.items()} for b in batches)
-            upload, stats = run_client(self.model, self.method, self.client_state(state, client_id, round_idx - 1), round_idx,
-                                       batches, self.config.train, derive_seed(self.config.seed, "training", round_idx, client_id),
-                                       rank, privacy, client_steps(self.config.train, len(client_rows)))
+            if client_id not in trained:
+                cohort = order[position : position + (1 if privacy is not None else self.cohort_size)]
+                trained = self.train_clients(round_idx, state, cohort, {cid: data[cid][0] for cid in cohort}, privacy)
+            upload, stats, kept = trained.pop(client_id)
             if self.method.client_kinds(round_idx):  # a personalised client keeps part of what it trained
-                self.store.write(client_id, round_idx, self.method.keep(self.model, round_idx),
-                                 keep_from=max(0, round_idx - CHECKPOINTS_KEPT - 1))
+                self.store.write(client_id, round_idx, kept, keep_from=max(0, round_idx - CHECKPOINTS_KEPT - 1))
             if client_id in self.config.clients.corrupt:
                 upload = {key: torch.full_like(value, float("nan")) for key, value in upload.items()}
             status = "ok" if is_finite(upload) else "nonfinite"
@@ -212,6 +214,34 @@ class ClientWorker:
             if status == "ok":
                 uploads.append({"client_id": client_id, "num_samples": len(client_rows), "tensors": upload})
         return uploads, rows
+
+    def train_clients(self, round_idx: int, state: State, client_ids: list[int], rows: dict[int, Rows],
+                      privacy: PrivacySettings | None) -> dict[int, tuple]:
+        """``{client_id: (upload, stats, what it keeps)}`` of these clients trained from the global ``state`` (each with its
+        own kept tensors over it): one alone (``fedsim.client.run_client``), or several in one pass (``fedsim.cohort``).
+        A cohort's pass is seeded by its first client's training seed (``model.dropout: 0`` compares exactly)."""
+        train = self.config.train
+        states = [self.client_state(state, cid, round_idx - 1) for cid in client_ids]
+        ranks = [self.plan.client_ranks[cid] for cid in client_ids]
+        steps = [client_steps(train, len(rows[cid])) for cid in client_ids]
+        seeds = [derive_seed(self.config.seed, "training", round_idx, cid) for cid in client_ids]
+        batches = [self._batches(round_idx, cid, rows[cid], privacy) for cid in client_ids]
+        if len(client_ids) == 1:
+            upload, stats = run_client(self.model, self.method, states[0], round_idx, batches[0], train, seeds[0], ranks[0],
+                                       privacy, steps[0])
+            return {client_ids[0]: (upload, stats, self.method.keep(self.model, round_idx))}
+        results = train_cohort(self.model, self.method, round_idx, states, ranks, batches, train, steps, seeds[0],
+                               self.config.model.task)
+        return dict(zip(client_ids, results))
+
+    def _batches(self, round_idx: int, client_id: int, rows: Rows, privacy: PrivacySettings | None):
+        """The client's endless seeded batches (Poisson batches under DP), on the worker's device."""
+        batch_seed = derive_seed(self.config.seed, "batches", round_idx, client_id)
+        if privacy is not None:
+            batches = poisson_batches(rows, privacy.sample_rate, batch_seed)
+        else:
+            batches = rows.batches(self.config.train.batch_size, batch_seed)
+        return (None if b is None else {k: v.to(self.device) for k, v in b.items()} for b in batches)
 
     def client_state(self, state: State, client_id: int, as_of_round: int) -> State:
         """The state a client starts from: the global one, with what the client kept after ``as_of_round`` over it."""

@@ -1,4 +1,5 @@
-"""Smoke test of bench/: the helpers' arithmetic, and gpu.py's record where no GPU exists (no Ray, a few seconds)."""
+"""Smoke test of bench/: the helpers' arithmetic, gpu.py's record where no GPU exists, and the cohort benches at toy
+size on the CPU (no Ray, seconds each)."""
 
 import json
 import os
@@ -38,3 +39,30 @@ def test_gpu_bench_says_it_did_not_run_without_a_gpu(tmp_path):
     result = json.loads((tmp_path / "gpu.json").read_text())
     assert result["run"] is False and "no CUDA device" in result["reason"]
     assert {"cpu_count", "cpu_model", "ram_gib", "torch", "ray", "date"} <= result["machine"].keys()
+
+
+def test_gpu_cohort_section_runs_on_the_cpu_at_quick_size(tmp_path):
+    """What a GPU session runs first (bench/gpu.py --sections cohort), proven here at toy size: Fed-SB and FedIT, K = 1 and 4."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: gpu.py --quick would run on it")
+    env = {**os.environ, "FEDSIM_BENCH_RESULTS": str(tmp_path)}
+    done = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--quick", "--sections", "cohort", "--sizes", "1,4"], cwd=BENCH, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cohort = json.loads((tmp_path / "gpu.json").read_text())["cohort"]
+    assert cohort["device"] == "cpu" and cohort["quick"]
+    rows = {(r["method"], r["cohort_size"]): r for r in cohort["results"]}
+    assert set(rows) == {(m, k) for m in ("fed-sb", "fedit") for k in (1, 4)}
+    assert all(r["status"] == "ok" and r["tokens"] == 4 * 2 * 2 * 32 and r["tokens_per_s"] > 0 for r in rows.values())
+
+
+def test_cohort_bench_writes_examples_per_second(tmp_path):
+    env = {**os.environ, "FEDSIM_BENCH_RESULTS": str(tmp_path), "FEDSIM_BENCH_SCRATCH": str(tmp_path / "scratch")}
+    done = subprocess.run([sys.executable, str(BENCH / "cohort.py"), "--quick", "--methods", "fed-sb", "--sizes", "1,2"], cwd=BENCH,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "cohort.json").read_text())
+    assert [(r["method"], r["cohort_size"]) for r in result["results"]] == [("fed-sb", 1), ("fed-sb", 2)]
+    assert all(r["examples"] == 2 * 2 * 4 and r["examples_per_s"] > 0 for r in result["results"])
+    assert result["results"][0]["speed_up_over_k1"] == 1.0
