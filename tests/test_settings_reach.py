@@ -103,8 +103,28 @@ def eval_probe(files, config, name):
 
 def model_probe(files, config, name):
     w = worker(files, config, name)
+    dropouts = sorted({m.p for m in w.model.modules() if isinstance(m, torch.nn.Dropout)})
     return type(w.model).__name__, str(next(w.model.parameters()).dtype), w.model.config.num_hidden_layers, \
-        sorted(n for n, _ in w.model.named_modules() if n.endswith(("lora_A", "lora_R")))
+        sorted(n for n, _ in w.model.named_modules() if n.endswith(("lora_A", "lora_R"))), dropouts
+
+
+def cohort_probe(files, config, name):
+    """How many clients each training pass of a round holds (``fedsim.cohort.train_cohort``, spied on)."""
+    from unittest import mock
+
+    from fedsim.runtime import worker as worker_module
+
+    sizes = []
+    real = worker_module.train_cohort
+
+    def spy(model, method, round_idx, states, *args, **kwargs):
+        sizes.append(len(states))
+        return real(model, method, round_idx, states, *args, **kwargs)
+
+    w = worker(files, config, name)
+    with mock.patch.object(worker_module, "train_cohort", spy):
+        w.train(0, w.initial_state(), [0, 1, 2, 3])
+    return sizes
 
 
 def rows_probe(files, config, name):
@@ -214,6 +234,7 @@ PROBES = {
     "model.target_modules": (["query", "key"], model_probe),
     "model.task": ("causal-lm", data_probe),  # refused for a classification workload: the check reads it
     "model.dtype": ("bfloat16", model_probe),
+    "model.dropout": (0.0, model_probe),
     "workload.name": ("bbc-news", data_probe),
     "workload.path": ("b.tsv", data_probe),
     "workload.max_length": (6, rows_probe),
@@ -266,6 +287,7 @@ PROBES = {
     "runtime.placement_timeout_s": (5.0, ray_probe),
     "runtime.deadline_s": (1e-9, straggler_probe),
     "runtime.kill_worker_round": (1, kill_probe),
+    "runtime.cohort_size": (3, cohort_probe),
     "eval.every": (2, driver_probe),
     "eval.batch_size": (8, eval_probe),
     "eval.max_new_tokens": (2, "causal-eval"),
