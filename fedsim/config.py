@@ -281,6 +281,8 @@ class RuntimeConfig(Section):
     deadline_s: Optional[float] = setting(None, "straggler deadline per round, seconds; null = wait for every client", **POSITIVE)
     kill_worker_round: Optional[int] = setting(None, "fault injection: worker 0 dies (os._exit) after its first client of this "
                                                "round, once; null = never")
+    presum: bool = setting(False, "workers send the weighted sum of their clients' uploads, not each upload (methods that "
+                           "average what clients send: Fed-SB, FedIT, FFA, …); bytes are still counted per client")
     cohort_size: int = setting(1, "clients a worker trains together in one batched forward and backward pass (fedsim.cohort); "
                                "1 = one at a time; under privacy.enabled one at a time", **AT_LEAST_ONE)
 

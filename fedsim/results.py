@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from fedsim.storage import Location
 
-ROUND_COLUMNS = ["round", "method", "clients_sampled", "clients_ok", "bytes_up", "bytes_down", "agg_error",
+ROUND_COLUMNS = ["round", "method", "clients_sampled", "clients_ok", "bytes_up", "bytes_down", "agg_error", "agg_error_se",
                  "train_loss", "eval_metric", "eval_loss", "wall_s", "train_s_max", "aggregate_s", "eval_s", "overhead_s",
                  "noise_multiplier", "epsilon_max"]
 CLIENT_COLUMNS = ["round", "client_id", "worker_id", "rank", "samples", "steps", "train_loss", "bytes_up",

@@ -29,6 +29,7 @@ STREAMS = {
     "batches": "the order (or Poisson draws) of a client's batches in a round",
     "training": "a client's torch randomness in a round: dropout and DP-SGD noise",
     "flora-redraw": "FLoRA's fresh A of a layer after each round",
+    "error-sketch": "the Gaussian test matrix estimating a round's aggregation error from pre-summed uploads",
     "train-limit": "the training rows kept by workload.train_limit",
     "eval-limit": "the evaluation rows kept by workload.eval_limit",
     "eval-split": "a workload's stratified evaluation split (its own split_seed)",

@@ -192,6 +192,12 @@ def causal_eval_probe(files, config, name):
     return sorted(set(asked))
 
 
+def presum_probe(files, config, name):
+    """What a worker sends of its round: each upload, or one weighted sum."""
+    w = worker(files, config, name)
+    return [type(item).__name__ for item in w.train(0, w.initial_state(), [0, 1, 2])[0]]
+
+
 def output_probe(files, config, name):
     """Where `fedsim.runtime.run` writes a run (stopped where Ray would start)."""
     from unittest import mock
@@ -288,6 +294,7 @@ PROBES = {
     "runtime.deadline_s": (1e-9, straggler_probe),
     "runtime.kill_worker_round": (1, kill_probe),
     "runtime.cohort_size": (3, cohort_probe),
+    "runtime.presum": (True, presum_probe),
     "eval.every": (2, driver_probe),
     "eval.batch_size": (8, eval_probe),
     "eval.max_new_tokens": (2, "causal-eval"),

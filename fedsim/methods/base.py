@@ -295,6 +295,12 @@ class Method:
         whole state). Default: all of it."""
         return message
 
+    @property
+    def aggregates_by_mean(self) -> bool:
+        """Whether the aggregate is the weighted mean of the uploads (the base class's ``aggregate``): then workers may
+        send their clients' weighted sums instead of each upload (``runtime.presum``, ``fedsim.presum``)."""
+        return type(self).aggregate is Method.aggregate
+
     def steady_round(self) -> int:
         """The first round whose messages are those of every later round (what `fedsim comm` shows per round)."""
         return 1

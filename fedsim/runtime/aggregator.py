@@ -11,6 +11,7 @@ from safetensors.torch import load, save
 from fedsim.methods import Upload, nbytes
 from fedsim.methods.base import State
 from fedsim.methods.downlink import Downlinks
+from fedsim.presum import PartialSum, combine
 from fedsim.runtime.plan import RunPlan
 from fedsim.storage import Location
 
@@ -45,13 +46,20 @@ class Aggregator:
         uploads: the new state is kept (and held for its checkpoint); returns the round's aggregation stats."""
         start = time.perf_counter()
         bytes_down = self.downlink_bytes(sampled, round_idx)
-        uploads = [Upload(u["client_id"], u["num_samples"], u["tensors"]) for batch in upload_lists for u in batch]
-        stats = {"bytes_down": bytes_down, "agg_error": float("nan"), "layer_errors": {}, "clients_aggregated": len(uploads)}
+        items = [item for batch in upload_lists for item in batch]
+        parts = [item for item in items if isinstance(item, PartialSum) and item.clients]  # runtime.presum
+        uploads = [Upload(u["client_id"], u["num_samples"], u["tensors"]) for u in items if not isinstance(u, PartialSum)]
+        aggregated = len(uploads) + sum(len(part.clients) for part in parts)
+        stats = {"bytes_down": bytes_down, "agg_error": float("nan"), "agg_error_se": float("nan"), "layer_errors": {},
+                 "clients_aggregated": aggregated}
         old_state, broadcast = self.state, {}
-        if uploads:
-            result = self.method.aggregate(self.state, uploads, round_idx)
+        if aggregated:
+            if parts:
+                result, standard_error = combine(self.method, self.state, parts, round_idx, self.plan.config.seed)
+            else:
+                result, standard_error = self.method.aggregate(self.state, uploads, round_idx), 0.0
             self.state, broadcast = canonical(result.state), result.broadcast
-            stats.update(agg_error=result.agg_error, layer_errors=result.layer_errors)
+            stats.update(agg_error=result.agg_error, agg_error_se=standard_error, layer_errors=result.layer_errors)
         self.downlinks.aggregated(old_state, self.state, broadcast, round_idx)
         with self.lock:
             self.snapshots[round_idx] = (self.state, self._meta(round_idx))

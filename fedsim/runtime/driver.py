@@ -22,7 +22,7 @@ import numpy as np
 
 from fedsim.config import Config, RuntimeConfig, resolve_model_path, save_config
 from fedsim.errors import UsageError
-from fedsim.methods import build_method
+from fedsim.methods import METHODS, Method, build_method
 from fedsim.modeling import check_model, offline_by_default
 from fedsim.prepare import DataPlan, split_data, write_data
 from fedsim.privacy import check_private_init, epsilon_spent, init_rows_per_client, plan_noise_multiplier, privacy_history
@@ -174,6 +174,10 @@ class Experiment:
         if self.method.num_clients is not None:
             config.clients.count = config.clients.per_round = self.method.num_clients
         check_private_init(config, self.method.needs_init_gradients)
+        if config.runtime.presum and not self.method.aggregates_by_mean:
+            raise UsageError(f"runtime.presum: {config.method.name} does not aggregate by the weighted mean of the uploads, so workers "
+                             "cannot sum them; set runtime.presum=false (methods that can: "
+                             f"{', '.join(name for name, cls in METHODS.items() if cls.aggregate is Method.aggregate)})")
         self.config = config
         self.output_dir = output_dir
         self.resumed = resumed
@@ -362,6 +366,7 @@ class Experiment:
             "round": round_idx, "method": self.config.method.name, "clients_sampled": len(sampled),
             "clients_ok": len(ok), "bytes_up": sum(row["bytes_up"] for row in rows),
             "bytes_down": sum(row["bytes_down"] for row in rows), "agg_error": aggregation["agg_error"],
+            "agg_error_se": aggregation["agg_error_se"],
             "train_loss": float(np.mean([row["train_loss"] for row in ok])) if ok else float("nan"),
             "eval_metric": eval_metric, "eval_loss": eval_loss, "wall_s": wall_s, "train_s_max": train_s_max,
             "aggregate_s": aggregation["aggregate_s"], "eval_s": eval_s,

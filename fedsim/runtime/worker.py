@@ -19,10 +19,11 @@ import torch
 from fedsim.client import is_finite, run_client
 from fedsim.cohort import train_cohort
 from fedsim.data import InstructionRows, TokenizedRows, evaluate, make_rows
-from fedsim.methods import nbytes
+from fedsim.methods import Upload, nbytes
 from fedsim.methods.base import HEAD_PREFIX, State
 from fedsim.modeling import load_model, load_tokenizer, offline_by_default
 from fedsim.partition import HELD_OUT, read_clients
+from fedsim.presum import partial_sum
 from fedsim.privacy import (PrivacySettings, dp_sample_rate, init_rows_per_client, init_sample_rate, poisson_batches,
                             private_gradient_sum)
 from fedsim.runtime.aggregator import CHECKPOINTS_KEPT
@@ -213,6 +214,9 @@ class ClientWorker:
             rows.append(row)
             if status == "ok":
                 uploads.append({"client_id": client_id, "num_samples": len(client_rows), "tensors": upload})
+        if self.config.runtime.presum:  # one weighted sum of this worker's uploads crosses the object store
+            ok = [Upload(u["client_id"], u["num_samples"], u["tensors"]) for u in uploads]
+            return [partial_sum(self.method, state, ok, round_idx, self.config.seed)], rows
         return uploads, rows
 
     def train_clients(self, round_idx: int, state: State, client_ids: list[int], rows: dict[int, Rows],
