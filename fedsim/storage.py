@@ -198,6 +198,9 @@ class Location:
         elif info.type == pafs.FileType.Directory or self.is_dir():
             self.fs.delete_dir(self.path)
 
+    def _copy_up(self, staging: str) -> None:
+        pafs.copy_files(staging, self.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+
     @contextlib.contextmanager
     def local_folder(self) -> Iterator[Path]:
         """A local folder for writers that only take a local path; copied here when the block ends."""
@@ -208,12 +211,11 @@ class Location:
         staging = tempfile.mkdtemp(prefix="fedsim-")
         try:
             yield Path(staging)
-            copy = lambda: pafs.copy_files(staging, self.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
             try:
-                copy()
+                self._copy_up(staging)
             except FileNotFoundError:  # a filesystem with real folders (HDFS, memory://): make the folder, then copy
                 self.mkdir()
-                copy()
+                self._copy_up(staging)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 

@@ -1,7 +1,6 @@
 """runtime.presum: workers' weighted sums give the unsummed aggregate to float64 rounding (every method that averages
 its uploads, rank-heterogeneous clients under both rank aggregations), and an error estimate within its standard error."""
 
-import math
 
 import pytest
 import torch

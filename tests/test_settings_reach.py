@@ -8,20 +8,16 @@ No Ray: the driver's Ray calls take their arguments from `ray_init_args` and `wo
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
-import math
 
-import pyarrow as pa
 import pytest
 import torch
 from tiny_models import tiny_bert_with_tokenizer
 
 from fedsim.config import Config, config_from_dict, config_to_dict, field_paths
 from fedsim.errors import UsageError
-from fedsim.methods import Upload, nbytes
-from fedsim.privacy import plan_noise_multiplier
+from fedsim.methods import Upload
 from fedsim.runtime.driver import Experiment, ray_init_args, worker_actors
 from fedsim.runtime.worker import ClientWorker
 from fedsim.shapes import Linear, ModelShapes

@@ -290,11 +290,6 @@ class Method:
         """Client side: the global state after applying the server's broadcast to the previous one."""
         return {**state, **broadcast}
 
-    def downlink(self, message: State, rank: int) -> State:
-        """What a returning client of adapter rank ``rank`` receives of a broadcast (or, at its first round, of the
-        whole state). Default: all of it."""
-        return message
-
     @property
     def aggregates_by_mean(self) -> bool:
         """Whether the aggregate is the weighted mean of the uploads (the base class's ``aggregate``): then workers may

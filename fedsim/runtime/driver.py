@@ -26,7 +26,7 @@ from fedsim.methods import METHODS, Method, build_method
 from fedsim.modeling import check_model, offline_by_default
 from fedsim.prepare import DataPlan, split_data, write_data
 from fedsim.privacy import check_private_init, epsilon_spent, init_rows_per_client, plan_noise_multiplier, privacy_history
-from fedsim.results import CLIENT_COLUMNS, ROUND_COLUMNS, RoundWriter, read_rows
+from fedsim.results import ROUND_COLUMNS, RoundWriter, read_rows
 from fedsim.runtime.aggregator import Aggregator, latest_checkpoint
 from fedsim.runtime.plan import RunPlan
 from fedsim.runtime.worker import ClientWorker

@@ -1,6 +1,5 @@
 """Measured bytes of a real run of every method (a real local Ray) against the analytic model's prediction."""
 
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest

@@ -1,7 +1,6 @@
 """Any worker trains any client: 1, 2 and 3 workers give bit-identical final tensors and the same rows but for timings
 and worker ids, for every method (Dirichlet clients of different sizes, so the balanced shares differ)."""
 
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest

@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 import torch
 from safetensors.torch import load_file
 
