@@ -84,6 +84,8 @@ class ModelConfig:
     task: str = "classification"
     # dtype of the frozen base weights: float32 | bfloat16 | float16
     dtype: str = "float32"
+    # Recompute activations in the backward pass (HF gradient checkpointing, non-reentrant): less memory, ~30% more compute.
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -193,8 +195,11 @@ class TrainConfig:
     rounds: int = 5
     # Optimiser steps per client per round.
     local_steps: int = 5
-    # Local batch size.
+    # Local batch size (examples per optimiser step).
     batch_size: int = 16
+    # Examples per forward/backward pass; the gradients of a batch's micro-batches add up to the whole batch's
+    # (gradient accumulation; under DP, Opacus's virtual steps). null = batch_size.
+    micro_batch_size: Optional[int] = None
     # Learning rate (AdamW).
     lr: float = 0.005
     # AdamW weight decay.
@@ -217,6 +222,8 @@ class RuntimeConfig:
     cpus_per_worker: float = 1.0
     # Ray num_gpus per worker (fractions share a GPU).
     gpus_per_worker: float = 0.0
+    # Ray num_gpus of the aggregator actor (beside the driver): the aggregation and its error are computed there.
+    aggregator_gpus: float = 0.0
     # null = start a local Ray; or "auto", "ray://host:10001". RAY_ADDRESS is honoured by the runtime.
     address: Optional[str] = None
     # Restarts of a worker actor that dies.
@@ -599,11 +606,16 @@ def _validate(cfg: Config) -> None:
     _positive(p.max_grad_norm, "privacy.max_grad_norm")
     _choice(p.accountant, ACCOUNTANTS, "privacy.accountant")
     _positive(p.init_noise_multiplier, "privacy.init_noise_multiplier", optional=True)
+    _check(not (p.enabled and m.gradient_checkpointing), "model.gradient_checkpointing",
+           "must be false with privacy.enabled (Opacus's per-sample gradient hooks see no activations under recomputation)")
 
     t = cfg.train
     _positive_int(t.rounds, "train.rounds")
     _positive_int(t.local_steps, "train.local_steps")
     _positive_int(t.batch_size, "train.batch_size")
+    _positive_int(t.micro_batch_size, "train.micro_batch_size", optional=True)
+    _check(t.micro_batch_size is None or t.micro_batch_size <= t.batch_size, "train.micro_batch_size",
+           f"must be at most train.batch_size ({t.batch_size}) or null, got {t.micro_batch_size}")
     _positive(t.lr, "train.lr")
     _non_negative(t.weight_decay, "train.weight_decay")
     _choice(t.schedule, SCHEDULES, "train.schedule")
@@ -614,6 +626,7 @@ def _validate(cfg: Config) -> None:
     _positive_int(r.workers, "runtime.workers")
     _non_negative(r.cpus_per_worker, "runtime.cpus_per_worker")
     _non_negative(r.gpus_per_worker, "runtime.gpus_per_worker")
+    _non_negative(r.aggregator_gpus, "runtime.aggregator_gpus")
     _check(r.address is None or bool(r.address.strip()), "runtime.address",
            "must be null (local Ray), 'auto', or an address such as ray://host:10001")
     _non_negative(r.max_restarts, "runtime.max_restarts")

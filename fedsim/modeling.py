@@ -46,6 +46,10 @@ def load_model(config: Config, num_labels: int, device: str = "cpu") -> nn.Modul
         raise UsageError(f"model.name: cannot load '{config.model.name}' ({_first_line(error)}); give an HF id or a local model folder") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
+    if config.model.gradient_checkpointing:
+        if not model.supports_gradient_checkpointing:
+            raise UsageError(f"model.gradient_checkpointing: '{config.model.name}' does not support it; set it to false")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(device).eval()
 
 

@@ -142,7 +142,7 @@ class PrivateStep:
 
 def private_gradient_sum(model: nn.Module, layer_names: list[str], batches: Iterable[dict[str, torch.Tensor]],
                          max_grad_norm: float, noise_multiplier: float, seed: int) -> dict[str, torch.Tensor]:
-    """``Σ_samples clip_C(∂loss_j/∂W) + N(0, (σC)²)`` for the named linear weights (one Gaussian mechanism).
+    """``Σ_samples clip_C(∂loss_j/∂W) + N(0, (σC)²)`` for the named linear weights (one Gaussian mechanism), float32 on their device.
 
     The per-sample gradient of every named weight is clipped together (one norm over all of them),
     so one record moves the sum by at most C.
@@ -152,7 +152,7 @@ def private_gradient_sum(model: nn.Module, layer_names: list[str], batches: Iter
     weights = [model.get_submodule(name).weight for name in layer_names]
     saved = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
-    sums = [torch.zeros(w.shape, dtype=torch.float64, device=w.device) for w in weights]
+    sums = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in weights]
     model.eval()  # no dropout; the target linears alone in training mode, which Opacus's hooks require
     for name in layer_names:
         model.get_submodule(name).train()
@@ -165,7 +165,7 @@ def private_gradient_sum(model: nn.Module, layer_names: list[str], batches: Iter
         for batch in batches:
             module(**batch).loss.backward()  # HF mean loss: grad_sample is per-sample gradient / batch size
             size = len(batch["labels"])
-            samples = [w.grad_sample.to(torch.float64) * size for w in weights]
+            samples = [w.grad_sample.to(torch.float32) * size for w in weights]
             norms = torch.stack([s.reshape(len(s), -1).norm(dim=1) for s in samples], dim=1).norm(dim=1)
             factors = (max_grad_norm / (norms + 1e-12)).clamp(max=1.0)
             for total, s in zip(sums, samples):
@@ -180,7 +180,7 @@ def private_gradient_sum(model: nn.Module, layer_names: list[str], batches: Iter
         model.train(was_training)
     generator = torch.Generator(device=sums[0].device).manual_seed(seed)
     return {
-        name: (total + torch.normal(0.0, noise_multiplier * max_grad_norm, total.shape, generator=generator,
-                                    dtype=torch.float64, device=total.device)).cpu()
+        name: total.add_(torch.normal(0.0, noise_multiplier * max_grad_norm, total.shape, generator=generator,
+                                      dtype=torch.float32, device=total.device))
         for name, total in zip(layer_names, sums)
     }

@@ -11,8 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fedsim.adapters.layers import adapter_product
-from fedsim.methods.base import Method, RoundResult, State, Upload, layer_names_of, state_key
+from fedsim.methods.base import Method, RoundResult, State, Upload, dense, layer_names_of, squared_norm, state_key
 
 
 class FedExLoRA(Method):
@@ -24,20 +23,22 @@ class FedExLoRA(Method):
         averaged = self.average(state, uploads, weights)
         new_state = {**state, **averaged}
         broadcast = dict(averaged)
-        ideal = {}
+        layer_terms = {}
         for layer in layer_names_of(state):
-            ideal[layer] = self.ideal_update(state, uploads, weights, layer)
-            mean_product = adapter_product(
-                averaged[state_key(layer, "lora_B")].to(torch.float64),
-                None,
-                averaged[state_key(layer, "lora_A")].to(torch.float64),
-                self.scaling,
-            )
-            residual = (ideal[layer] - mean_product).to(torch.float32)
+            ideal = self.ideal_terms(state, uploads, weights, layer)
+            mean_B, _, mean_A = self.adapter_term(new_state, layer)[1:]
+            # Σ w_i s B_i A_i − s B̄Ā: one product of the stacked factors (the residual is d×k by definition)
+            residual = dense([*ideal, (-self.scaling, mean_B, None, mean_A)])
+            residual32 = residual.to(torch.float32)
             delta_key = state_key(layer, "base_delta")
-            new_state[delta_key] = add_residual(state.get(delta_key), residual)
-            broadcast[state_key(layer, "residual")] = residual
-        return self.finish(state, new_state, broadcast, uploads, weights, ideal)
+            new_state[delta_key] = add_residual(state.get(delta_key), residual32)
+            broadcast[state_key(layer, "residual")] = residual32
+            # what the stored (float32) fold misses of the exact residual: the method's whole error
+            applied = new_state[delta_key].to(torch.float64)
+            if delta_key in state:
+                applied -= state[delta_key].to(torch.float64)
+            layer_terms[layer] = (float(torch.linalg.matrix_norm(residual - applied) ** 2), squared_norm(ideal))
+        return self.finish(state, new_state, broadcast, uploads, weights, layer_terms)
 
     def receive(self, state: State, broadcast: State) -> State:
         new_state = dict(state)

@@ -49,24 +49,41 @@ class FLoRA(Method):
             broadcast[state_key(layer, "stack_B")] = torch.cat([u.tensors[state_key(layer, "lora_B")] for u in uploads], dim=1)
         head_keys = [key for key in uploads[0].tensors if key.startswith(HEAD_PREFIX)]
         broadcast.update({key: weighted_mean([u.tensors[key] for u in uploads], weights) for key in head_keys})
-        new_state = self.receive(state, broadcast)
-        return self.finish(state, new_state, broadcast, uploads, weights)
+        layer_terms: dict[str, tuple[float, float]] = {}
+        new_state = self.fold(state, broadcast, layer_terms)
+        return self.finish(state, new_state, broadcast, uploads, weights, layer_terms)
 
     def receive(self, state: State, broadcast: State) -> State:
+        return self.fold(state, broadcast)
+
+    def fold(self, state: State, broadcast: State, layer_terms: dict[str, tuple[float, float]] | None = None) -> State:
+        """Fold ``Σ w_i · scaling · B_i A_i`` into W0 and redraw the adapters (the server and every client alike).
+
+        The fold is one product of the stacked factors, float64. With ``layer_terms``, each layer's
+        ``(squared error, squared ideal norm)`` is recorded: the fold is the ideal update itself, so the
+        error is what the float32 W0 correction misses of it.
+        """
         weights = broadcast[WEIGHTS_KEY].tolist()
         ranks = broadcast[RANKS_KEY].tolist()
         next_round = int(broadcast[ROUND_KEY].item()) + 1
         new_state = dict(state)
         generator = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + next_round)
         for layer in layer_names_of(state):
-            stack_B = broadcast[state_key(layer, "stack_B")].to(torch.float64).split(ranks, dim=1)
-            stack_A = broadcast[state_key(layer, "stack_A")].to(torch.float64).split(ranks, dim=0)
-            fold = sum(w * self.scaling * (B @ A) for w, B, A in zip(weights, stack_B, stack_A))
+            stack_B = broadcast[state_key(layer, "stack_B")].to(torch.float64)
+            stack_A = broadcast[state_key(layer, "stack_A")].to(torch.float64)
+            column_weights = torch.tensor([w * self.scaling for w, r in zip(weights, ranks) for _ in range(r)],
+                                          dtype=torch.float64, device=stack_B.device)
+            fold = (stack_B * column_weights) @ stack_A
             delta_key = state_key(layer, "base_delta")
             new_state[delta_key] = add_residual(state.get(delta_key), fold.to(torch.float32))
+            if layer_terms is not None:
+                applied = new_state[delta_key].to(torch.float64)
+                if delta_key in state:
+                    applied -= state[delta_key].to(torch.float64)
+                layer_terms[layer] = (float(torch.linalg.matrix_norm(fold - applied) ** 2), float(torch.linalg.matrix_norm(fold) ** 2))
             A_key, B_key = state_key(layer, "lora_A"), state_key(layer, "lora_B")
             rank, in_features = state[A_key].shape
-            new_state[A_key] = kaiming_uniform_A(rank, in_features, generator).to(state[A_key].dtype)
+            new_state[A_key] = kaiming_uniform_A(rank, in_features, generator).to(state[A_key].device, state[A_key].dtype)
             new_state[B_key] = torch.zeros_like(state[B_key])
         new_state.update({key: value for key, value in broadcast.items() if key.startswith(HEAD_PREFIX)})
         return new_state

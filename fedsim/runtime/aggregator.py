@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import torch
 from safetensors.torch import load, save
 
 from fedsim.config import config_from_dict
@@ -21,6 +22,8 @@ class Aggregator:
     def __init__(self, config: dict):
         self.config = config_from_dict(config)
         self.method = build_method(self.config.method.name, method_settings(self.config))
+        # runtime.aggregator_gpus: the methods compute on the device of the tensors they are given; the state stays on the CPU
+        self.device = "cuda" if self.config.runtime.aggregator_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.state: State = {}
         self.broadcast_bytes = 0  # what a returning client receives next round
         self.seen: set[int] = set()  # clients that already hold the global state (first contact gets all of it)
@@ -40,12 +43,12 @@ class Aggregator:
 
     def aggregate(self, round_idx: int, *upload_lists: list[dict]) -> dict:
         """Aggregate the round's finite uploads; keep the new state; return the round's aggregation stats."""
-        uploads = [Upload(u["client_id"], u["num_samples"], u["tensors"]) for batch in upload_lists for u in batch]
+        uploads = [Upload(u["client_id"], u["num_samples"], on(u["tensors"], self.device)) for batch in upload_lists for u in batch]
         if not uploads:
             self.broadcast_bytes = 0
             return {"agg_error": float("nan"), "layer_errors": {}, "clients_aggregated": 0}
-        result = self.method.aggregate(self.state, uploads, round_idx)
-        self.state = canonical(result.state)
+        result = self.method.aggregate(on(self.state, self.device), uploads, round_idx)
+        self.state = canonical(on(result.state, "cpu"))
         self.broadcast_bytes = nbytes(result.broadcast)
         return {"agg_error": result.agg_error, "layer_errors": result.layer_errors, "clients_aggregated": len(uploads)}
 
@@ -70,6 +73,11 @@ class Aggregator:
         self.broadcast_bytes = meta["broadcast_bytes"]
         self.seen = set(meta["seen"])
         return meta["round"]
+
+
+def on(state: State, device: str) -> State:
+    """The tensors of ``state`` on ``device`` (the same objects where they are there already)."""
+    return {key: value.to(device) for key, value in state.items()}
 
 
 def canonical(state: State) -> State:

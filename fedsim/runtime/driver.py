@@ -217,6 +217,10 @@ class Experiment:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
         r = self.config.runtime
+        driver_node = ray.get_runtime_context().get_node_id()
+        if r.aggregator_gpus > next((n["Resources"].get("GPU", 0) for n in ray.nodes() if n["NodeID"] == driver_node), 0):
+            raise UsageError(f"runtime.aggregator_gpus: {r.aggregator_gpus:g} GPU for the aggregator, but the driver's node has fewer; "
+                             "set runtime.aggregator_gpus=0 or run the driver on a GPU node")
         bundle = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}
         self.placement_group, self.requested_resources = place_workers(r.workers, bundle, r.placement_timeout_s, self.local_ray)
         owners = np.arange(self.config.clients.count) % r.workers
@@ -234,8 +238,9 @@ class Experiment:
         ]
         self.owner = owners
         # The global state lives beside the driver: a lost worker node takes clients with it, never the state.
-        beside_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.aggregator = ray.remote(Aggregator).options(num_cpus=0, scheduling_strategy=beside_driver).remote(config_dict)
+        beside_driver = NodeAffinitySchedulingStrategy(driver_node, soft=False)
+        self.aggregator = ray.remote(Aggregator).options(num_cpus=0, num_gpus=r.aggregator_gpus,
+                                                         scheduling_strategy=beside_driver).remote(config_dict)
 
     def stop_actors(self) -> None:
         import ray
@@ -250,24 +255,24 @@ class Experiment:
             request_resources(bundles=[])
 
     def initial_state(self) -> None:
-        """Round-0 state; for LoRA-SB the calibration gradients come from the clients' own data (``adapters.init_data``)."""
+        """Round-0 state, computed on one worker; for LoRA-SB the calibration gradients come from the clients' own data
+        (``adapters.init_data``). Pooled: ⌈init_samples / count⌉ rows from each of the first init_samples clients, gathered
+        by that worker (rows are small; the d×k gradient sums never leave its device, only B, R, A do)."""
         import ray
 
-        grad_sums = None
         a = self.config.adapters
-        if self.method.needs_init_gradients:
-            if a.init_data == "public":
-                parts = [self.workers[0].public_gradients.remote(a.init_batch_size)]
-            elif a.init_data == "client":
-                parts = [self.workers[int(self.owner[0])].init_gradients.remote([0], a.init_samples, a.init_batch_size)]
-            else:  # pooled: every client contributes a share of the calibration sample
-                count = self.config.clients.count
-                share = max(1, math.ceil(a.init_samples / count))
-                parts = [w.init_gradients.remote(np.flatnonzero(self.owner == i).tolist()[: a.init_samples], share, a.init_batch_size)
-                         for i, w in enumerate(self.workers)]
-            grad_sums = sum_tensors(ray.get(parts))
-        state = ray.get(self.workers[0].initial_state.remote(grad_sums))
-        ray.get(self.aggregator.set_state.remote(state))
+        worker = self.workers[0]
+        if not self.method.needs_init_gradients:
+            call = worker.initial_state.remote()
+        elif a.init_data == "public":
+            call = worker.initial_state.remote(None, 0, a.init_batch_size)
+        elif a.init_data == "client":
+            call = self.workers[int(self.owner[0])].initial_state.remote([0], a.init_samples, a.init_batch_size)
+        else:  # pooled: every client (up to init_samples of them) contributes a share of the calibration sample
+            count = self.config.clients.count
+            share = max(1, math.ceil(a.init_samples / count))
+            call = worker.initial_state.remote(list(range(min(count, a.init_samples))), share, a.init_batch_size)
+        ray.get(self.aggregator.set_state.remote(call))
 
     # -- rounds ---------------------------------------------------------------------------------
     def run(self) -> Location:
@@ -502,14 +507,6 @@ def write_rows(rows: list[dict], columns: list[str], path: Location) -> None:
     """Write the rows as Parquet, atomically (``Location.write_table``): a crash never leaves half a file."""
     table = pa.Table.from_pylist(rows, schema=None) if rows else pa.table({c: [] for c in columns})
     path.write_table(table.select(columns))
-
-
-def sum_tensors(parts: list[dict]) -> dict:
-    total = {}
-    for part in parts:
-        for key, value in part.items():
-            total[key] = value.clone() if key not in total else total[key] + value
-    return total
 
 
 def place_workers(workers: int, bundle: dict, timeout_s: float, local: bool):

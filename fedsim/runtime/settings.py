@@ -18,6 +18,7 @@ def train_settings(config: Config) -> TrainSettings:
     return TrainSettings(
         local_steps=t.local_steps, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
         schedule=t.schedule, warmup_steps=t.warmup_steps, max_grad_norm=t.max_grad_norm,
+        micro_batch_size=t.micro_batch_size,
     )
 
 

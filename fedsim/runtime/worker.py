@@ -100,21 +100,40 @@ class ClientWorker:
         sample_rate = min(1.0, c.train.batch_size / n)
         return PrivacySettings(self._noise_multiplier, p.max_grad_norm, sample_rate, max(1, round(sample_rate * n)))
 
-    def init_gradients(self, client_ids: list[int], samples: int, batch_size: int) -> dict[str, torch.Tensor]:
-        """Σ of the full model's gradients on a seeded calibration sample of these clients' rows (LoRA-SB init).
+    def initial_state(self, client_ids: list[int] | None = None, samples: int = 0, batch_size: int = 1) -> State:
+        """The round-0 global state, computed here end to end; only the adapters' factors (and the head) leave.
 
-        Under DP each client's sum is clipped per sample and noised (``privacy.init_noise_multiplier``).
+        LoRA-SB: the calibration gradient of ``samples`` seeded rows of each of ``client_ids`` (any clients: their
+        rows are read from the partitioned data, a few rows each, whichever worker owns them), or of the public
+        sample when ``client_ids`` is None, summed in the target weights' own gradient buffers on this worker's
+        device; each layer's B, R, A are then taken there (``fedsim.adapters.init``). No d×k sum crosses Ray.
         """
-        sums: dict[str, torch.Tensor] = {}
+        grad_sums = None
+        if self.method.needs_init_gradients:
+            grad_sums = self.public_gradients(batch_size) if client_ids is None else self.init_gradients(client_ids, samples, batch_size)
+        init_lr = self.config.adapters.init_lr or self.config.train.lr
+        return self.method.init_state(self.model, grad_sums, init_lr)
+
+    def init_gradients(self, client_ids: list[int], samples: int, batch_size: int) -> dict[str, torch.Tensor]:
+        """Σ of the full model's gradients on a seeded calibration sample of these clients' rows (LoRA-SB init), on this
+        worker's device. Under DP each client's sum is clipped per sample and noised (``privacy.init_noise_multiplier``)."""
+        table = read_clients(self.data_dir / "train.parquet", client_ids)
+        column = table.column("client_id").to_numpy()
+        held_out = table.column(HELD_OUT).to_numpy(zero_copy_only=False) if HELD_OUT in table.column_names else np.zeros(len(column), bool)
+        batches = {}
         for client_id in client_ids:
-            rows = self.client_rows[client_id]
-            take = min(len(rows), samples)
-            order = np.random.default_rng(derive_seed(self.config.seed, 0, client_id, 3)).permutation(len(rows))[:take]
-            batches = [rows.batch(order[i : i + batch_size]) for i in range(0, take, batch_size)]
-            private = init_spends_privacy(self.config, self.method.needs_init_gradients, client_id)
-            part = self._base_gradient_sum(batches, derive_seed(self.config.seed, 0, client_id, 4) if private else None)
+            mine = np.flatnonzero((column == client_id) & ~held_out)
+            order = np.random.default_rng(derive_seed(self.config.seed, 0, client_id, 3)).permutation(len(mine))[:samples]
+            rows = make_rows(table.take(mine[order]), self.tokenizer, self.config)  # only the sampled rows are tokenised
+            batches[client_id] = list(rows.in_order(batch_size))
+        if not any(init_spends_privacy(self.config, self.method.needs_init_gradients, client_id) for client_id in client_ids):
+            return self._base_gradient_sum([batch for client_id in client_ids for batch in batches[client_id]])
+        sums: dict[str, torch.Tensor] = {}
+        for client_id in client_ids:  # under DP each client's sum is its own Gaussian mechanism
+            part = self._base_gradient_sum(batches[client_id], derive_seed(self.config.seed, 0, client_id, 4))
             for name, grad in part.items():
-                sums[name] = grad if name not in sums else sums[name] + grad
+                sums[name] = grad if name not in sums else sums[name].add_(grad)
+            del part
         return sums
 
     def public_gradients(self, batch_size: int) -> dict[str, torch.Tensor]:
@@ -123,7 +142,8 @@ class ClientWorker:
         return self._base_gradient_sum(list(rows.in_order(batch_size)))
 
     def _base_gradient_sum(self, batches: list[dict], private_seed: int | None = None) -> dict[str, torch.Tensor]:
-        """Σ ∂loss/∂W0 of every adapted layer's base weight, keyed by layer; clipped and noised when ``private_seed`` is set.
+        """Σ ∂loss/∂W0 of every adapted layer's base weight, keyed by layer, on this worker's device; clipped and noised
+        when ``private_seed`` is set.
 
         The adapters are still zero (LoRA-SB's B = 0), so the adapted model computes the base model.
         """
@@ -137,10 +157,6 @@ class ClientWorker:
             p = self.config.privacy
             sums = private_gradient_sum(self.model, layer_names, batches, p.max_grad_norm, p.init_noise_multiplier, private_seed)
         return {name.removesuffix(".base_layer"): grad for name, grad in sums.items()}
-
-    def initial_state(self, grad_sums: dict[str, torch.Tensor] | None) -> State:
-        init_lr = self.config.adapters.init_lr or self.config.train.lr
-        return self.method.init_state(self.model, grad_sums, init_lr)
 
     def run_cohort(self, round_idx: int, state: State, client_ids: list[int]) -> tuple[list[dict], list[dict]]:
         """Train this round's clients of this worker, in client-id order. Returns (uploads, stats rows)."""

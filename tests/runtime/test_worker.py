@@ -31,7 +31,7 @@ def make_worker(data_dir, model_dir, **overrides):
 def test_worker_owns_only_its_clients_and_loads_the_model_once(data_dir, tiny_model_dir):
     worker, config = make_worker(data_dir, tiny_model_dir)
     assert sorted(worker.client_rows) == [1, 3, 5] and all(len(rows) == 5 for rows in worker.client_rows.values())
-    state = worker.initial_state(worker.init_gradients([1, 3, 5], 4, 2))
+    state = worker.initial_state([1, 3, 5], 4, 2)
     uploads, rows = worker.run_cohort(0, state, [5, 1])
     assert [r["client_id"] for r in rows] == [1, 5] and all(r["status"] == "ok" for r in rows)
     assert [u["client_id"] for u in uploads] == [1, 5]
@@ -43,7 +43,7 @@ def test_worker_owns_only_its_clients_and_loads_the_model_once(data_dir, tiny_mo
 
 def test_deadline_turns_late_clients_into_stragglers(data_dir, tiny_model_dir):
     worker, _ = make_worker(data_dir, tiny_model_dir, **{"runtime.deadline_s": 1e-9})
-    state = worker.initial_state(worker.init_gradients([1], 4, 2))
+    state = worker.initial_state([1], 4, 2)
     uploads, rows = worker.run_cohort(0, state, [1, 3, 5])
     assert [r["status"] for r in rows] == ["straggler"] * 3 and uploads == []
     worker.config.runtime.deadline_s = 3600.0
@@ -53,7 +53,7 @@ def test_deadline_turns_late_clients_into_stragglers(data_dir, tiny_model_dir):
 
 def test_corrupt_clients_are_flagged_nonfinite_and_not_uploaded(data_dir, tiny_model_dir):
     worker, config = make_worker(data_dir, tiny_model_dir, **{"clients.corrupt": "[3]"})
-    state = worker.initial_state(worker.init_gradients([1], 4, 2))
+    state = worker.initial_state([1], 4, 2)
     uploads, rows = worker.run_cohort(0, state, [1, 3])
     assert [r["status"] for r in rows] == ["ok", "nonfinite"]
     aggregator = Aggregator(__import__("fedsim.config", fromlist=["config_to_dict"]).config_to_dict(config))
@@ -66,7 +66,7 @@ def test_first_contact_gets_the_whole_state_then_the_broadcast(data_dir, tiny_mo
     from fedsim.config import config_to_dict
 
     aggregator = Aggregator(config_to_dict(config))
-    state = worker.initial_state(worker.init_gradients([1], 4, 2))
+    state = worker.initial_state([1], 4, 2)
     aggregator.set_state(state)
     first = aggregator.downlink_bytes([1, 3])
     assert first == {1: nbytes(state), 3: nbytes(state)}
