@@ -75,3 +75,24 @@ def test_first_contact_gets_the_whole_state_then_the_broadcast(data_dir, tiny_mo
     second = aggregator.downlink_bytes([1, 5])
     r_bytes = sum(v.numel() * 4 + len(k) for k, v in state.items() if k.endswith("lora_R"))
     assert second == {1: r_bytes, 5: nbytes(state)}
+
+
+def test_the_init_reads_any_clients_rows_and_sends_only_the_factors(data_dir, tiny_model_dir):
+    """The pooled calibration sample is gathered by one worker, whichever clients it owns: the same state from a
+    worker that owns none of them as from one that owns them all; what comes back is B, R, A (and the head)."""
+    import torch
+
+    config = load_config(None, [f"model.name={tiny_model_dir}", "method.name=fed-sb", "method.rank=4", "workload.max_length=16",
+                                "clients.count=8", "clients.per_round=2"])
+    from fedsim.config import config_to_dict
+
+    owner = ClientWorker(config_to_dict(config), 0, 2, str(data_dir), [0, 2], num_labels=2)
+    stranger = ClientWorker(config_to_dict(config), 1, 2, str(data_dir), [5], num_labels=2)
+    state, again = owner.initial_state([0, 2], 3, 2), stranger.initial_state([0, 2], 3, 2)
+    assert state.keys() == again.keys() and all(torch.equal(state[k], again[k]) for k in state)
+    kinds = {key.rsplit(".", 1)[1] for key in state if not key.startswith("head:")}
+    assert kinds == {"lora_A", "lora_B", "lora_R"}
+    assert all(v.device.type == "cpu" for v in state.values())
+    assert all(v.shape[0] == 4 for k, v in state.items() if k.endswith(("lora_A", "lora_R")))
+    other = owner.initial_state([0, 3], 3, 2)  # another sample, another init
+    assert not all(torch.equal(state[k], other[k]) for k in state if k.endswith("lora_R"))
