@@ -29,6 +29,7 @@ from fedsim.adapters.init import layer_seed, lora_sb_factors
 from fedsim.errors import UsageError
 
 State = dict[str, torch.Tensor]
+Term = tuple[float, torch.Tensor, "torch.Tensor | None", torch.Tensor]  # coef · B R A (R None: coef · B A), float64
 ADAPTER_KINDS = ("lora_A", "lora_B", "lora_R")
 HEAD_PREFIX = "head:"
 HEAD_MODULE_NAMES = ("classifier", "score")
@@ -325,25 +326,11 @@ class Method:
             return [(self.scaling, shared["lora_B"], None, summed("lora_A"))]
         return [(weight * self.scaling, *self.client_factors(state, upload, layer)) for upload, weight in zip(uploads, weights)]
 
-    def ideal_update(self, state: State, uploads: Sequence[Upload], weights: Sequence[float], layer: str) -> torch.Tensor:
-        """``Σ w_i · scaling · B_i R_i A_i`` as a d×k matrix (float64), in one product of the stacked factors."""
-        return dense(self.ideal_terms(state, uploads, weights, layer))
-
     def adapter_term(self, state: State, layer: str) -> Term:
         """The adapter product ``scaling · B R A`` of a state, as a term (float64)."""
         R = state.get(state_key(layer, "lora_R"))
         return (self.scaling, state[state_key(layer, "lora_B")].to(torch.float64), None if R is None else R.to(torch.float64),
                 state[state_key(layer, "lora_A")].to(torch.float64))
-
-    def effective_update(self, old_state: State, new_state: State, layer: str) -> torch.Tensor:
-        """``ΔW_agg``: the new adapter product plus whatever the round folded into W0 (float64, d×k)."""
-        update = dense([self.adapter_term(new_state, layer)])
-        delta_key = state_key(layer, "base_delta")
-        if delta_key in new_state:
-            update = update + new_state[delta_key].to(torch.float64)
-            if delta_key in old_state:
-                update = update - old_state[delta_key].to(torch.float64)
-        return update
 
     def layer_error(self, old_state: State, new_state: State, uploads: Sequence[Upload], weights: Sequence[float],
                     layer: str) -> tuple[float, float]:
@@ -395,9 +382,6 @@ class Method:
             layer_errors=layer_errors,
             weights={u.client_id: w for u, w in zip(uploads, weights)},
         )
-
-
-Term = tuple[float, torch.Tensor, "torch.Tensor | None", torch.Tensor]  # coef · B R A (R None: coef · B A)
 
 
 def stacked(terms: Sequence[Term]) -> tuple[torch.Tensor, torch.Tensor]:

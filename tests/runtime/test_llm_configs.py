@@ -111,7 +111,8 @@ def check_run(out: Path, config, eval_sets: list[str]) -> list[dict]:
     assert len(rounds) == config.train.rounds == 1
     last = rounds[-1]
     assert last["clients_ok"] == config.clients.per_round
-    assert last["agg_error"] < 1e-5  # fed-sb: exact
+    # fed-sb is exact; the global state is kept in the model's dtype, so a bf16 run reports R's bf16 rounding (2^-9)
+    assert last["agg_error"] < (1e-2 if config.model.dtype == "bfloat16" else 1e-5)
     assert last["train_loss"] == last["train_loss"] and last["eval_loss"] == last["eval_loss"]
     assert 0.0 <= last["eval_metric"] <= 1.0
     for name in eval_sets:
