@@ -7,9 +7,10 @@ best rank-r approximation as the adapter's starting point: ``G = −η·sign(Σ 
 
 Memory, at the papers' scale (Mistral-7B: 224 target matrices, 7.0B numbers): the gradient sum lives
 in the target weights' own ``.grad`` buffers, on the model's device, in their dtype (autograd adds
-each batch into them); a layer's factors are then computed on that device from one float32 copy of
-its sign, so the extra memory at any time is one float32 copy of the largest target weight plus the
-randomized SVD's (d+k)·q. Only B, R, A (r·(d+k+r) numbers a layer) ever leave the device.
+each batch into them); a layer's factors are then computed on that device from its sign, taken in
+float32 a block of rows at a time, so the extra memory at any time is a block (16 MiB) plus the
+randomized SVD's (d+k)·q — well under one float32 copy of the largest target weight. Only B, R, A
+(r·(d+k+r) numbers a layer) ever leave the device.
 """
 
 from __future__ import annotations
@@ -64,10 +65,13 @@ def lora_sb_factors(grad_sum: torch.Tensor, rank: int, lr: float, seed: int = 0,
     """``(B, R, A)``, float32 on ``grad_sum``'s device, with ``B R A`` the rank-``rank`` truncated SVD of ``−lr·sign(grad_sum)``.
 
     A d×k matrix with ``2(rank + oversample) ≥ min(d, k)`` gets the exact SVD (float64). A larger one
-    gets the randomized SVD of Halko, Martinsson and Tropp (``torch.svd_lowrank``, as LoRA-SB's code
-    does): q = rank + ``oversample`` Gaussian test vectors (seeded by ``seed``), ``niter`` subspace
-    iterations, 2·niter + 2 passes over the float32 sign matrix — 6 at the defaults, against the
-    O(d·k·min(d,k)) of a full SVD (bench/llm_scale.py times both at Mistral-7B's shapes).
+    gets the randomized SVD of Halko, Martinsson and Tropp (2011, Algorithms 4.4 and 5.1; what
+    ``torch.svd_lowrank`` computes, and LoRA-SB's code uses): q = rank + ``oversample`` Gaussian test
+    vectors (drawn on the CPU from ``seed``, so every device starts from the same ones), ``niter``
+    subspace iterations, 2·niter + 2 passes over the sign matrix — 6 at the defaults, against the
+    O(d·k·min(d,k)) of a full SVD (bench/llm_scale.py times both at Mistral-7B's shapes). The passes
+    read the sign a block of rows at a time (``sign_products``), so the extra memory is a block and
+    the (d+k)·q of the sketch, never a d×k copy.
 
     The accuracy this keeps depends on the sign matrix's singular gap. Its spectrum is a few leading
     singular values carried by the gradient's structure, then a flat Marchenko–Pastur-like bulk (the
@@ -83,18 +87,45 @@ def lora_sb_factors(grad_sum: torch.Tensor, rank: int, lr: float, seed: int = 0,
     """
     d, k = grad_sum.shape
     q = min(rank + oversample, d, k)
-    sign = grad_sum.detach().to(torch.float32, copy=True).sign_()  # the one float32 d×k copy
+    grad_sum = grad_sum.detach()
     if 2 * q >= min(d, k):
-        U, S, Vh = torch.linalg.svd(sign.to(torch.float64), full_matrices=False)
+        U, S, Vh = torch.linalg.svd(torch.sign(grad_sum).to(torch.float64), full_matrices=False)
         U, S, V = U.float(), S.float(), Vh.mH.float()
     else:
-        devices = [sign.device] if sign.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            U, S, V = torch.svd_lowrank(sign, q=q, niter=niter)
-    del sign
+        tall = d >= k  # the range finder works on the tall side, as torch.svd_lowrank does: G, or Gᵀ
+        times, times_transposed = sign_products(grad_sum)
+        if not tall:
+            times, times_transposed = times_transposed, times
+        test = torch.randn(min(d, k), q, generator=torch.Generator().manual_seed(seed)).to(grad_sum.device)
+        Q = torch.linalg.qr(times(test)).Q
+        for _ in range(niter):
+            Q = torch.linalg.qr(times(torch.linalg.qr(times_transposed(Q)).Q)).Q
+        U_small, S, Vh = torch.linalg.svd(times_transposed(Q).mT, full_matrices=False)  # Qᵀ G = U_s S Vh
+        U, V = Q @ U_small, Vh.mT
+        if not tall:
+            U, V = V, U
     # −lr·sign = U (lr·S) (−V)ᵀ: the step's own SVD, with the sign carried by A.
-    return U[:, :rank].contiguous(), torch.diag(lr * S[:rank]), (-V[:, :rank]).mH.contiguous()
+    return U[:, :rank].contiguous(), torch.diag(lr * S[:rank]), (-V[:, :rank]).mT.contiguous()
+
+
+def sign_products(matrix: torch.Tensor, block_elements: int = 1 << 22):
+    """``(X ↦ sign(M) X, Y ↦ sign(M)ᵀ Y)`` in float32, computing the sign of ``block_elements`` entries of M at a time."""
+    rows = max(1, block_elements // matrix.shape[1])
+    starts = range(0, matrix.shape[0], rows)
+
+    def block(start: int) -> torch.Tensor:
+        return matrix[start:start + rows].to(torch.float32, copy=True).sign_()
+
+    def times(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([block(start) @ x for start in starts])
+
+    def times_transposed(y: torch.Tensor) -> torch.Tensor:
+        out = y.new_zeros(matrix.shape[1], y.shape[1])
+        for start in starts:
+            out.addmm_(block(start).mT, y[start:start + rows])
+        return out
+
+    return times, times_transposed
 
 
 def layer_seed(seed: int, index: int) -> int:

@@ -7,7 +7,7 @@ import torch
 from tiny_models import BERT_TARGETS, LLAMA_TARGETS, random_batches, tiny_bert, tiny_llama
 
 from fedsim.adapters import LoraSBLinear, accumulate_gradients, adapted_layers, inject_lora_sb, lora_sb_factors, target_linear_names
-from fedsim.adapters.init import OVERSAMPLE, POWER_ITERATIONS
+from fedsim.adapters.init import OVERSAMPLE, POWER_ITERATIONS, sign_products
 from fedsim.methods import MethodSettings, build_method
 
 RANK = 4
@@ -52,8 +52,10 @@ def relative(a, b):
 
 @pytest.mark.parametrize("flip", [0.0, 0.001, 0.003])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_randomized_factors_equal_the_exact_svd_where_the_sign_matrix_has_a_gap(flip, seed):
+@pytest.mark.parametrize("wide", [False, True])
+def test_randomized_factors_equal_the_exact_svd_where_the_sign_matrix_has_a_gap(flip, seed, wide):
     grad_sum, rank, lr = block_gradient(300, 200, flip, seed), 8, 2e-3
+    grad_sum = grad_sum.T.contiguous() if wide else grad_sum
     assert 2 * (rank + OVERSAMPLE) < 200  # the randomized path, not the exact one
     best, S = exact_truncation(grad_sum, rank, lr)
     tolerance = randomized_svd_tolerance(S, rank, 200)
@@ -75,6 +77,20 @@ def test_randomized_factors_are_near_optimal_on_a_flat_spectrum(seed):
     got = B.double() @ R.double() @ A.double()
     assert torch.linalg.matrix_norm(step - got) <= 1.02 * torch.linalg.matrix_norm(step - best)
     assert torch.linalg.matrix_norm(got) ** 2 >= 0.85 * torch.linalg.matrix_norm(best) ** 2
+
+
+def test_sign_products_read_the_sign_a_block_at_a_time_and_leave_the_sum_alone():
+    grad_sum = torch.randn(37, 23, generator=torch.Generator().manual_seed(4)).bfloat16()
+    kept = grad_sum.clone()
+    times, times_transposed = sign_products(grad_sum, block_elements=100)  # blocks of 4 rows
+    x, y = torch.randn(23, 5), torch.randn(37, 5)
+    sign = torch.sign(grad_sum).float()
+    assert torch.allclose(times(x), sign @ x, atol=1e-5) and torch.allclose(times_transposed(y), sign.T @ y, atol=1e-5)
+    assert torch.equal(grad_sum, kept)
+    large = torch.randn(256, 192, generator=torch.Generator().manual_seed(5)).bfloat16()  # the randomized path
+    kept = large.clone()
+    B, R, A = lora_sb_factors(large, 8, 1.0)
+    assert torch.equal(large, kept) and B.dtype == R.dtype == A.dtype == torch.float32
 
 
 def test_randomized_factors_are_seeded():
