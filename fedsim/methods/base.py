@@ -337,7 +337,7 @@ class Method:
         """``(‖Σ w_i s B_i R_i A_i − s B R A‖²_F, ‖Σ w_i s B_i R_i A_i‖²_F)`` from the factors alone, exactly.
 
         The new adapter product is one more (negated) term: ``‖Σ_t L_t R_t‖² = tr((LᵀL)(R Rᵀ))`` with the
-        terms' factors stacked (``squared_norm``), O((d+k)·n²) for n stacked columns, never a d×k matrix per
+        terms' factors stacked (``squared_norms``), O((d+k)·n²) for n stacked columns, never a d×k matrix per
         client. For a layer whose W0 the round left alone. Where the ideal is one term sharing a factor
         with the new product (Fed-SB, FFA), the difference is taken inside that factor, so an exact
         method's error is measured to float64 precision, not lost in the cancellation of two equal norms.
@@ -346,8 +346,10 @@ class Method:
         if new_state.get(delta_key) is not old_state.get(delta_key):
             raise ValueError(f"{self.name} folds into W0 in layer {layer}: it must measure that layer's error itself (finish's layer_terms)")
         ideal = self.ideal_terms(old_state, uploads, weights, layer)
-        new = self.adapter_term(new_state, layer)
-        return squared_norm(difference(ideal, new)), squared_norm(ideal)
+        terms = difference(ideal, self.adapter_term(new_state, layer))
+        if len(terms) == len(ideal) + 1:  # nothing merged: the ideal's norm is a block of the same Gram matrices
+            return squared_norms(terms, len(ideal))
+        return squared_norm(terms), squared_norm(ideal)
 
     def finish(
         self,
@@ -398,13 +400,26 @@ def dense(terms: Sequence[Term]) -> torch.Tensor:
 
 
 def squared_norm(terms: Sequence[Term]) -> float:
-    """``‖Σ_t coef_t B_t R_t A_t‖²_F`` exactly: ``Σ (LᵀL) ∘ (R Rᵀ)`` over the stacked factors, in O((d+k)·n²);
-    or the d×k product where that is cheaper (n > 2dk/(d+k): many clients of a thin layer)."""
+    """``‖Σ_t coef_t B_t R_t A_t‖²_F`` exactly (see ``squared_norms``)."""
+    return squared_norms(terms, len(terms))[0]
+
+
+def squared_norms(terms: Sequence[Term], first: int) -> tuple[float, float]:
+    """``(‖Σ_t T_t‖²_F, ‖Σ_{t<first} T_t‖²_F)`` exactly, with ``T_t = coef_t B_t R_t A_t``.
+
+    With the factors stacked (``L R = Σ T_t``, n columns): ``Σ (LᵀL) ∘ (R Rᵀ)``, and the second from the
+    leading block of the same two n×n Gram matrices, in O((d+k)·n²); or from the d×k products where those
+    are cheaper (n > dk/(d+k): many clients of a thin layer), in O(d·k·n).
+    """
     left, right = stacked(terms)
+    split = sum(A.shape[0] for _, _, _, A in terms[:first])
     (d, n), k = left.shape, right.shape[1]
-    if (d + k) * n > 2 * d * k:
-        return float(torch.linalg.matrix_norm(left @ right) ** 2)
-    return float(((left.mT @ left) * (right @ right.mT)).sum())
+    if (d + k) * n > d * k:
+        head = left[:, :split] @ right[:split]
+        total = head + left[:, split:] @ right[split:] if split < n else head
+        return float(torch.linalg.matrix_norm(total) ** 2), float(torch.linalg.matrix_norm(head) ** 2)
+    products = (left.mT @ left) * (right @ right.mT)
+    return float(products.sum()), float(products[:split, :split].sum())
 
 
 def difference(ideal: Sequence[Term], new: Term) -> list[Term]:

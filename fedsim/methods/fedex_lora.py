@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fedsim.methods.base import Method, RoundResult, State, Upload, dense, layer_names_of, squared_norm, state_key
+from fedsim.methods.base import Method, RoundResult, State, Upload, dense, layer_names_of, state_key
 
 
 class FedExLoRA(Method):
@@ -25,10 +25,10 @@ class FedExLoRA(Method):
         broadcast = dict(averaged)
         layer_terms = {}
         for layer in layer_names_of(state):
-            ideal = self.ideal_terms(state, uploads, weights, layer)
-            mean_B, _, mean_A = self.adapter_term(new_state, layer)[1:]
-            # Σ w_i s B_i A_i − s B̄Ā: one product of the stacked factors (the residual is d×k by definition)
-            residual = dense([*ideal, (-self.scaling, mean_B, None, mean_A)])
+            _, mean_B, _, mean_A = self.adapter_term(new_state, layer)
+            residual = dense(self.ideal_terms(state, uploads, weights, layer))  # Σ w_i s B_i A_i (d×k, as the residual is)
+            ideal_norm2 = float(torch.linalg.matrix_norm(residual) ** 2)
+            residual.addmm_(mean_B, mean_A, alpha=-self.scaling)  # − s B̄Ā, in place
             residual32 = residual.to(torch.float32)
             delta_key = state_key(layer, "base_delta")
             new_state[delta_key] = add_residual(state.get(delta_key), residual32)
@@ -37,7 +37,7 @@ class FedExLoRA(Method):
             applied = new_state[delta_key].to(torch.float64)
             if delta_key in state:
                 applied -= state[delta_key].to(torch.float64)
-            layer_terms[layer] = (float(torch.linalg.matrix_norm(residual - applied) ** 2), squared_norm(ideal))
+            layer_terms[layer] = (float(torch.linalg.matrix_norm(residual - applied) ** 2), ideal_norm2)
         return self.finish(state, new_state, broadcast, uploads, weights, layer_terms)
 
     def receive(self, state: State, broadcast: State) -> State:

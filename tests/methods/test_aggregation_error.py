@@ -15,7 +15,7 @@ from tiny_models import LLAMA_TARGETS, random_batches, tiny_llama
 
 from fedsim.adapters import accumulate_gradients, target_linear_names
 from fedsim.methods import MethodSettings, Upload, build_method
-from fedsim.methods.base import dense, layer_names_of, squared_norm, state_key
+from fedsim.methods.base import dense, layer_names_of, squared_norm, squared_norms, state_key
 from fedsim.methods.fra_lora import truncated_factors
 
 RANK = 4
@@ -111,6 +111,9 @@ def random_terms(d, k, ranks, seed, shared_A=False):
 def test_squared_norm_of_stacked_terms_is_exact(d, k, ranks):
     terms = random_terms(d, k, ranks, seed=d)
     assert squared_norm(terms) == pytest.approx(float(torch.linalg.matrix_norm(dense(terms)) ** 2), rel=1e-12)
+    total, head = squared_norms(terms, 2)  # the first two terms' norm from the same Gram matrices
+    assert total == pytest.approx(squared_norm(terms), rel=1e-12)
+    assert head == pytest.approx(float(torch.linalg.matrix_norm(dense(terms[:2])) ** 2), rel=1e-12)
 
 
 def test_fra_truncation_from_the_factors_equals_the_dense_svd():
