@@ -12,7 +12,7 @@ a subset (the totals then cover only those kinds, and say so).
   many tokens' outer products looks) → ``B, R, A``. *Before* (fedsim up to issue 18, kept here as
   ``init_before``): the float64 sum on the host and a full float64 SVD. *After*: ``fedsim.adapters.init.
   lora_sb_factors`` (float32 sign, randomized SVD). Time and the peak RSS the step adds beyond its input
-  (sampled every 5 ms); the accuracy of *after* against the exact truncation: ‖G − BRA‖_F over the optimum
+  (sampled every 5 ms; glibc returns freed blocks of 1 MiB or more at once, so the RSS follows live tensors); the accuracy of *after* against the exact truncation: ‖G − BRA‖_F over the optimum
   ‖G − G_r‖_F, and the share of ‖G_r‖²_F that BRA carries. The host memory of the gradient sums themselves
   is analytic: before, float64 for all 224 matrices on the host (and through Ray); after, none beyond the
   model's own gradients on its device.
@@ -49,6 +49,19 @@ QUICK_SCALE = 32  # --quick: every dimension ÷ 32
 INIT_RANK, LORA_RANK, QUICK_INIT_RANK, QUICK_LORA_RANK = 200, 32, 4, 2
 METHODS = ("fed-sb", "fedit", "fedex-lora", "flora", "fra-lora")
 TARGET_INIT_S, TARGET_FEDIT_ROUND_S = 600.0, 60.0
+
+
+def return_freed_memory() -> bool:
+    """Make glibc hand every allocation of 1 MiB or more back to the OS when it is freed (a fixed mmap threshold),
+    so that the RSS follows the live tensors and a peak measures what a step holds, not what the allocator kept."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, 1 << 20))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 class PeakRSS(BackgroundSampler):
@@ -355,7 +368,8 @@ def main() -> None:
     lora_rank = QUICK_LORA_RANK if args.quick else LORA_RANK
     clients = [int(c) for c in (args.clients or ("4,8" if args.quick else "20,100")).split(",")]
     before = not args.skip_before
-    info = {**machine_info(), "torch_threads": torch.get_num_threads(), "contended_note": os.environ.get("FEDSIM_BENCH_NOTE", "")}
+    info = {**machine_info(), "torch_threads": torch.get_num_threads(), "contended_note": os.environ.get("FEDSIM_BENCH_NOTE", ""),
+            "freed_memory_returned": return_freed_memory()}
 
     init_rows = [measure_init(kind, (d // scale, k // scale), init_rank, before) for kind, ((d, k), _) in kinds.items()]
     init_columns = ["kind", "shape", "before_s", "after_s", "speedup", "before_extra_mib", "after_extra_mib",

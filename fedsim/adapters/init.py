@@ -110,11 +110,13 @@ def lora_sb_factors(grad_sum: torch.Tensor, rank: int, lr: float, seed: int = 0,
 
 def sign_products(matrix: torch.Tensor, block_elements: int = 1 << 22):
     """``(X ↦ sign(M) X, Y ↦ sign(M)ᵀ Y)`` in float32, computing the sign of ``block_elements`` entries of M at a time."""
-    rows = max(1, block_elements // matrix.shape[1])
+    rows = min(matrix.shape[0], max(1, block_elements // matrix.shape[1]))
     starts = range(0, matrix.shape[0], rows)
+    buffer = torch.empty(rows, matrix.shape[1], dtype=torch.float32, device=matrix.device)  # one block, reused
 
     def block(start: int) -> torch.Tensor:
-        return matrix[start:start + rows].to(torch.float32, copy=True).sign_()
+        part = matrix[start:start + rows]
+        return buffer[:len(part)].copy_(part).sign_()
 
     def times(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([block(start) @ x for start in starts])
