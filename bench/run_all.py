@@ -1,6 +1,6 @@
 """Run every bench script in turn, each in its own process: ``python bench/run_all.py [--quick]``.
 
-Full: about 25 minutes on 2 CPU cores (longer when other jobs share the machine); --quick: about 10.
+Full: about 25 minutes on 2 CPU cores plus llm_scale's (longer when other jobs share the machine); --quick: about 10.
 Each script writes bench/results/<name>.json; gpu.py writes a 'not run' record where no GPU exists.
 """
 
@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("overhead", "scale", "bytes", "cohort", "gpu")
+SCRIPTS = ("overhead", "scale", "bytes", "cohort", "gpu", "llm_scale")
 
 
 def main() -> int:

@@ -164,6 +164,8 @@ class ModelConfig(Section):
     dtype: str = setting("float32", "dtype of the frozen base weights: float32 | bfloat16 | float16", choices=DTYPES)
     dropout: Optional[float] = setting(None, "probability of every dropout of the base model (attention dropout too); null = "
                                        "the model's own; 0 makes a client's training a function of its data alone", **SHARE)
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (HF gradient checkpointing, "
+                                           "non-reentrant): less memory, ~30% more compute; not with privacy.enabled")
 
 
 @dataclass
@@ -256,7 +258,10 @@ class TrainConfig(Section):
     local_steps: Optional[int] = setting(5, "optimiser steps per client per round; null with train.local_epochs", **AT_LEAST_ONE)
     local_epochs: Optional[float] = setting(None, "instead of local_steps: passes over its own data per client per round "
                                             "(⌈n_i / batch_size⌉ × epochs steps, rounded up)", **POSITIVE)
-    batch_size: int = setting(8, "local batch size", **AT_LEAST_ONE)
+    batch_size: int = setting(8, "local batch size (examples per optimiser step)", **AT_LEAST_ONE)
+    micro_batch_size: Optional[int] = setting(None, "examples per forward/backward pass; a batch's micro-batches add up to its "
+                                              "gradient (accumulation; under DP, Opacus's virtual steps); null = batch_size",
+                                              **AT_LEAST_ONE)
     lr: float = setting(0.005, "learning rate (AdamW)", **POSITIVE)
     weight_decay: float = setting(0.0, "AdamW weight decay", **NON_NEGATIVE)
     schedule: str = setting("constant", "learning-rate schedule over a client's local steps: constant | linear | cosine",
@@ -273,6 +278,8 @@ class RuntimeConfig(Section):
     workers: int = setting(2, "ClientWorker actors; each holds one copy of the base model", **AT_LEAST_ONE)
     cpus_per_worker: float = setting(1.0, "Ray num_cpus per worker (fractions allowed)", **NON_NEGATIVE)
     gpus_per_worker: float = setting(0.0, "Ray num_gpus per worker (fractions share a GPU)", **NON_NEGATIVE)
+    aggregator_gpus: float = setting(0.0, "Ray num_gpus of the aggregator actor: the aggregation and its error are computed "
+                                     "there", **NON_NEGATIVE)
     address: Optional[str] = setting(None, "null = start a local Ray; or auto, ray://host:10001 (RAY_ADDRESS is honoured too)",
                                      nonempty=True)
     max_restarts: int = setting(3, "restarts of a worker actor that dies", **NON_NEGATIVE)
@@ -337,6 +344,13 @@ def _check_across_sections(cfg: Config) -> None:
            f"every rank must be between 1 and method.rank ({m.rank}), got {c.ranks}")
     _check(len(c.ranks) <= c.count, "clients.ranks", f"lists {len(c.ranks)} ranks for {c.count} clients")
     t = cfg.train
+    _check(t.micro_batch_size is None or t.micro_batch_size <= t.batch_size, "train.micro_batch_size",
+           f"must be at most train.batch_size ({t.batch_size}) or null, got {t.micro_batch_size}")
+    _check(t.micro_batch_size is None or t.micro_batch_size == t.batch_size or cfg.runtime.cohort_size == 1,
+           "train.micro_batch_size", f"must be null with runtime.cohort_size > 1 (a cohort trains whole batches), got "
+           f"{t.micro_batch_size}; set it to null or runtime.cohort_size=1")
+    _check(not (p.enabled and cfg.model.gradient_checkpointing), "model.gradient_checkpointing",
+           "must be false with privacy.enabled (Opacus's per-sample gradient hooks see no activations under recomputation)")
     _check((t.local_steps is None) != (t.local_epochs is None), "train.local_epochs",
            f"give exactly one of train.local_steps or train.local_epochs (set the other to null), got local_steps={t.local_steps}, "
            f"local_epochs={_show(t.local_epochs)}")

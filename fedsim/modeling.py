@@ -51,6 +51,10 @@ def load_model(config: Config, num_labels: int, device: str = "cpu") -> nn.Modul
         model.config.pad_token_id = model.config.eos_token_id
     if config.model.dropout is not None:
         set_dropout(model, config.model.dropout)
+    if config.model.gradient_checkpointing:
+        if not model.supports_gradient_checkpointing:
+            raise UsageError(f"model.gradient_checkpointing: '{config.model.name}' does not support it; set it to false")
+        enable_checkpointing(model)
     return model.to(device).eval()
 
 
@@ -115,3 +119,18 @@ def offline_by_default() -> None:
     from transformers.utils import logging
 
     logging.disable_progress_bar()
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing, under the name the installed transformers gives it (5.x renamed it)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def checkpointing_on(model: nn.Module) -> bool:
+    """Whether ``model`` recomputes its activations in the backward pass."""
+    if hasattr(model, "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))

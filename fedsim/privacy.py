@@ -328,7 +328,8 @@ class PrivateStep:
 
 def private_gradient_sum(model: nn.Module, layer_names: list[str], batches: Iterable[dict[str, torch.Tensor]],
                          max_grad_norm: float, noise_multiplier: float, seed: int) -> dict[str, torch.Tensor]:
-    """``Σ_records clip_C(∂loss_j/∂W) + N(0, (σC)²)`` for the named linear weights (one Gaussian mechanism).
+    """``Σ_records clip_C(∂loss_j/∂W) + N(0, (σC)²)`` for the named linear weights (one Gaussian mechanism), float32 on
+    their device.
 
     ``loss_j`` is record j's own loss (``mean_record_loss``); its gradient over every named weight is
     clipped together (one norm over all of them), so adding or removing one record of ``batches``
@@ -340,7 +341,7 @@ def private_gradient_sum(model: nn.Module, layer_names: list[str], batches: Iter
     weights = [model.get_submodule(name).weight for name in layer_names]
     saved = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
-    sums = [torch.zeros(w.shape, dtype=torch.float64, device=w.device) for w in weights]
+    sums = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in weights]
     model.eval()  # no dropout; the target linears alone in training mode, which Opacus's hooks require
     for name in layer_names:
         model.get_submodule(name).train()
@@ -352,7 +353,7 @@ def private_gradient_sum(model: nn.Module, layer_names: list[str], batches: Iter
     try:
         for batch in batches:
             mean_record_loss(module, batch).backward()  # grad_sample: each record's gradient of its own loss
-            samples = [w.grad_sample.to(torch.float64) for w in weights]
+            samples = [w.grad_sample.to(torch.float32) for w in weights]
             norms = torch.stack([s.reshape(len(s), -1).norm(dim=1) for s in samples], dim=1).norm(dim=1)
             factors = (max_grad_norm / (norms + 1e-12)).clamp(max=1.0)
             for total, s in zip(sums, samples):
@@ -367,7 +368,7 @@ def private_gradient_sum(model: nn.Module, layer_names: list[str], batches: Iter
         model.train(was_training)
     generator = torch.Generator(device=sums[0].device).manual_seed(seed)
     return {
-        name: (total + torch.normal(0.0, noise_multiplier * max_grad_norm, total.shape, generator=generator,
-                                    dtype=torch.float64, device=total.device)).cpu()
+        name: total.add_(torch.normal(0.0, noise_multiplier * max_grad_norm, total.shape, generator=generator,
+                                      dtype=torch.float32, device=total.device))
         for name, total in zip(layer_names, sums)
     }

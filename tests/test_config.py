@@ -217,6 +217,11 @@ def test_wrong_type():
         (["train.lr=0"], "train.lr: must be > 0, got 0"),
         (["runtime.gpus_per_worker=-1"], "runtime.gpus_per_worker: must be >= 0, got -1"),
         (["clients.dropout=1"], "clients.dropout: must be in [0, 1), got 1"),
+        (["train.batch_size=8", "train.micro_batch_size=16"],
+         "train.micro_batch_size: must be at most train.batch_size (8) or null, got 16"),
+        (["privacy.enabled=true", "privacy.noise_multiplier=1", "model.gradient_checkpointing=true"],
+         "model.gradient_checkpointing: must be false with privacy.enabled (Opacus's per-sample gradient hooks see no "
+         "activations under recomputation)"),
         (["rounds"], "expected key=value, got 'rounds'"),
     ],
 )
@@ -249,6 +254,8 @@ def test_validation_messages(overrides, expected):
         ("runtime.workers=0", "runtime.workers"),
         ("runtime.max_restarts=-1", "runtime.max_restarts"),
         ("runtime.deadline_s=0", "runtime.deadline_s"),
+        ("runtime.aggregator_gpus=-1", "runtime.aggregator_gpus"),
+        ("train.micro_batch_size=0", "train.micro_batch_size"),
         ("eval.every=0", "eval.every"),
         ("model.dropout=1", "model.dropout"),
         ("model.dropout=-0.1", "model.dropout"),

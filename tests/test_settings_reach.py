@@ -18,6 +18,7 @@ from tiny_models import tiny_bert_with_tokenizer
 from fedsim.config import Config, config_from_dict, config_to_dict, field_paths
 from fedsim.errors import UsageError
 from fedsim.methods import Upload
+from fedsim.modeling import checkpointing_on
 from fedsim.runtime.driver import Experiment, ray_init_args, worker_actors
 from fedsim.runtime.worker import ClientWorker
 from fedsim.shapes import Linear, ModelShapes
@@ -101,7 +102,7 @@ def model_probe(files, config, name):
     w = worker(files, config, name)
     dropouts = sorted({m.p for m in w.model.modules() if isinstance(m, torch.nn.Dropout)})
     return type(w.model).__name__, str(next(w.model.parameters()).dtype), w.model.config.num_hidden_layers, \
-        sorted(n for n, _ in w.model.named_modules() if n.endswith(("lora_A", "lora_R"))), dropouts
+        sorted(n for n, _ in w.model.named_modules() if n.endswith(("lora_A", "lora_R"))), dropouts, checkpointing_on(w.model)
 
 
 def cohort_probe(files, config, name):
@@ -237,6 +238,7 @@ PROBES = {
     "model.task": ("causal-lm", data_probe),  # refused for a classification workload: the check reads it
     "model.dtype": ("bfloat16", model_probe),
     "model.dropout": (0.0, model_probe),
+    "model.gradient_checkpointing": (True, model_probe),
     "workload.name": ("bbc-news", data_probe),
     "workload.path": ("b.tsv", data_probe),
     "workload.max_length": (6, rows_probe),
@@ -269,6 +271,7 @@ PROBES = {
     "train.local_steps": (3, training_probe),
     "train.local_epochs": (1.0, training_probe),  # with train.local_steps=null (see COMPANIONS)
     "train.batch_size": (2, training_probe),
+    "train.micro_batch_size": (1, training_probe),
     "train.lr": (0.05, training_probe),
     "train.weight_decay": (0.5, training_probe),
     "train.schedule": ("linear", training_probe),
@@ -284,6 +287,7 @@ PROBES = {
     "runtime.workers": (3, ray_probe),
     "runtime.cpus_per_worker": (0.5, ray_probe),
     "runtime.gpus_per_worker": (0.25, ray_probe),
+    "runtime.aggregator_gpus": (0.5, ray_probe),
     "runtime.address": ("ray://head:10001", ray_probe),
     "runtime.max_restarts": (0, ray_probe),
     "runtime.placement_timeout_s": (5.0, ray_probe),

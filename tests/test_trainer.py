@@ -1,11 +1,17 @@
-"""The local trainer's learning-rate schedule (``train.schedule``, ``train.warmup_steps``)."""
+"""The local trainer: the learning-rate schedule (``train.schedule``, ``train.warmup_steps``), micro-batches add up to the whole batch (plain and under DP), gradient checkpointing, the KV cache."""
 
 import math
 
 import pytest
+import torch
+from tiny_models import VOCAB, random_batches, tiny_bert
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from fedsim.config import TrainConfig
-from fedsim.trainer import lr_factor
+from fedsim.data import IGNORE_INDEX
+from fedsim.modeling import enable_checkpointing
+from fedsim.privacy import PrivacySettings
+from fedsim.trainer import backward, lr_factor, micro_batches, train_local
 
 
 def factors(steps, **train):
@@ -69,3 +75,109 @@ def test_private_calibration_uses_each_clients_own_steps():
     fixed_steps = load_config(None, ["privacy.enabled=true", "privacy.epsilon=2", "privacy.delta=1e-4", "train.local_steps=5",
                                      "train.batch_size=8", "train.rounds=4", "clients.count=4", "clients.per_round=4"])
     assert plan_noise_multiplier(fixed_steps, False, sizes) != sigma  # the steps are the clients' own, not local_steps
+
+
+def tiny_causal_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=40, max_position_embeddings=64, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+def causal_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded rows of different lengths, the loss on each row's response only (prompts of different lengths)."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths, prompts = [5, 17, 9, 12, 3, 16], [2, 9, 4, 6, 1, 3]
+    width = max(lengths)
+    input_ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for row, (n, p) in enumerate(zip(lengths, prompts)):
+        input_ids[row, :n] = torch.randint(1, VOCAB, (n,), generator=generator)
+        mask[row, :n] = 1
+        labels[row, p:n] = input_ids[row, p:n]
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def padded_classification_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    batch = random_batches(seed, batch_size=6, length=14, count=1)[0]
+    for row, n in enumerate([14, 3, 8, 5, 11, 2]):
+        batch["attention_mask"][row, n:] = 0
+        batch["input_ids"][row, n:] = 0
+    return batch
+
+
+def gradients(model, batch, micro_batch_size):
+    model.zero_grad(set_to_none=True)
+    model.requires_grad_(True)
+    loss = backward(model, micro_batches(batch, micro_batch_size))
+    return loss, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["causal", "classification"])
+@pytest.mark.parametrize("micro_batch_size", [1, 2, 4])
+def test_micro_batches_give_the_whole_batch_gradient(kind, micro_batch_size):
+    model, batch = (tiny_causal_llama(), causal_batch()) if kind == "causal" else (tiny_bert(), padded_classification_batch())
+    whole_loss, whole = gradients(model, batch, None)
+    assert whole_loss == pytest.approx(model(**batch).loss.item(), rel=1e-6)
+    loss, accumulated = gradients(model, batch, micro_batch_size)
+    assert loss == pytest.approx(whole_loss, rel=1e-5)
+    assert whole.keys() == accumulated.keys() and len(whole) > 10
+    for name in whole:
+        assert torch.allclose(accumulated[name], whole[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_micro_batch_weights_are_labelled_token_shares_and_padding_is_cut():
+    batch = causal_batch()
+    parts = micro_batches(batch, 2)
+    tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1)
+    assert [w for _, w in parts] == pytest.approx([(tokens[i:i + 2].sum() / tokens.sum()).item() for i in (0, 2, 4)])
+    assert [micro["input_ids"].shape[1] for micro, _ in parts] == [17, 12, 16]  # each pair's longest row
+    unlabelled = {**batch, "labels": batch["labels"].clone()}
+    unlabelled["labels"][:2] = IGNORE_INDEX
+    assert len(micro_batches(unlabelled, 2)) == 2  # a micro-batch with nothing to learn from is left out
+
+
+def test_private_micro_batches_are_opacus_virtual_steps():
+    """Under DP the per-sample gradients are clipped micro-batch by micro-batch and the noise added once: the same
+    step as the whole batch at once, noise included (the same seed draws the same noise)."""
+    batches = [padded_classification_batch(seed) for seed in range(3)]
+    privacy = PrivacySettings(noise_multiplier=0.7, max_grad_norm=0.05, sample_rate=0.5, expected_batch_size=6)
+    results = []
+    for micro_batch_size in (None, 2, 4):
+        model = tiny_bert()
+        for module in model.modules():  # dropout would draw other masks for other micro-batch sizes
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        model.requires_grad_(False)
+        params = [model.classifier.weight, model.bert.encoder.layer[1].output.dense.weight]
+        for p in params:
+            p.requires_grad_(True)
+        settings = TrainConfig(local_steps=3, lr=1e-2, micro_batch_size=micro_batch_size)
+        stats = train_local(model, params, iter(batches), settings, seed=5, privacy=privacy)
+        results.append(([p.detach().clone() for p in params], stats.losses))
+    (whole, whole_losses), *others = results
+    moved = (whole[0] - tiny_bert().classifier.weight).abs().max()
+    assert moved > 1e-3  # the steps did something
+    for params, losses in others:
+        assert losses == pytest.approx(whole_losses, rel=1e-5)
+        for got, expected in zip(params, whole):
+            assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_gradient_and_training_runs_without_the_cache():
+    batch = causal_batch(1)
+    plain = tiny_causal_llama()
+    _, expected = gradients(plain, batch, None)
+    model = tiny_causal_llama()
+    enable_checkpointing(model)
+    model.train()
+    _, got = gradients(model, batch, 2)
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], rtol=1e-4, atol=1e-6), name
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(module.config.use_cache))
+    assert model.config.use_cache
+    params = [model.lm_head.weight]
+    train_local(model, params, iter([batch, batch]), TrainConfig(local_steps=2, micro_batch_size=3), seed=0)
+    assert seen == [False] * 4 and model.config.use_cache  # off while it trains, restored after

@@ -93,3 +93,35 @@ def make_method(name: str, *, weights: str = "samples", rank_aggregation: str = 
     from fedsim.methods import build_method
 
     return build_method(MethodConfig(name=name, **method), ClientsConfig(weights=weights, rank_aggregation=rank_aggregation), seed)
+
+
+TINY_CAUSAL = {  # the same architecture as the papers' models, at toy size: 2 layers, hidden 64
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 64}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 32}),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+}
+
+
+def tiny_causal_lm_with_tokenizer(path, architecture: str, texts: list[str], vocab: int = 600) -> None:
+    """Write a small causal LM of ``architecture`` (``TINY_CAUSAL``: random weights, 2 layers, hidden 64) and a
+    byte-level BPE tokenizer trained offline on ``texts`` (BOS prepended, as Llama's, Mistral's and Gemma's) to ``path``."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    config_name, model_name, extra = TINY_CAUSAL[architecture]
+    config = getattr(transformers, config_name)(
+        vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        tie_word_embeddings=False, **extra)
+    torch.manual_seed(0)
+    getattr(transformers, model_name)(config).eval().save_pretrained(path)
+    fast.save_pretrained(path)

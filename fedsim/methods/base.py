@@ -32,15 +32,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fedsim.adapters.layers import adapted_layers, adapter_product, leading_block, set_rank
+from fedsim.adapters.layers import adapted_layers, leading_block, set_rank
 from fedsim.adapters.lora_sb import inject_lora_sb, target_linear_names
-from fedsim.adapters.init import lora_sb_factors
+from fedsim.adapters.init import layer_seed, lora_sb_factors
 from fedsim.config import ClientsConfig, MethodConfig
 from fedsim.errors import UsageError
 from fedsim.seeds import torch_generator
 from fedsim.shapes import ModelShapes
 
 State = dict[str, torch.Tensor]
+Term = tuple[float, torch.Tensor, "torch.Tensor | None", torch.Tensor]  # coef · B R A (R None: coef · B A), float64
+ADAPTER_KINDS = ("lora_A", "lora_B", "lora_R")
 HEAD_PREFIX = "head:"
 HEAD_MODULE_NAMES = ("classifier", "score")
 
@@ -82,10 +84,15 @@ def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> 
     """``Σ w_i t_i``, accumulated in float64 in the order given (on the inputs' device), returned in the inputs' dtype."""
     if tensors[0].is_meta:  # counting bytes (analysis.comm): the shape is all there is, and meta arithmetic is slow
         return torch.empty_like(tensors[0])
+    return weighted_sum64(tensors, weights).to(tensors[0].dtype)
+
+
+def weighted_sum64(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """``Σ w_i t_i`` in float64, in the order given, on the inputs' device."""
     total = torch.zeros(tensors[0].shape, dtype=torch.float64, device=tensors[0].device)
     for tensor, weight in zip(tensors, weights):
         total += weight * tensor.to(torch.float64)
-    return total.to(tensors[0].dtype)
+    return total
 
 
 def nbytes(tensors: State) -> int:
@@ -182,25 +189,26 @@ class Method:
         return model
 
     def init_state(self, model: nn.Module, grad_sums: dict[str, torch.Tensor] | None = None, init_lr: float = 1e-3) -> State:
-        """The round-0 global state for a prepared ``model``.
+        """The round-0 global state for a prepared ``model``, on the CPU.
 
         LoRA: A from LoRA's Kaiming-uniform initialisation (seeded by the run seed), B = 0.
-        LoRA-SB: B, R, A from the update approximation of ``grad_sums`` (``fedsim.adapters.init``).
+        LoRA-SB: B, R, A from the update approximation of ``grad_sums`` (``fedsim.adapters.init``),
+        computed layer by layer on the device the sums are on; only the factors come back.
         """
         state: State = {}
         generator = torch_generator(self.seed, "lora-init")
-        for name, layer in adapted_layers(model).items():
+        for index, (name, layer) in enumerate(adapted_layers(model).items()):
             dtype = layer.base.weight.dtype
             if self.adapter == "lora-sb":
                 if grad_sums is None or name not in grad_sums:
                     raise ValueError(f"LoRA-SB initialisation needs the gradient sum of layer {name}")
-                B, R, A = lora_sb_factors(grad_sums[name], self.rank, init_lr)
-                state[state_key(name, "lora_R")] = R.to(dtype)
+                B, R, A = lora_sb_factors(grad_sums[name], self.rank, init_lr, seed=layer_seed(self.seed, index))
+                state[state_key(name, "lora_R")] = R.to("cpu", dtype)
             else:
                 A = kaiming_uniform_A(self.rank, layer.base.in_features, generator)
                 B = torch.zeros(layer.base.out_features, self.rank, dtype=torch.float64)
-            state[state_key(name, "lora_A")] = A.to(dtype).contiguous()
-            state[state_key(name, "lora_B")] = B.to(dtype).contiguous()
+            state[state_key(name, "lora_A")] = A.to("cpu", dtype).contiguous()
+            state[state_key(name, "lora_B")] = B.to("cpu", dtype).contiguous()
         if self.config.train_head:
             for name, param in head_parameters(model).items():
                 state[HEAD_PREFIX + name] = param.detach().to("cpu", copy=True)
@@ -358,7 +366,8 @@ class Method:
             partial = any(u.tensors[key].shape != shape for u in uploads)
             if self.clients.rank_aggregation == "partitioned" and partial:
                 total = weighted_mean([t.to(torch.float64) for t in tensors], weights)
-                coverage = weighted_mean([pad_to(torch.ones(u.tensors[key].shape, dtype=torch.float64), shape) for u in uploads], weights)
+                coverage = weighted_mean([pad_to(torch.ones(u.tensors[key].shape, dtype=torch.float64, device=total.device), shape)
+                                          for u in uploads], weights)
                 untrained = state[key].to(torch.float64)  # entries no client trained keep their value
                 averaged[key] = torch.where(coverage > 0, total / coverage.clamp_min(1e-300), untrained).to(state[key].dtype)
             else:
@@ -379,43 +388,60 @@ class Method:
 
         return get("lora_B"), get("lora_R"), get("lora_A")
 
-    def ideal_update(self, state: State, uploads: Sequence[Upload], weights: Sequence[float], layer: str) -> torch.Tensor:
-        """``Σ w_i · scaling · B_i R_i A_i`` (float64): what exact aggregation must produce.
+    def ideal_terms(self, state: State, uploads: Sequence[Upload], weights: Sequence[float], layer: str) -> list[Term]:
+        """``Σ w_i · scaling · B_i R_i A_i`` (what exact aggregation must produce) as terms ``(coef, B, R, A)``, float64.
 
-        Where every client shares the outer factors (Fed-SB: B and A; FFA: A) and the rank, the sum is
-        taken inside first — one d×k product a layer instead of one a client.
+        Where the clients upload one kind and share the others (Fed-SB: R; FFA: B), the weighted sum is
+        taken inside, one term a layer; a lower-rank client's block is zero-padded to the full shape,
+        which leaves its product unchanged. Otherwise one term a client. No d×k matrix is formed.
         """
+        uploaded = {kind for kind in ADAPTER_KINDS if state_key(layer, kind) in uploads[0].tensors}
+        shared = {kind: state[state_key(layer, kind)].to(torch.float64)
+                  for kind in ADAPTER_KINDS if kind not in uploaded and state_key(layer, kind) in state}
+
+        def summed(kind: str) -> torch.Tensor:
+            key = state_key(layer, kind)
+            return weighted_sum64([pad_to(u.tensors[key], state[key].shape) for u in uploads], weights)
+
+        if uploaded == {"lora_R"}:
+            return [(self.scaling, shared["lora_B"], summed("lora_R"), shared["lora_A"])]
+        if uploaded == {"lora_B"} and "lora_R" not in shared:
+            return [(self.scaling, summed("lora_B"), None, shared["lora_A"])]
+        if uploaded == {"lora_A"} and "lora_R" not in shared:
+            return [(self.scaling, shared["lora_B"], None, summed("lora_A"))]
+        return [(weight * self.scaling, *self.client_factors(state, upload, layer)) for upload, weight in zip(uploads, weights)]
+
+    def ideal_update(self, state: State, uploads: Sequence[Upload], weights: Sequence[float], layer: str) -> torch.Tensor:
+        """``Σ w_i · scaling · B_i R_i A_i`` as one d×k matrix (float64), for a method that folds it into W0."""
         if state[state_key(layer, "lora_A")].is_meta:  # counting bytes (analysis.comm): the shape is all there is
             d, k = state[state_key(layer, "lora_B")].shape[0], state[state_key(layer, "lora_A")].shape[1]
             return torch.empty(d, k, dtype=torch.float64, device="meta")
-        factors = [self.client_factors(state, upload, layer) for upload in uploads]
-        uploaded = {key.rsplit(".", 1)[1] for key in uploads[0].tensors if key.startswith(f"{layer}.")}
-        same_rank = len({client_rank(u, layer, self.rank) for u in uploads}) == 1
-        if same_rank and "lora_A" not in uploaded and "lora_B" not in uploaded:  # only R differs
-            B, _, A = factors[0]
-            R = sum(w * R_i for w, (_, R_i, _) in zip(weights, factors))
-            return adapter_product(B, R, A, self.scaling)
-        if same_rank and uploaded == {"lora_B"}:  # only B differs
-            _, R, A = factors[0]
-            return adapter_product(sum(w * B_i for w, (B_i, _, _) in zip(weights, factors)), R, A, self.scaling)
-        total = None
-        for (B, R, A), weight in zip(factors, weights):
-            term = adapter_product(B, R, A, self.scaling * weight)
-            total = term if total is None else total + term
-        return total
+        return dense(self.ideal_terms(state, uploads, weights, layer))
 
-    def effective_update(self, old_state: State, new_state: State, layer: str) -> torch.Tensor:
-        """``ΔW_agg``: the new adapter product plus whatever the round folded into W0 (float64)."""
-        B = new_state[state_key(layer, "lora_B")].to(torch.float64)
-        A = new_state[state_key(layer, "lora_A")].to(torch.float64)
-        R = new_state.get(state_key(layer, "lora_R"))
-        update = adapter_product(B, None if R is None else R.to(torch.float64), A, self.scaling)
+    def adapter_term(self, state: State, layer: str) -> Term:
+        """The adapter product ``scaling · B R A`` of a state, as a term (float64)."""
+        R = state.get(state_key(layer, "lora_R"))
+        return (self.scaling, state[state_key(layer, "lora_B")].to(torch.float64), None if R is None else R.to(torch.float64),
+                state[state_key(layer, "lora_A")].to(torch.float64))
+
+    def layer_error(self, old_state: State, new_state: State, uploads: Sequence[Upload], weights: Sequence[float],
+                    layer: str) -> tuple[float, float]:
+        """``(‖Σ w_i s B_i R_i A_i − s B R A‖²_F, ‖Σ w_i s B_i R_i A_i‖²_F)`` from the factors alone, exactly.
+
+        The new adapter product is one more (negated) term: ``‖Σ_t L_t R_t‖² = tr((LᵀL)(R Rᵀ))`` with the
+        terms' factors stacked (``squared_norms``), O((d+k)·n²) for n stacked columns, never a d×k matrix per
+        client. For a layer whose W0 the round left alone. Where the ideal is one term sharing a factor
+        with the new product (Fed-SB, FFA), the difference is taken inside that factor, so an exact
+        method's error is measured to float64 precision, not lost in the cancellation of two equal norms.
+        """
         delta_key = state_key(layer, "base_delta")
-        if delta_key in new_state:
-            update = update + new_state[delta_key].to(torch.float64)
-            if delta_key in old_state:
-                update = update - old_state[delta_key].to(torch.float64)
-        return update
+        if new_state.get(delta_key) is not old_state.get(delta_key):
+            raise ValueError(f"{self.name} folds into W0 in layer {layer}: it must measure that layer's error itself (finish's layer_terms)")
+        ideal = self.ideal_terms(old_state, uploads, weights, layer)
+        terms = difference(ideal, self.adapter_term(new_state, layer))
+        if len(terms) == len(ideal) + 1:  # nothing merged: the ideal's norm is a block of the same Gram matrices
+            return squared_norms(terms, len(ideal))
+        return squared_norm(terms), squared_norm(ideal)
 
     def finish(
         self,
@@ -424,25 +450,36 @@ class Method:
         broadcast: State,
         uploads: Sequence[Upload],
         weights: Sequence[float],
-        ideal: dict[str, torch.Tensor] | None = None,
+        layer_terms: dict[str, tuple[float, float]] | None = None,
     ) -> RoundResult:
-        """Measure the aggregation error of ``new_state`` and package the round's result (no error on meta tensors)."""
-        result = RoundResult(state=new_state, broadcast=broadcast, agg_error=float("nan"),
-                             weights={u.client_id: w for u, w in zip(uploads, weights)})
+        """Measure the aggregation error of ``new_state`` and package the round's result.
+
+        ``layer_terms`` (``{layer: (squared error, squared ideal norm)}``) come from a method that folds
+        into W0 and so holds the d×k fold already (FedEx-LoRA, FLoRA); every other layer is measured
+        from the factors (``layer_error``). No error on meta tensors (counting bytes).
+        """
         if any(t.is_meta for t in new_state.values()):
-            return result
-        squared_error = squared_norm = 0.0
+            return RoundResult(state=new_state, broadcast=broadcast, agg_error=float("nan"),
+                               weights={u.client_id: w for u, w in zip(uploads, weights)})
+        squared_error = squared_ideal = 0.0
         layer_errors: dict[str, float] = {}
         for layer in layer_names_of(new_state):
-            target = ideal[layer] if ideal is not None else self.ideal_update(old_state, uploads, weights, layer)
-            error = torch.linalg.matrix_norm(target - self.effective_update(old_state, new_state, layer)).item()
-            norm = torch.linalg.matrix_norm(target).item()
-            layer_errors[layer] = error / norm if norm > 0 else 0.0
-            squared_error += error**2
-            squared_norm += norm**2
-        result.agg_error = math.sqrt(squared_error / squared_norm) if squared_norm > 0 else 0.0
-        result.layer_errors = layer_errors
-        return result
+            if layer_terms is not None and layer in layer_terms:
+                error2, norm2 = layer_terms[layer]
+            else:
+                error2, norm2 = self.layer_error(old_state, new_state, uploads, weights, layer)
+            error2 = max(0.0, error2)  # a Gram trace of an error at rounding level can come out a hair below zero
+            layer_errors[layer] = math.sqrt(error2 / norm2) if norm2 > 0 else 0.0
+            squared_error += error2
+            squared_ideal += norm2
+        agg_error = math.sqrt(squared_error / squared_ideal) if squared_ideal > 0 else 0.0
+        return RoundResult(
+            state=new_state,
+            broadcast=broadcast,
+            agg_error=agg_error,
+            layer_errors=layer_errors,
+            weights={u.client_id: w for u, w in zip(uploads, weights)},
+        )
 
 
 def key_kind(key: str) -> str:
@@ -455,6 +492,65 @@ def rank_block(state: State, rank: int) -> State:
     (and the leading block of every R); every other tensor as it is. The truncation HetLoRA and FlexLoRA send."""
     blocks = {"lora_A": (slice(0, rank),), "lora_B": (slice(None), slice(0, rank)), "lora_R": (slice(0, rank), slice(0, rank))}
     return {key: value[blocks[key_kind(key)]].contiguous() if key_kind(key) in blocks else value for key, value in state.items()}
+
+
+def stacked(terms: Sequence[Term]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L, R)`` with ``L R = Σ_t coef_t B_t R_t A_t``: the left factors side by side (d×n), the right ones stacked (n×k)."""
+    left = torch.cat([coef * (B if R is None else B @ R) for coef, B, R, _ in terms], dim=1)
+    right = torch.cat([A for _, _, _, A in terms], dim=0)
+    return left, right
+
+
+def dense(terms: Sequence[Term]) -> torch.Tensor:
+    """``Σ_t coef_t B_t R_t A_t`` as one d×k matrix: one product of the stacked factors."""
+    left, right = stacked(terms)
+    return left @ right
+
+
+def squared_norm(terms: Sequence[Term]) -> float:
+    """``‖Σ_t coef_t B_t R_t A_t‖²_F`` exactly (see ``squared_norms``)."""
+    return squared_norms(terms, len(terms))[0]
+
+
+def squared_norms(terms: Sequence[Term], first: int) -> tuple[float, float]:
+    """``(‖Σ_t T_t‖²_F, ‖Σ_{t<first} T_t‖²_F)`` exactly, with ``T_t = coef_t B_t R_t A_t``.
+
+    With the factors stacked (``L R = Σ T_t``, n columns): ``Σ (LᵀL) ∘ (R Rᵀ)``, and the second from the
+    leading block of the same two n×n Gram matrices, in O((d+k)·n²); or from the d×k products where those
+    are cheaper (n > dk/(d+k): many clients of a thin layer), in O(d·k·n).
+    """
+    left, right = stacked(terms)
+    split = sum(A.shape[0] for _, _, _, A in terms[:first])
+    (d, n), k = left.shape, right.shape[1]
+    if (d + k) * n > d * k:
+        head = left[:, :split] @ right[:split]
+        total = head + left[:, split:] @ right[split:] if split < n else head
+        return float(torch.linalg.matrix_norm(total) ** 2), float(torch.linalg.matrix_norm(head) ** 2)
+    products = (left.mT @ left) * (right @ right.mT)
+    return float(products.sum()), float(products[:split, :split].sum())
+
+
+def difference(ideal: Sequence[Term], new: Term) -> list[Term]:
+    """The terms of ``Σ ideal − new``; one ideal term that shares B and A (or A, or B) with ``new`` is merged with it."""
+    coef, B, R, A = new
+    if len(ideal) == 1:
+        c0, B0, R0, A0 = ideal[0]
+        same_B, same_A = _same(B0, B), _same(A0, A)
+        if same_B and same_A:
+            eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+            middle = c0 * (eye if R0 is None else R0) - coef * (eye if R is None else R)
+            return [(1.0, B0, middle, A0)]
+        if same_A:
+            left = c0 * (B0 if R0 is None else B0 @ R0) - coef * (B if R is None else B @ R)
+            return [(1.0, left, None, A0)]
+        if same_B:
+            right = c0 * (A0 if R0 is None else R0 @ A0) - coef * (A if R is None else R @ A)
+            return [(1.0, B0, None, right)]
+    return [*ideal, (-coef, B, R, A)]
+
+
+def _same(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return x.shape == y.shape and bool(torch.equal(x, y))
 
 
 def client_rank(upload: Upload, layer: str, full_rank: int) -> int:

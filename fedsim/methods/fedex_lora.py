@@ -15,7 +15,6 @@ from collections.abc import Sequence
 
 import torch
 
-from fedsim.adapters.layers import adapter_product
 from fedsim.methods import register
 from fedsim.methods.base import (HEAD_PREFIX, Method, RoundResult, State, Upload, layer_names_of, nbytes, stack_uploads,
                                  state_key, unstack)
@@ -27,14 +26,14 @@ class FedExLoRA(Method):
 
     def aggregate(self, state: State, uploads: Sequence[Upload], round_idx: int) -> RoundResult:
         uploads, weights = self.ordered(uploads)
-        new_state, averaged, residuals, ideal = self.fold(state, uploads, weights)
+        new_state, averaged, residuals, layer_terms = self.fold(state, uploads, weights)
         broadcast = {**averaged, **{state_key(layer, "residual"): residual for layer, residual in residuals.items()}}
         if self.config.fedex_downlink != "residual":
             head = {key: value for key, value in averaged.items() if key.startswith(HEAD_PREFIX)}
             stacked = {**stack_uploads(layer_names_of(state), uploads, weights, self.rank), **head}
             if self.config.fedex_downlink == "stacked" or nbytes(stacked) < nbytes(broadcast):
                 broadcast = stacked
-        return self.finish(state, new_state, broadcast, uploads, weights, ideal)
+        return self.finish(state, new_state, broadcast, uploads, weights, layer_terms)
 
     def receive(self, state: State, broadcast: State) -> State:
         head = {key: value for key, value in broadcast.items() if key.startswith(HEAD_PREFIX)}
@@ -52,23 +51,27 @@ class FedExLoRA(Method):
         return new_state
 
     def fold(self, state: State, uploads: Sequence[Upload], weights: Sequence[float]):
-        """(new state, the averaged tensors, each layer's residual (float32), each layer's ideal update (float64))."""
+        """(new state, the averaged tensors, each layer's residual (float32), each layer's (squared error, squared ideal
+        norm)). The residual is formed from the ideal update (d×k, float64) anyway, so the error is measured here: what
+        the stored float32 fold misses of the exact residual is the method's whole error."""
         averaged = self.average(state, uploads, weights)
         new_state = {**state, **averaged}
-        residuals, ideal = {}, {}
+        residuals, layer_terms = {}, {}
         for layer in layer_names_of(state):
-            ideal[layer] = self.ideal_update(state, uploads, weights, layer)
-            mean_product = adapter_product(
-                averaged[state_key(layer, "lora_B")].to(torch.float64),
-                None,
-                averaged[state_key(layer, "lora_A")].to(torch.float64),
-                self.scaling,
-            )
-            residuals[layer] = (ideal[layer] - mean_product).to(torch.float32)
+            residual = self.ideal_update(state, uploads, weights, layer)  # Σ w_i s B_i A_i, d×k float64
+            mean_B = averaged[state_key(layer, "lora_B")].to(torch.float64)
+            mean_A = averaged[state_key(layer, "lora_A")].to(torch.float64)
+            ideal_norm2 = None if residual.is_meta else float(torch.linalg.matrix_norm(residual) ** 2)
+            residual.addmm_(mean_B, mean_A, alpha=-self.scaling)  # − s B̄Ā, in place
+            residuals[layer] = residual.to(torch.float32)
             delta_key = state_key(layer, "base_delta")
             new_state[delta_key] = add_residual(state.get(delta_key), residuals[layer])
-        return new_state, averaged, residuals, ideal
-
+            if ideal_norm2 is not None:
+                applied = new_state[delta_key].to(torch.float64)
+                if delta_key in state:
+                    applied -= state[delta_key].to(torch.float64)
+                layer_terms[layer] = (float(torch.linalg.matrix_norm(residual - applied) ** 2), ideal_norm2)
+        return new_state, averaged, residuals, layer_terms
 
 def add_residual(base_delta: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
     """The accumulated W0 correction after one more residual (float32, the same on server and client)."""

@@ -44,22 +44,32 @@ class FLoRA(Method):
         head_keys = [key for key in uploads[0].tensors if key.startswith(HEAD_PREFIX)]
         head = {key: weighted_mean([u.tensors[key] for u in uploads], weights) for key in head_keys}
         broadcast.update(head)
-        new_state = {**self.fold(state, uploads, weights, round_idx + 1), **head}
-        return self.finish(state, new_state, broadcast, uploads, weights)
+        layer_terms: dict[str, tuple[float, float]] = {}
+        new_state = {**self.fold(state, uploads, weights, round_idx + 1, layer_terms), **head}
+        return self.finish(state, new_state, broadcast, uploads, weights, layer_terms)
 
     def receive(self, state: State, broadcast: State) -> State:
         uploads, weights = unstack(broadcast)
         head = {key: value for key, value in broadcast.items() if key.startswith(HEAD_PREFIX)}
         return {**self.fold(state, uploads, weights, int(broadcast[ROUND_KEY].item()) + 1), **head}
 
-    def fold(self, state: State, uploads: Sequence[Upload], weights: Sequence[float], next_round: int) -> State:
+    def fold(self, state: State, uploads: Sequence[Upload], weights: Sequence[float], next_round: int,
+             layer_terms: dict[str, tuple[float, float]] | None = None) -> State:
         """``W0 += Σ w_i · scaling · B_i A_i`` (float32, accumulated in float64), then a fresh A and B = 0 — the same
-        arithmetic on the server (from the uploads) and on every client (from the broadcast)."""
+        arithmetic on the server (from the uploads) and on every client (from the broadcast).
+
+        With ``layer_terms``, each layer's ``(squared error, squared ideal norm)``: the fold is the ideal update itself
+        (one product of the stacked factors), so the error is what the float32 W0 correction misses of it."""
         new_state = dict(state)
         for layer in sorted(layer_names_of(state)):
             fold = self.ideal_update(state, uploads, weights, layer)  # Σ w_i · scaling · B_i A_i
             delta_key = state_key(layer, "base_delta")
             new_state[delta_key] = add_residual(state.get(delta_key), fold.to(torch.float32))
+            if layer_terms is not None and not fold.is_meta:
+                applied = new_state[delta_key].to(torch.float64)
+                if delta_key in state:
+                    applied -= state[delta_key].to(torch.float64)
+                layer_terms[layer] = (float(torch.linalg.matrix_norm(fold - applied) ** 2), float(torch.linalg.matrix_norm(fold) ** 2))
             A_key, B_key = state_key(layer, "lora_A"), state_key(layer, "lora_B")
             new_state[A_key] = self.redraw_A(state[A_key], layer, next_round)
             new_state[B_key] = torch.zeros_like(state[B_key])

@@ -5,7 +5,8 @@ Trautmann, Hales, Volk, "Aggregating Low Rank Adapters in Federated Fine-tuning"
 By Eckart–Young the new ``B A`` is the best rank-r approximation of the exact aggregate; what is cut
 off is reported as the aggregation error. The singular values are split evenly between the
 factors: ``B = U_r √S_r``, ``A = √S_r V_rᵀ`` (divided by the LoRA scaling, so that
-``scaling · B A`` is the truncation).
+``scaling · B A`` is the truncation). ``ΔW`` has rank at most n = Σ r_i, so its SVD is taken from
+the stacked factors (two thin QRs and an n×n SVD) wherever n < min(d, k): exact, and no d×k matrix.
 """
 
 from collections.abc import Sequence
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from fedsim.methods import register
-from fedsim.methods.base import Method, RoundResult, State, Upload, layer_names_of, state_key
+from fedsim.methods.base import Method, RoundResult, State, Term, Upload, layer_names_of, stacked, state_key
 
 
 @register("fra-lora", paper="https://arxiv.org/abs/2501.06332", rule="rank-r truncated SVD of `Σ w_i B_i A_i`", exact="no (truncation reported)")
@@ -22,18 +23,32 @@ class FRALoRA(Method):
         uploads, weights = self.ordered(uploads)
         averaged = self.average(state, uploads, weights)  # the head (and a baseline for the broadcast keys)
         new_state = {**state, **averaged}
-        ideal = {}
         for layer in layer_names_of(state):
-            ideal[layer] = self.ideal_update(state, uploads, weights, layer)
-            B, A = truncated_factors(ideal[layer], self.rank, self.scaling)
+            B, A = truncated_factors(self.ideal_terms(state, uploads, weights, layer), self.rank, self.scaling)
             new_state[state_key(layer, "lora_B")] = B.to(state[state_key(layer, "lora_B")].dtype)
             new_state[state_key(layer, "lora_A")] = A.to(state[state_key(layer, "lora_A")].dtype)
         broadcast = {key: new_state[key] for key in averaged}
-        return self.finish(state, new_state, broadcast, uploads, weights, ideal)
+        return self.finish(state, new_state, broadcast, uploads, weights)
 
 
-def truncated_factors(delta_weight: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, A)`` with ``scaling · B A`` the best rank-``rank`` approximation of ``delta_weight`` (float64)."""
-    U, S, Vh = torch.linalg.svd(delta_weight.to(torch.float64), full_matrices=False)
+def truncated_factors(terms: Sequence[Term], rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, A)`` with ``scaling · B A`` the best rank-``rank`` approximation of ``ΔW = Σ_t coef_t B_t R_t A_t`` (float64).
+
+    With ``ΔW = L R`` (the stacked factors, n columns): ``L = Q_L T_L``, ``Rᵀ = Q_R T_R``, so
+    ``ΔW = Q_L (T_L T_Rᵀ) Q_Rᵀ`` and the SVD of the n×n core gives ΔW's. Where n ≥ min(d, k), the dense SVD.
+    """
+    left, right = stacked(terms)
+    (d, n), k = left.shape, right.shape[1]
+    if n < min(d, k):
+        Q_left, T_left = torch.linalg.qr(left)
+        Q_right, T_right = torch.linalg.qr(right.mT)
+        U, S, Vh = torch.linalg.svd(T_left @ T_right.mT)
+        U, Vh = Q_left @ U, Vh @ Q_right.mT
+    else:
+        U, S, Vh = torch.linalg.svd(left @ right, full_matrices=False)
     root = torch.sqrt(S[:rank] / scaling)
-    return U[:, :rank] * root, root[:, None] * Vh[:rank]
+    B, A = U[:, :rank] * root, root[:, None] * Vh[:rank]
+    if B.shape[1] < rank:  # ΔW has rank n < r: the missing components are zero
+        B = torch.cat([B, B.new_zeros(d, rank - B.shape[1])], dim=1)
+        A = torch.cat([A, A.new_zeros(rank - A.shape[0], k)], dim=0)
+    return B, A

@@ -41,13 +41,16 @@ class HetLoRA(Method):
     def aggregate(self, state: State, uploads: Sequence[Upload], round_idx: int) -> RoundResult:
         uploads, weights = self.ordered(uploads)
         averaged = self.average(state, [only(u, lambda key: key.startswith(HEAD_PREFIX)) for u in uploads], weights)
-        ideal = {}
+        sparsity = {}
         for layer in layer_names_of(state):
-            sparsity = self.sparsity_weights(state, uploads, layer) or weights
+            sparsity[layer] = self.sparsity_weights(state, uploads, layer) or weights
             prefix = f"{layer}."
-            averaged.update(self.average(state, [only(u, lambda key: key.startswith(prefix)) for u in uploads], sparsity))
-            ideal[layer] = self.ideal_update(state, uploads, sparsity, layer)
-        return self.finish(state, {**state, **averaged}, averaged, uploads, weights, ideal)
+            averaged.update(self.average(state, [only(u, lambda key: key.startswith(prefix)) for u in uploads], sparsity[layer]))
+        new_state = {**state, **averaged}
+        meta = any(t.is_meta for t in new_state.values())  # counting bytes: no error to measure
+        layer_terms = {} if meta else {layer: self.layer_error(state, new_state, uploads, layer_weights, layer)
+                                       for layer, layer_weights in sparsity.items()}  # against the sparsity-weighted ideal
+        return self.finish(state, new_state, averaged, uploads, weights, layer_terms)
 
     def sparsity_weights(self, state: State, uploads: Sequence[Upload], layer: str) -> list[float] | None:
         """``‖scaling · B_i A_i‖_F`` normalised to sum to one (``‖BA‖² = ⟨BᵀB, AAᵀ⟩``); None if all are zero."""

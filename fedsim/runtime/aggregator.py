@@ -6,6 +6,7 @@ import json
 import threading
 import time
 
+import torch
 from safetensors.torch import load, save
 
 from fedsim.methods import Upload, nbytes
@@ -25,6 +26,8 @@ class Aggregator:
     def __init__(self, plan: RunPlan):
         self.plan = plan
         self.method = plan.method
+        # runtime.aggregator_gpus: the methods compute on the device of the tensors they are given; the state stays on the CPU
+        self.device = "cuda" if plan.config.runtime.aggregator_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.state: State = {}
         self.downlinks = Downlinks(self.method)  # what each client receives (fedsim.methods.downlink)
         self.snapshots: dict[int, tuple[State, dict]] = {}  # rounds aggregated but not yet checkpointed
@@ -57,8 +60,9 @@ class Aggregator:
             if parts:
                 result, standard_error = combine(self.method, self.state, parts, round_idx, self.plan.config.seed)
             else:
-                result, standard_error = self.method.aggregate(self.state, uploads, round_idx), 0.0
-            self.state, broadcast = canonical(result.state), result.broadcast
+                uploads = [Upload(u.client_id, u.num_samples, on(u.tensors, self.device)) for u in uploads]
+                result, standard_error = self.method.aggregate(on(self.state, self.device), uploads, round_idx), 0.0
+            self.state, broadcast = canonical(on(result.state, "cpu")), on(result.broadcast, "cpu")
             stats.update(agg_error=result.agg_error, agg_error_se=standard_error, layer_errors=result.layer_errors)
         self.downlinks.aggregated(old_state, self.state, broadcast, round_idx)
         with self.lock:
@@ -90,6 +94,11 @@ class Aggregator:
         self.state = canonical(load((directory / f"{name}.safetensors").read_bytes()))
         self.downlinks.load_json(meta["downlinks"])
         return meta["round"]
+
+
+def on(state: State, device: str) -> State:
+    """The tensors of ``state`` on ``device`` (the same objects where they are there already)."""
+    return {key: value.to(device) for key, value in state.items()}
 
 
 def canonical(state: State) -> State:

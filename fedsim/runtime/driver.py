@@ -159,9 +159,9 @@ def ray_init_args(config: Config) -> dict:
 
 
 def worker_actors(runtime: RuntimeConfig) -> dict:
-    """How the worker actors are asked of Ray: how many, each one's resources (a placement-group bundle), how long to
-    wait for them, how often one may be restarted."""
-    return {"workers": runtime.workers,
+    """How the actors are asked of Ray: how many workers, each one's resources (a placement-group bundle), how long to
+    wait for them, how often one may be restarted; the aggregator's GPUs."""
+    return {"workers": runtime.workers, "aggregator_gpus": runtime.aggregator_gpus,
             "bundle": {"CPU": runtime.cpus_per_worker, **({"GPU": runtime.gpus_per_worker} if runtime.gpus_per_worker else {})},
             "placement_timeout_s": runtime.placement_timeout_s, "max_restarts": runtime.max_restarts}
 
@@ -258,6 +258,11 @@ class Experiment:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
         actors = worker_actors(self.config.runtime)
+        driver_node = ray.get_runtime_context().get_node_id()
+        aggregator_gpus = actors["aggregator_gpus"]
+        if aggregator_gpus > next((n["Resources"].get("GPU", 0) for n in ray.nodes() if n["NodeID"] == driver_node), 0):
+            raise UsageError(f"runtime.aggregator_gpus: {aggregator_gpus:g} GPU for the aggregator, but the driver's node has fewer; "
+                             "set runtime.aggregator_gpus=0 or run the driver on a GPU node")
         bundle = actors["bundle"]
         self.placement_group, self.requested_resources = place_workers(actors["workers"], bundle, actors["placement_timeout_s"],
                                                                        self.local_ray)
@@ -275,8 +280,8 @@ class Experiment:
         self.live = list(range(actors["workers"]))  # workers not gone beyond their restarts
         # The global state lives beside the driver: a lost worker node takes clients with it, never the state.
         # Two threads: a round's checkpoint is written while the next round's calls come in.
-        beside_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.aggregator = ray.remote(Aggregator).options(num_cpus=0, max_concurrency=2,
+        beside_driver = NodeAffinitySchedulingStrategy(driver_node, soft=False)
+        self.aggregator = ray.remote(Aggregator).options(num_cpus=0, num_gpus=aggregator_gpus, max_concurrency=2,
                                                          scheduling_strategy=beside_driver).remote(self.plan)
 
     def stop_actors(self) -> None:

@@ -156,11 +156,13 @@ class ClientWorker:
             batches = [rows.batch(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
             part = self._base_gradient_sum(batches, derive_seed(self.config.seed, "init-noise", client_id) if rate is not None else None)
             for name, grad in part.items():
-                sums[name] = grad if name not in sums else sums[name] + grad
+                sums[name] = grad if name not in sums else sums[name].add_(grad)
+            del part
         return sums
 
     def _base_gradient_sum(self, batches: list[dict], private_seed: int | None = None) -> dict[str, torch.Tensor]:
-        """Σ ∂loss/∂W0 of every adapted layer's base weight, keyed by layer; clipped and noised when ``private_seed`` is set.
+        """Σ ∂loss/∂W0 of every adapted layer's base weight, keyed by layer, on this worker's device; clipped and noised
+        when ``private_seed`` is set.
 
         The adapters are still zero (LoRA-SB's B = 0), so the adapted model computes the base model.
         """

@@ -66,3 +66,28 @@ def test_cohort_bench_writes_examples_per_second(tmp_path):
     assert [(r["method"], r["cohort_size"]) for r in result["results"]] == [("fed-sb", 1), ("fed-sb", 2)]
     assert all(r["examples"] == 2 * 2 * 4 and r["examples_per_s"] > 0 for r in result["results"])
     assert result["results"][0]["speed_up_over_k1"] == 1.0
+
+
+def test_llm_scale_quick_runs_and_before_and_after_agree(tmp_path):
+    """bench/llm_scale.py --quick: Mistral-7B's shapes ÷ 32, every part in seconds; the after paths' errors equal the
+    before paths' (fedsim's d×k arithmetic up to issue 18), and the GPU section records why it did not run here."""
+    pytest.importorskip("torch")
+    env = {**os.environ, "FEDSIM_BENCH_RESULTS": str(tmp_path)}
+    done = subprocess.run([sys.executable, str(BENCH / "llm_scale.py"), "--quick"], cwd=BENCH, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "llm_scale.json").read_text())
+    init = result["init"]["rows"]
+    assert [row["kind"] for row in init] == ["q/o", "k/v", "gate/up", "down"]
+    for row in init:
+        assert row["after_s"] > 0 and row["before_s"] > 0
+        assert 0 <= row["error_over_optimum_minus_1"] < 0.02 and row["energy_captured"] > 0.9
+    assert result["init"]["total_s"]["after_s"] > 0
+    aggregation = result["aggregation"]["rows"]
+    assert {row["method"] for row in aggregation} == {"fed-sb", "fedit", "fedex-lora", "flora", "fra-lora"}
+    for row in aggregation:
+        assert row["after_error"] == pytest.approx(row["before_error"], rel=1e-6, abs=1e-9), row
+    assert "fedit 4" in result["aggregation"]["round_s"]["after_s"]
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        assert result["gpu"]["run"] is False and "no CUDA device" in result["gpu"]["reason"]

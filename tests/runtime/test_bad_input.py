@@ -62,3 +62,14 @@ def test_more_gpus_than_the_cluster_has(ray_local, tiny_model_dir, tmp_path):
     config = load_config(None, run_args(tmp_path, tiny_model_dir, "runtime.gpus_per_worker=1")[1:])
     with pytest.raises(UsageError, match="runtime.gpus_per_worker"):
         run(config, progress=False)
+
+
+def test_an_aggregator_gpu_the_drivers_node_lacks(ray_local, tiny_model_dir, tmp_path):
+    from fedsim.config import load_config
+    from fedsim.runtime import run
+
+    if ray_local.cluster_resources().get("GPU", 0) >= 1:
+        pytest.skip("this node has a GPU: the aggregator would get it")
+    config = load_config(None, run_args(tmp_path, tiny_model_dir, "runtime.aggregator_gpus=1")[1:])
+    with pytest.raises(UsageError, match="runtime.aggregator_gpus"):
+        run(config, progress=False)

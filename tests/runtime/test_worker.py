@@ -130,3 +130,17 @@ def test_private_init_poisson_samples_each_client_and_books_the_rate_it_used(dat
         for _ in range(3):
             accountant.step(noise_multiplier=1.3, sample_rate=0.4)
         assert epsilon_spent(history, 1e-5) == pytest.approx(accountant.get_epsilon(delta=1e-5), rel=1e-9)
+
+
+def test_the_init_reads_any_clients_rows_and_sends_only_the_factors(data_dir, tiny_model_dir):
+    """The pooled calibration sample is gathered by one worker, whichever worker it is: the same state from worker 0
+    as from worker 1; what comes back is B, R, A (and the head), on the CPU."""
+    import torch
+
+    plan = make_plan(data_dir, tiny_model_dir, **{"method.rank": 4, "adapters.init_samples": 6, "adapters.init_batch_size": 2})
+    state, again = ClientWorker(plan, 0).initial_state(), ClientWorker(plan, 1).initial_state()
+    assert state.keys() == again.keys() and all(torch.equal(state[k], again[k]) for k in state)
+    kinds = {key.rsplit(".", 1)[1] for key in state if not key.startswith("head:")}
+    assert kinds == {"lora_A", "lora_B", "lora_R"}
+    assert all(v.device.type == "cpu" for v in state.values())
+    assert all(v.shape[0] == 4 for k, v in state.items() if k.endswith(("lora_A", "lora_R")))
