@@ -1,6 +1,6 @@
 """Cohort-batched training (``runtime.cohort_size``): training examples per second at K = 1, 4 and 16 clients a pass, CPU.
 
-    python bench/cohort.py [--quick] [--methods fed-sb,fedit] [--sizes 1,4,16] [--threads 1]
+    python bench/cohort.py [--quick] [--private] [--methods fed-sb,fedit] [--sizes 1,4,16] [--threads 1]
 
 Drives the worker's engine directly, without Ray: ``fedsim.client.run_client`` for K = 1 (today's path, one client
 after another) and ``fedsim.cohort.train_cohort`` for K > 1. MiniLM (hidden 384, 6 layers, ``model.dropout: 0``) on
@@ -12,6 +12,11 @@ the same clients on the same batches. --quick: the small BERT of tests/tiny_mode
 On a CPU a cohort does not make an example cheaper (a step's cost grows with its examples); what it can save is the
 per-client work around the steps and the launch of small ops. On a GPU see bench/gpu.py. Writes
 bench/results/cohort.json. `time_cohorts` and `bench_state` are shared with bench/gpu.py.
+
+--private: every step a DP-SGD step (σ = 1, C = 1, the expected batch size the batch's; the same batches as without,
+so that every K trains the same examples): K = 1 is today's path (Opacus's GradSampleModule and DPOptimizer,
+``fedsim.privacy.PrivateStep``), K > 1 the cohort's own per-sample clipping and per-client noise. Default sizes
+1,4,8,16; writes bench/results/cohort-private.json.
 """
 
 from __future__ import annotations
@@ -46,24 +51,29 @@ def bench_state(model, method):
     return state
 
 
-def time_cohorts(model, method, state, client_batches: list[list[dict]], cohort_size: int, settings, task: str) -> dict:
+def time_cohorts(model, method, state, client_batches: list[list[dict]], cohort_size: int, settings, task: str, private: bool = False) -> dict:
     """Train every client once from ``state`` (its ``client_batches[i]``: one batch a step, on the model's device),
-    ``cohort_size`` at a time; after one untimed cohort. Returns examples/s, tokens/s and (CUDA) peak memory."""
+    ``cohort_size`` at a time; after one untimed cohort. Returns examples/s, tokens/s and (CUDA) peak memory.
+    ``private``: DP-SGD steps (σ = 1, C = 1, expected batch size the batches' own)."""
     import torch
 
     from fedsim.client import run_client
     from fedsim.cohort import train_cohort
+    from fedsim.privacy import PrivacySettings
 
     cuda = next(model.parameters()).is_cuda
+    batch_size = len(client_batches[0][0]["input_ids"])
+    privacy = PrivacySettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, expected_batch_size=batch_size) if private else None
 
     def train(clients: list[int]) -> None:
         for first in range(0, len(clients), cohort_size):
             chunk = clients[first : first + cohort_size]
             if cohort_size == 1:
-                run_client(model, method, state, 0, iter(client_batches[chunk[0]]), settings, seed=chunk[0])
+                run_client(model, method, state, 0, iter(client_batches[chunk[0]]), settings, seed=chunk[0], privacy=privacy)
             else:
                 train_cohort(model, method, 0, [state] * len(chunk), [None] * len(chunk), [iter(client_batches[c]) for c in chunk],
-                             settings, [settings.local_steps] * len(chunk), seed=chunk[0], task=task)
+                             settings, [settings.local_steps] * len(chunk), seed=chunk[0], task=task,
+                             privacy=[privacy] * len(chunk) if private else None, noise_seeds=chunk if private else None)
 
     clients = list(range(len(client_batches)))
     train(clients[:cohort_size])
@@ -78,7 +88,7 @@ def time_cohorts(model, method, state, client_batches: list[list[dict]], cohort_
     batches = [b for client in client_batches for b in client]
     examples = sum(len(b["input_ids"]) for b in batches)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    result = {"cohort_size": cohort_size, "clients": len(clients), "wall_s": wall, "examples": examples, "tokens": tokens,
+    result = {"cohort_size": cohort_size, "private": private, "clients": len(clients), "wall_s": wall, "examples": examples, "tokens": tokens,
               "examples_per_s": examples / wall, "tokens_per_s": tokens / wall}
     if cuda:
         result["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -98,7 +108,8 @@ def sst2_texts(count: int) -> tuple[list[str], list[int]]:
     return texts, [i % 2 for i in range(len(texts))]
 
 
-def measure(model_name: str, method_name: str, sizes: list[int], clients: int, steps: int, batch_size: int, max_length: int) -> list[dict]:
+def measure(model_name: str, method_name: str, sizes: list[int], clients: int, steps: int, batch_size: int, max_length: int,
+            private: bool = False) -> list[dict]:
     import pyarrow as pa
 
     from fedsim.config import load_config
@@ -120,8 +131,8 @@ def measure(model_name: str, method_name: str, sizes: list[int], clients: int, s
                       for c in range(clients)]
     results = []
     for size in sizes:
-        print(f"cohort: {model_name}, {method_name}, K={size} ...", flush=True)
-        result = time_cohorts(model, method, state, client_batches, size, config.train, "classification")
+        print(f"cohort: {model_name}, {method_name}, K={size}{', private' if private else ''} ...", flush=True)
+        result = time_cohorts(model, method, state, client_batches, size, config.train, "classification", private)
         results.append({"model": model_name, "method": method_name, **result})
     for result in results:
         result["speed_up_over_k1"] = result["examples_per_s"] / results[0]["examples_per_s"]
@@ -132,7 +143,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the small BERT, 2 steps of batch 4")
     parser.add_argument("--methods", default="fed-sb,fedit")
-    parser.add_argument("--sizes", default="1,4,16", help="cohort sizes K")
+    parser.add_argument("--private", action="store_true", help="DP-SGD steps (K = 1: Opacus; K > 1: the cohort's own)")
+    parser.add_argument("--sizes", default=None, help="cohort sizes K (default 1,4,16; --private 1,4,8,16)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a worker's runtime.cpus_per_worker)")
     args = parser.parse_args()
     import torch
@@ -140,16 +152,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     info = machine_info()
     model, steps, batch_size = ("tiny-bert", 2, 4) if args.quick else ("minilm", 5, 8)
-    sizes = [int(k) for k in args.sizes.split(",")]
+    sizes = [int(k) for k in (args.sizes or ("1,4,8,16" if args.private else "1,4,16")).split(",")]
     clients = max(sizes)
     results = []
     for method in args.methods.split(","):
-        results += measure(model, method, sizes, clients, steps, batch_size, max_length=64)
+        results += measure(model, method, sizes, clients, steps, batch_size, max_length=64, private=args.private)
     text = table(results, ["model", "method", "cohort_size", "examples_per_s", "tokens_per_s", "wall_s", "speed_up_over_k1"],
-                 f"Cohort-batched training on the CPU ({args.threads} thread{'s' if args.threads > 1 else ''}; {clients} clients, "
+                 f"{'Private c' if args.private else 'C'}ohort-batched training on the CPU ({args.threads} thread{'s' if args.threads > 1 else ''}; {clients} clients, "
                  f"{steps} steps of batch {batch_size}, SST-2)")
     info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    write_result("cohort", {"machine": info, "quick": args.quick, "threads": args.threads, "clients": clients, "local_steps": steps,
+    write_result("cohort-private" if args.private else "cohort", {"machine": info, "quick": args.quick, "private": args.private, "threads": args.threads, "clients": clients, "local_steps": steps,
                             "batch_size": batch_size, "data": "sst2" if (SST2 / "train.tsv").exists() else "bbc-news sentences",
                             "results": results, "table": text})
 

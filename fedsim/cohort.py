@@ -51,6 +51,8 @@ from torch.nn import functional as F
 from fedsim.adapters.layers import adapted_layers, adapted_modules, leading_block
 from fedsim.methods.base import Method, State, pad_to, state_key
 from fedsim.config import TrainConfig
+from fedsim.data import per_example_loss
+from fedsim.privacy import PrivacySettings
 from fedsim.trainer import TrainStats, lr_factor
 
 IGNORE_INDEX = -100
@@ -69,9 +71,12 @@ class Segments:
     ``clients`` are the active clients' indices into the stacked tensors (a client that has taken its
     steps is no longer in the batch). `pack` turns rows (N, …, f) into (active clients, rows×…, f) for a
     batched matmul; `unpack` undoes it.
+
+    ``per_sample`` (DP-SGD): every row is multiplied by its own copy of its client's slice (`per_row`), and
+    the copies of trained tensors are leaves, recorded in ``samples``: their gradient is each record's own.
     """
 
-    def __init__(self, sizes: list[int], clients: list[int], num_clients: int, device: torch.device):
+    def __init__(self, sizes: list[int], clients: list[int], num_clients: int, device: torch.device, per_sample: bool = False):
         self.sizes = sizes
         self.count = len(sizes)
         self.longest = max(sizes)
@@ -82,6 +87,9 @@ class Segments:
         self.example_client = torch.tensor(example_client).to(device)
         if not self.equal:  # each row's place in the zero-padded layout (count × longest rows)
             self.rows = torch.tensor([i * self.longest + j for i, n in enumerate(sizes) for j in range(n)]).to(device)
+        self.samples: list[tuple[str, torch.Tensor]] | None = [] if per_sample else None
+        if per_sample:  # each row's client, as an index into the stacked tensors
+            self.row_client = torch.tensor([clients[i] for i, n in enumerate(sizes) for _ in range(n)]).to(device)
 
     def select(self, stacked: torch.Tensor) -> torch.Tensor:
         """The active clients' slices of a stacked tensor."""
@@ -104,6 +112,21 @@ class Segments:
         rows = per_client.index_select(0, self.example_client)
         return rows.reshape(rows.shape[0], *[1] * (ndim - 2), rows.shape[-1])
 
+    def per_row(self, stacked: torch.Tensor, key: str | None = None) -> torch.Tensor:
+        """Each row's copy of its client's slice of ``stacked`` (N, …). Where ``key`` names a trained tensor the copy is
+        a leaf of its own (recorded in ``samples``): the gradient of Σ_records loss with respect to it is each
+        record's own gradient, which nothing else in the batch touches."""
+        rows = stacked.detach().index_select(0, self.row_client)
+        if key is not None:
+            self.samples.append((key, rows.requires_grad_(True)))
+        return rows
+
+    @staticmethod
+    def row_matmul(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Row n of ``x`` (N, …, in) times its own ``weights[n]``ᵀ ((N, out, in)): (N, …, out)."""
+        y = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), weights.transpose(1, 2))
+        return y.reshape(*x.shape[:-1], weights.shape[1])
+
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """Per-row values (N,) summed per client (clients,)."""
         if self.equal:
@@ -118,6 +141,7 @@ class Factor:
 
     weight: torch.Tensor
     stacked: bool
+    key: str | None = None  # the state key where the cohort trains it (``Cohort.trained``)
 
 
 @dataclass
@@ -148,6 +172,8 @@ class Cohort:
     trained: dict[str, torch.Tensor]
     layers: list[StackedLayer]
     linears: list[StackedLinear]
+    order: list[str]  # the trained keys in the order the method names them (``trainable_parameters``)
+    shapes: list[dict[str, torch.Size]]  # per client: each trained tensor's own shape (its rank's block of the stack)
     current: list = field(default_factory=lambda: [None])  # the step's Segments, read by the replaced forwards
 
 
@@ -274,6 +300,7 @@ def stack_clients(model: nn.Module, method: Method, round_idx: int, states: Sequ
             if key not in mine:
                 mine[key] = param.detach().clone()
         trained.append(mine)
+    shapes = [{key: tensor.shape for key, tensor in mine.items()} for mine in trained]
     _check_shared_state(states, set(trained_keys), set(frozen) | personal)
     if any(len(values) > 1 for values in scalings.values()):
         raise ValueError("cohort: clients of one cohort use different adapter scalings; use runtime.cohort_size=1")
@@ -289,7 +316,7 @@ def stack_clients(model: nn.Module, method: Method, round_idx: int, states: Sequ
             key = state_key(name, kind)
             if key in trained[0]:
                 stacked[key] = _stack_padded([client.pop(key) for client in trained]).requires_grad_(True)
-                factors.append(Factor(stacked[key], True))
+                factors.append(Factor(stacked[key], True, key))
             elif key in personal:
                 factors.append(Factor(_stack_padded(personal_values[key]), True))
             else:
@@ -302,7 +329,7 @@ def stack_clients(model: nn.Module, method: Method, round_idx: int, states: Sequ
         stacked_layers.append(StackedLayer(modules[name], layer.base, factors, float(layer.scaling), mask))
 
     linears = _stack_linears(model, params, trained, stacked)
-    return Cohort(stacked, stacked_layers, linears)
+    return Cohort(stacked, stacked_layers, linears, list(trained_keys), shapes)
 
 
 def _stack_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -368,7 +395,7 @@ def _stack_linears(model: nn.Module, params: dict[str, nn.Parameter], trained: l
             if attr in attrs:
                 key = attrs[attr]
                 stacked[key] = torch.stack([client.pop(key) for client in trained]).requires_grad_(True)
-                factors[attr] = Factor(stacked[key], True)
+                factors[attr] = Factor(stacked[key], True, key)
             elif getattr(module, attr, None) is not None:
                 factors[attr] = Factor(getattr(module, attr), False)
         linears.append(StackedLinear(module, factors["weight"], factors.get("bias")))
@@ -385,7 +412,9 @@ def _adapter_forward(layer: StackedLayer, current: list, x: torch.Tensor, *args,
     shape = None  # set while h is packed (clients, rows, features)
     last = len(layer.factors) - 1
     for i, factor in enumerate(layer.factors):
-        if factor.stacked:
+        if factor.stacked and segments.samples is not None:  # a per-sample pass: each row its own copy
+            h = segments.row_matmul(h, segments.per_row(factor.weight, factor.key))
+        elif factor.stacked:
             if shape is None:
                 h, shape = segments.pack(h)
             h = torch.matmul(h, segments.select(factor.weight).transpose(1, 2))
@@ -403,6 +432,14 @@ def _linear_forward(linear: StackedLinear, current: list, x: torch.Tensor) -> to
     """``x Wᵀ + b`` with each client's weight (and bias) on its rows."""
     segments: Segments = current[0]
     weight, bias = linear.weight, linear.bias
+    if segments.samples is not None:  # a per-sample pass: each row its own copy
+        y = segments.row_matmul(x, segments.per_row(weight.weight, weight.key)) if weight.stacked else F.linear(x, weight.weight)
+        if bias is None:
+            return y
+        if not bias.stacked:
+            return y + bias.weight
+        rows = segments.per_row(bias.weight, bias.key)
+        return y + rows.reshape(rows.shape[0], *[1] * (y.dim() - 2), rows.shape[-1])
     if weight.stacked:
         h, shape = segments.pack(x)
         y = torch.matmul(h, segments.select(weight.weight).transpose(1, 2))
@@ -463,10 +500,63 @@ def client_losses(logits: torch.Tensor, labels: torch.Tensor, segments: Segments
         per_token = F.cross_entropy(shifted.transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none")
         counts = (labels[:, 1:] != IGNORE_INDEX).sum(1).to(per_token.dtype)
         return segments.sum(per_token.sum(1)) / segments.sum(counts)
+    per_example = record_losses(logits, labels, task)
+    return segments.sum(per_example) / torch.tensor(segments.sizes, dtype=per_example.dtype, device=per_example.device)
+
+
+def record_losses(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+    """Each record's own loss (rows,), what DP-SGD clips (``fedsim.privacy.mean_record_loss`` for one client):
+    classification, its cross-entropy; causal-lm, its own mean token loss (``fedsim.data.per_example_loss``)."""
+    if task == "causal-lm":
+        return per_example_loss(logits, labels)
     if labels.dim() != 1 or labels.dtype not in (torch.long, torch.int) or logits.shape[-1] < 2:
         raise ValueError("cohort: classification needs integer labels, one per example, and at least 2 classes")
-    per_example = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels, reduction="none")
-    return segments.sum(per_example) / torch.tensor(segments.sizes, dtype=per_example.dtype, device=per_example.device)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels, reduction="none")
+
+
+# -- DP-SGD in a cohort ---------------------------------------------------------------------------------------
+def clipped_records(segments: Segments, gradients: Sequence[torch.Tensor | None], max_norms: Sequence[float]) -> dict[str, torch.Tensor]:
+    """Each record's gradient clipped to its client's C over all of that client's trained tensors together: key →
+    (rows, …), row n in its client's slice.
+
+    ``gradients``: of Σ_records loss with respect to ``segments.samples`` (each row's own copy: each record's own
+    gradient; overwritten). ``max_norms``: C per client (indexed as the stacked tensors). The factor is Opacus's
+    (``DPOptimizer.clip_and_accumulate``): min(1, C / (‖g‖ + 1e-6)).
+    """
+    per_key: dict[str, torch.Tensor] = {}
+    for (key, _), gradient in zip(segments.samples, gradients):
+        if gradient is not None:  # a layer used twice in a pass (tied weights) adds up
+            per_key[key] = gradient if key not in per_key else per_key[key] + gradient
+    if not per_key:
+        return {}
+    norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in per_key.values()], dim=1).norm(2, dim=1)
+    limits = torch.tensor(list(max_norms), dtype=norms.dtype).to(norms.device).index_select(0, segments.row_client)
+    factors = (limits / (norms + 1e-6)).clamp(max=1.0)
+    return {key: gradient.mul_(factors.to(gradient.dtype).reshape(-1, *[1] * (gradient.dim() - 1))) for key, gradient in per_key.items()}
+
+
+def noise_client_sums(cohort: Cohort, sums: dict[str, torch.Tensor], clients: Sequence[int], privacy: Sequence[PrivacySettings],
+                      generators: Sequence[torch.Generator]) -> None:
+    """Each of ``clients``' clipped sums + N(0, (σ_k C_k)²) on each of its own tensors, divided by its expected batch
+    size: Opacus's ``DPOptimizer.add_noise`` and ``scale_grad`` (``loss_reduction="mean"``), client by client.
+
+    Client k's noise is drawn from its own generator (seeded with its training seed, as ``PrivateStep`` seeds Opacus's),
+    tensor by tensor in the method's order, each at the client's own shape (its rank's block; the padding gets none):
+    the very numbers Opacus draws for the client trained alone, whichever clients share its cohort. An empty Poisson
+    batch has a zero sum and still gets its noise.
+    """
+    for k in clients:
+        std = privacy[k].noise_multiplier * privacy[k].max_grad_norm
+        if std == 0:  # Opacus's _generate_noise: zeros, nothing drawn
+            continue
+        for key in cohort.order:
+            block = leading_block(sums[key][k], cohort.shapes[k][key])
+            block += torch.normal(0.0, std, size=block.shape, generator=generators[k], dtype=block.dtype, device=block.device)
+    divisors = [1.0] * len(privacy)
+    for k in clients:
+        divisors[k] = float(privacy[k].expected_batch_size)
+    for total in sums.values():
+        total /= torch.tensor(divisors, dtype=total.dtype).to(total.device).reshape(-1, *[1] * (total.dim() - 1))
 
 
 def plan_passes(widths: Sequence[int], rows: Sequence[int], pass_cost: int) -> list[list[int]]:
@@ -494,6 +584,91 @@ def plan_passes(widths: Sequence[int], rows: Sequence[int], pass_cost: int) -> l
     return passes[::-1]
 
 
+# -- a step's passes ------------------------------------------------------------------------------------------
+def _row_tokens(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    return inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).sum(1)
+
+
+def _backward_by_client(model: nn.Module, cohort: Cohort, batches: list[dict], clients: list[int], task: str, pad_token_id: int,
+                        pass_cost: int, measured: torch.Tensor) -> None:
+    """Σ_k client k's mean loss, backward, in passes of whole clients of similar lengths (`plan_passes`); each client's
+    loss and tokens into ``measured`` (2, K)."""
+    K, device = measured.shape[1], measured.device
+    for group in plan_passes([b["input_ids"].shape[1] for b in batches], [len(b["input_ids"]) for b in batches], pass_cost):
+        inputs, labels, sizes = cohort_batch([batches[i] for i in group], pad_token_id)
+        segments = cohort.current[0] = Segments(sizes, [clients[i] for i in group], K, device)
+        loss = client_losses(model(**inputs).logits, labels, segments, task)
+        loss.sum().backward()
+        index = torch.tensor([clients[i] for i in group]).to(device)
+        measured[0].index_add_(0, index, loss.detach().double())
+        measured[1].index_add_(0, index, segments.sum(_row_tokens(inputs).double()))
+
+
+def _clipped_sums_by_record(model: nn.Module, cohort: Cohort, batches: list[dict], clients: list[int], task: str, pad_token_id: int,
+                            pass_cost: int, max_norms: Sequence[float], measured: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each record's own gradient clipped to its client's C (`clipped_records`), summed per client: key → (K, …); each
+    client's mean record loss and tokens into ``measured`` (2, K).
+
+    A record's gradient does not depend on the other rows of its pass, so the passes are planned over records, not
+    clients: the step's records sorted by their own length (`record_passes`), each pass cut to its longest record.
+    Records of short and long batches then no longer pad each other, nor pad to their own batch's longest.
+    """
+    K, device = measured.shape[1], measured.device
+    sums = {key: torch.zeros_like(tensor) for key, tensor in cohort.trained.items()}
+    if not batches:
+        return sums
+    inputs, labels, sizes = cohort_batch(batches, pad_token_id)  # every record, client after client
+    row_clients = [k for k, n in zip(clients, sizes) for _ in range(n)]
+    widths = record_widths(inputs, labels)
+    for rows in record_passes(widths.tolist(), pass_cost):
+        index = torch.tensor(rows).to(device)
+        width = int(widths[rows].max())
+        part = {key: value.index_select(0, index)[:, :width] if value.dim() >= 2 else value.index_select(0, index)
+                for key, value in inputs.items()}
+        part_labels = labels.index_select(0, index)
+        part_labels = part_labels[:, :width] if part_labels.dim() >= 2 else part_labels
+        pass_clients = [row_clients[r] for r in rows]  # ascending rows: each client's records one after the other
+        runs = [k for i, k in enumerate(pass_clients) if i == 0 or k != pass_clients[i - 1]]
+        segments = cohort.current[0] = Segments([pass_clients.count(k) for k in runs], runs, K, device, per_sample=True)
+        per_record = record_losses(model(**part).logits, part_labels, task)
+        gradients = torch.autograd.grad(per_record.sum(), [leaf for _, leaf in segments.samples], allow_unused=True)
+        for key, clipped in clipped_records(segments, gradients, max_norms).items():
+            sums[key].index_add_(0, segments.row_client, clipped)
+        segments.samples.clear()
+        measured[0].index_add_(0, segments.row_client, per_record.detach().double())
+        measured[1].index_add_(0, segments.row_client, _row_tokens(part).double())
+    counts = torch.ones(K, dtype=torch.float64)
+    counts[clients] = torch.tensor(sizes, dtype=torch.float64)
+    measured[0] /= counts.to(device)
+    return sums
+
+
+def record_widths(inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Each row's own length (CPU, long): one past its last attended (or labelled) position; the positions after it are
+    padding, which can be cut off without changing the row's outputs (right padding; a left-padded row keeps it all)."""
+    ids = inputs["input_ids"]
+    used = inputs["attention_mask"] != 0 if "attention_mask" in inputs else torch.ones_like(ids, dtype=torch.bool)
+    if labels.dim() >= 2:
+        used = used | (labels != IGNORE_INDEX)
+    positions = torch.arange(1, ids.shape[1] + 1, device=ids.device)
+    return (used * positions).amax(1).clamp(min=1).cpu()
+
+
+def record_passes(widths: Sequence[int], pass_cost: int) -> list[list[int]]:
+    """Records (their positions in ``widths``) in passes of similar lengths: `plan_passes` over the distinct widths, each
+    with its number of records; each pass's records in ascending order."""
+    distinct = sorted(set(widths))
+    counts = [0] * len(distinct)
+    place = {width: i for i, width in enumerate(distinct)}
+    for width in widths:
+        counts[place[width]] += 1
+    passes = []
+    for group in plan_passes(distinct, counts, pass_cost):
+        chosen = {distinct[i] for i in group}
+        passes.append([r for r, width in enumerate(widths) if width in chosen])
+    return passes
+
+
 # -- training -----------------------------------------------------------------------------------------------
 def train_cohort(
     model: nn.Module,
@@ -506,6 +681,8 @@ def train_cohort(
     steps: Sequence[int],
     seed: int,
     task: str = "classification",
+    privacy: Sequence[PrivacySettings] | None = None,
+    noise_seeds: Sequence[int] | None = None,
 ) -> list[tuple[State, TrainStats, State]]:
     """Train K clients together; return each client's (upload, stats, what it keeps), as ``run_client`` and
     ``Method.keep`` would alone.
@@ -514,41 +691,53 @@ def train_cohort(
     ``batches[k]`` (on the model's device) and its ``steps[k]`` steps of AdamW (``train``'s settings, the
     schedule over its own steps). ``seed`` seeds torch for the pass (dropout: set ``model.dropout: 0`` to
     compare with clients trained one at a time).
+
+    ``privacy`` (one ``PrivacySettings`` per client) makes every step a DP-SGD step of each client, as
+    ``fedsim.privacy.PrivateStep`` takes it alone (Abadi et al. 2016): ``batches[k]`` are then Poisson batches
+    (``None`` for an empty one), every record's own gradient (`record_losses`) is clipped to its client's C over
+    all the client's trained tensors (`clipped_records`), each client's sum gets its own Gaussian noise from a
+    generator seeded with ``noise_seeds[k]`` (its training seed) and is divided by its expected batch size
+    (`noise_client_sums`); ``train.max_grad_norm`` is then not used.
     """
     if task not in TASKS:
         raise ValueError(f"cohort: unknown task '{task}'; valid: {', '.join(TASKS)}")
     K = len(states)
     if not (len(ranks) == len(batches) == len(steps) == K):
         raise ValueError("cohort: states, ranks, batches and steps must have one entry per client")
+    if privacy is not None and not (len(privacy) == len(noise_seeds or ()) == K):
+        raise ValueError("cohort: under DP, privacy and noise_seeds must have one entry per client")
     start = time.perf_counter()
     cohort = stack_clients(model, method, round_idx, states, ranks)
     trained = list(cohort.trained.values())
     optimizer = StackedAdamW(trained)
     finals: list[dict[str, torch.Tensor] | None] = [None] * K
     losses: list[list[float]] = [[] for _ in range(K)]
-    tokens = [0.0] * K
+    tokens = [0.0] * K  # attention-mask ones each client trained
     device = trained[0].device if trained else next(model.parameters()).device
     pad_token_id = _pad_token_id(model)
     torch.manual_seed(seed)
     model.train()
     pass_cost = PASS_COST_TOKENS.get(device.type, PASS_COST_TOKENS["cuda"])
+    generators = [torch.Generator(device=device).manual_seed(noise_seed) for noise_seed in noise_seeds] if privacy is not None else []
     try:
         with stacked_forward(cohort):
             for step in range(max(steps)):
                 active = [k for k in range(K) if step < steps[k]]
                 step_batches = [next(batches[k]) for k in active]
-                if any(b is None for b in step_batches):
-                    raise ValueError("cohort: an empty batch (Poisson sampling is for DP, which trains clients one at a time)")
-                passes = plan_passes([b["input_ids"].shape[1] for b in step_batches], [len(b["input_ids"]) for b in step_batches], pass_cost)
-                measured = []  # per pass: (positions, rows, each client's loss and tokens)
-                for positions in passes:
-                    inputs, labels, sizes = cohort_batch([step_batches[p] for p in positions], pad_token_id)
-                    segments = cohort.current[0] = Segments(sizes, [active[p] for p in positions], K, device)
-                    loss = client_losses(model(**inputs).logits, labels, segments, task)
-                    loss.sum().backward()
-                    row_tokens = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).sum(1)
-                    measured.append((positions, sizes, torch.stack([loss.detach().double(), segments.sum(row_tokens.double())])))
-                clip_per_client(trained, [train.max_grad_norm] * K)
+                present = [k for k, b in zip(active, step_batches) if b is not None]  # an empty Poisson batch: noise only
+                if privacy is None and len(present) < len(active):
+                    raise ValueError("cohort: an empty batch (Poisson sampling is for DP: pass privacy)")
+                present_batches = [b for b in step_batches if b is not None]
+                measured = torch.zeros(2, K, dtype=torch.float64, device=device)  # each client's loss and tokens this step
+                if privacy is None:
+                    _backward_by_client(model, cohort, present_batches, present, task, pad_token_id, pass_cost, measured)
+                    clip_per_client(trained, [train.max_grad_norm] * K)
+                else:
+                    sums = _clipped_sums_by_record(model, cohort, present_batches, present, task, pad_token_id, pass_cost,
+                                                   [p.max_grad_norm for p in privacy], measured)
+                    noise_client_sums(cohort, sums, active, privacy, generators)
+                    for key, tensor in cohort.trained.items():
+                        tensor.grad = sums[key]
                 lrs = [train.lr * lr_factor(step, train, steps[k]) for k in range(K)]
                 decays = [train.weight_decay] * K
                 for k in range(K):
@@ -556,15 +745,10 @@ def train_cohort(
                         lrs[k], decays[k] = lrs[active[0]], decays[active[0]]
                 optimizer.step(lrs, decays)
                 optimizer.zero_grad()
-                values = torch.cat([m for _, _, m in measured], dim=1).tolist()  # one device round trip a step
-                column = 0
-                for positions, sizes, _ in measured:
-                    for position, size in zip(positions, sizes):
-                        k = active[position]
-                        losses[k].append(values[0][column])
-                        tokens[k] += values[1][column]
-                        column += 1
+                values = measured.tolist()  # one device round trip a step
                 for k in active:
+                    losses[k].append(values[0][k] if k in present else float("nan"))  # NaN: an empty batch, as train_local has it
+                    tokens[k] += values[1][k]
                     if step + 1 == steps[k] < max(steps):  # done before the others: keep its slice as it is now
                         finals[k] = {key: tensor[k].detach().clone() for key, tensor in cohort.trained.items()}
     finally:

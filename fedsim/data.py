@@ -143,7 +143,7 @@ def make_rows(table: pa.Table, tokenizer, config) -> TokenizedRows | Instruction
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of each row over its labelled (``!= -100``) positions."""
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    logits, labels = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)), labels[:, 1:]  # float32 at least
     losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
     counts = (labels != IGNORE_INDEX).sum(-1).clamp(min=1)
     return losses.sum(-1) / counts

@@ -55,10 +55,7 @@ class ClientWorker:
         self.cache: OrderedDict[int, tuple[Rows, Rows | None]] = OrderedDict()  # client -> (training rows, held-out rows)
         self.eval_rows: dict[int, Rows] = {}  # evaluation chunk -> rows (a worker is given the same chunks every round)
         self.store = plan.client_store  # what personalised clients keep between their rounds
-        self.cohort_size = 1 if self.config.privacy.enabled else self.config.runtime.cohort_size
-        if self.cohort_size != self.config.runtime.cohort_size and worker_id == 0:
-            print(f"fedsim: runtime.cohort_size={self.config.runtime.cohort_size} is not used under privacy.enabled "
-                  "(DP-SGD in a cohort is not built yet): clients train one at a time", flush=True)
+        self.cohort_size = self.config.runtime.cohort_size
 
     # -- data, on demand ------------------------------------------------------------------------
     def client_rows(self, client_ids: list[int]) -> dict[int, tuple[Rows, Rows | None]]:
@@ -181,7 +178,7 @@ class ClientWorker:
     def train(self, round_idx: int, state: State, client_ids: list[int], noise_multiplier: float | None = None
               ) -> tuple[list[dict], list[dict]]:
         """Train this worker's share of the round, in client-id order, ``runtime.cohort_size`` clients at a time
-        (``fedsim.cohort``; one at a time under DP). Returns (uploads, stats rows)."""
+        (``fedsim.cohort``; under DP each client with its own DP-SGD settings). Returns (uploads, stats rows)."""
         state = {key: value.to(self.device) for key, value in state.items()}
         deadline = self.config.runtime.deadline_s
         start = time.perf_counter()
@@ -202,8 +199,8 @@ class ClientWorker:
                 rows.append({**row, "status": "straggler"})
                 continue
             if client_id not in trained:
-                cohort = order[position : position + (1 if privacy is not None else self.cohort_size)]
-                trained = self.train_clients(round_idx, state, cohort, {cid: data[cid][0] for cid in cohort}, privacy)
+                cohort = order[position : position + self.cohort_size]
+                trained = self.train_clients(round_idx, state, cohort, {cid: data[cid][0] for cid in cohort}, noise_multiplier)
             upload, stats, kept = trained.pop(client_id)
             if self.method.client_kinds(round_idx):  # a personalised client keeps part of what it trained
                 self.store.write(client_id, round_idx, kept, keep_from=max(0, round_idx - CHECKPOINTS_KEPT - 1))
@@ -222,22 +219,25 @@ class ClientWorker:
         return uploads, rows
 
     def train_clients(self, round_idx: int, state: State, client_ids: list[int], rows: dict[int, Rows],
-                      privacy: PrivacySettings | None) -> dict[int, tuple]:
+                      noise_multiplier: float | None = None) -> dict[int, tuple]:
         """``{client_id: (upload, stats, what it keeps)}`` of these clients trained from the global ``state`` (each with its
         own kept tensors over it): one alone (``fedsim.client.run_client``), or several in one pass (``fedsim.cohort``).
-        A cohort's pass is seeded by its first client's training seed (``model.dropout: 0`` compares exactly)."""
+        A cohort's pass is seeded by its first client's training seed (``model.dropout: 0`` compares exactly); under DP
+        each client's noise comes from its own training seed, as it would alone."""
         train = self.config.train
+        privacy = [self.client_privacy(cid, noise_multiplier) for cid in client_ids]
         states = [self.client_state(state, cid, round_idx - 1) for cid in client_ids]
         ranks = [self.plan.client_ranks[cid] for cid in client_ids]
         steps = [client_steps(train, len(rows[cid])) for cid in client_ids]
         seeds = [derive_seed(self.config.seed, "training", round_idx, cid) for cid in client_ids]
-        batches = [self._batches(round_idx, cid, rows[cid], privacy) for cid in client_ids]
+        batches = [self._batches(round_idx, cid, rows[cid], settings) for cid, settings in zip(client_ids, privacy)]
         if len(client_ids) == 1:
             upload, stats = run_client(self.model, self.method, states[0], round_idx, batches[0], train, seeds[0], ranks[0],
-                                       privacy, steps[0])
+                                       privacy[0], steps[0])
             return {client_ids[0]: (upload, stats, self.method.keep(self.model, round_idx))}
+        private = self.config.privacy.enabled
         results = train_cohort(self.model, self.method, round_idx, states, ranks, batches, train, steps, seeds[0],
-                               self.config.model.task)
+                               self.config.model.task, privacy if private else None, seeds if private else None)
         return dict(zip(client_ids, results))
 
     def _batches(self, round_idx: int, client_id: int, rows: Rows, privacy: PrivacySettings | None):
