@@ -291,7 +291,7 @@ class RuntimeConfig(Section):
     presum: bool = setting(False, "workers send the weighted sum of their clients' uploads, not each upload (methods that "
                            "average what clients send: Fed-SB, FedIT, FFA, …); bytes are still counted per client")
     cohort_size: int = setting(1, "clients a worker trains together in one batched forward and backward pass (fedsim.cohort); "
-                               "1 = one at a time; under privacy.enabled one at a time", **AT_LEAST_ONE)
+                               "1 = one at a time; under privacy.enabled each client its own DP-SGD step (per-record clipping, own noise)", **AT_LEAST_ONE)
 
 
 @dataclass

@@ -84,10 +84,24 @@ def test_private_causal_lm_cohorts(llama_dirs):
     """A small Llama causal LM (adapters on all seven projections), each record's own mean token loss over its response
     tokens, prompts and responses of different lengths; σ = 0 and σ = 0.8; float64."""
     config, model, method = prepared(llama_dirs["causal"], "fed-sb", task="causal-lm", targets=LLAMA_TARGETS, **{"workload.max_length": 32})
+    float64_norms(model)
     rows = [InstructionRows(table, load_tokenizer(config), 32, "response") for table in instruction_tables()]
     state = initial_state(model, method, rows[3])
     for sigma in (0.0, 0.8):
         compare_private(model, method, state, rows, sigma, [3] * len(rows), cohort_sizes=(7,), task="causal-lm")
+
+
+def float64_norms(model):
+    """Llama's RMSNorm in the model's own dtype: HF's casts its input to float32, which rounds a float64 model's activations
+    there, so two float64 computations that differ at 1e-16 (rows batched differently) would differ at 1e-8 after it."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    def forward(self, hidden):
+        return self.weight * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    for module in model.modules():
+        if isinstance(module, LlamaRMSNorm):
+            module.forward = forward.__get__(module)
 
 
 def per_sample_gradients(model, method, state, ranks, batches, task, max_norms):

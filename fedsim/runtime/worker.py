@@ -237,7 +237,8 @@ class ClientWorker:
             return {client_ids[0]: (upload, stats, self.method.keep(self.model, round_idx))}
         private = self.config.privacy.enabled
         results = train_cohort(self.model, self.method, round_idx, states, ranks, batches, train, steps, seeds[0],
-                               self.config.model.task, privacy if private else None, seeds if private else None)
+                               self.config.model.task, privacy=privacy if private else None,
+                               noise_seeds=seeds if private else None)
         return dict(zip(client_ids, results))
 
     def _batches(self, round_idx: int, client_id: int, rows: Rows, privacy: PrivacySettings | None):

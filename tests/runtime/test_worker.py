@@ -144,3 +144,36 @@ def test_the_init_reads_any_clients_rows_and_sends_only_the_factors(data_dir, ti
     assert kinds == {"lora_A", "lora_B", "lora_R"}
     assert all(v.device.type == "cpu" for v in state.values())
     assert all(v.shape[0] == 4 for k, v in state.items() if k.endswith(("lora_A", "lora_R")))
+
+
+def test_a_private_cohort_trains_each_client_as_it_trains_alone(data_dir, tiny_model_dir):
+    """runtime.cohort_size under privacy.enabled, through the worker as the runtime builds it: the same rows (status,
+    steps, Poisson rate, σ) and, up to float32 rounding, the same uploads as one client at a time (model.dropout: 0;
+    each client's noise from its own training seed)."""
+    import torch
+
+    private = {"privacy.enabled": "true", "privacy.noise_multiplier": 0.5, "adapters.init_data": "public", "model.dropout": 0,
+               "method.name": "fedit", "train.local_steps": 3}
+    from unittest import mock
+
+    from fedsim.runtime import worker as worker_module
+
+    results, cohorts = {}, []
+
+    def spy(model, method, round_idx, states, *args, privacy=None, **kwargs):
+        cohorts.append((len(states), privacy is not None))
+        return real(model, method, round_idx, states, *args, privacy=privacy, **kwargs)
+
+    real = worker_module.train_cohort
+    for cohort_size in (1, 3):
+        worker = ClientWorker(make_plan(data_dir, tiny_model_dir, **private, **{"runtime.cohort_size": cohort_size}), 0)
+        with mock.patch.object(worker_module, "train_cohort", spy):
+            uploads, rows = worker.train(0, worker.initial_state(), [1, 3, 5], 0.5)
+        results[cohort_size] = uploads, [{k: v for k, v in row.items() if k not in ("train_s", "train_loss")} for row in rows]
+    assert cohorts == [(3, True)]  # K = 1 trains through Opacus alone; K = 3 as one private cohort
+    (solo, solo_rows), (together, together_rows) = results[1], results[3]
+    assert together_rows == solo_rows and all(row["noise_multiplier"] == 0.5 for row in solo_rows)
+    for a, b in zip(solo, together):
+        assert a["client_id"] == b["client_id"]
+        for key in a["tensors"]:
+            assert torch.allclose(a["tensors"][key], b["tensors"][key], rtol=1e-4, atol=1e-6), key
