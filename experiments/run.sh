@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the experiments, then report them. From the repository root:
 #   bash experiments/run.sh                 # all four, in order (about two hours on 2 cores)
-#   bash experiments/run.sh matched-comm    # one: matched-comm | private-snli | fra-study | comm-scaling
+#   bash experiments/run.sh matched-comm    # one: matched-comm | private-snli | fra-study | comm-scaling | rank-het | personal
 # Results (Parquet, PNGs, Markdown) go to experiments/results/<experiment>/; see experiments/README.md.
 # Sweeps skip the points already finished (delete a point's folder, or pass --overwrite, to run it again).
 set -euo pipefail
@@ -63,4 +63,18 @@ fi
 
 if [[ "$want" == all || "$want" == comm-scaling ]]; then  # 4. measured bytes against the analytic model, 10-1000 clients
   python experiments/comm-scaling/run.py --out $out/comm-scaling
+fi
+
+if [[ "$want" == all || "$want" == rank-het ]]; then  # 5. rank-heterogeneous clients {4, 8, 16}
+  fedsim sweep experiments/rank-het/sst2.yaml output_dir=$out/rank-het/methods --grid method.name=fed-sb,flexlora,hetlora,flora seed=0,1,2
+  fedsim sweep experiments/rank-het/sst2.yaml output_dir=$out/rank-het/fed-sb-partitioned clients.rank_aggregation=partitioned \
+    --grid seed=0,1,2
+  python experiments/seeds.py $out/rank-het/{methods,fed-sb-partitioned} --out $out/rank-het > $out/rank-het/seeds.md
+  fedsim report $out/rank-het/{methods,fed-sb-partitioned} --out $out/rank-het/report
+fi
+
+if [[ "$want" == all || "$want" == personal ]]; then  # 6. personalisation under label skew, per-client accuracy
+  fedsim sweep experiments/personal/sst2.yaml output_dir=$out/personal/methods --grid method.name=fedsa-lora,fedit,fed-sb seed=0,1,2
+  python experiments/seeds.py $out/personal/methods --out $out/personal > $out/personal/seeds.md
+  python experiments/per_client.py $out/personal > $out/personal/per_client.md
 fi

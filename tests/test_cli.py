@@ -314,10 +314,15 @@ def test_check_does_not_start_ray_or_write(tmp_path, monkeypatch, capsys):
     import ray
 
     monkeypatch.chdir(ROOT)
+    from fedsim.runtime import driver
+
+    started = []  # a session's Ray may already be up: what is watched is whether check asks for one
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: started.append("ray.init"))
+    monkeypatch.setattr(driver, "ray_session", lambda *args, **kwargs: started.append("ray_session"))
     out = tmp_path / "never"
     assert main(["check", "configs/sst2-private.yaml", f"output_dir={out}", "workload.train_limit=400"]) == 0
     assert "DP calibration" in capsys.readouterr().out
-    assert not out.exists() and not ray.is_initialized()
+    assert not out.exists() and not started
 
 
 def test_privacy_settings_without_privacy_is_exit_2(capsys):
@@ -369,7 +374,7 @@ def test_a_real_run_ends_with_its_table(ray_local, tiny_model_dir, tmp_path, cap
     out_dir = tmp_path / "cmp"
     settings = [f"output_dir={out_dir}", f"model.name={tiny_model_dir}", "workload.train_limit=200", "workload.eval_limit=20",
                 "workload.max_length=32", "clients.count=6", "clients.per_round=3", "train.rounds=2", "train.local_steps=2",
-                "train.batch_size=4", "adapters.init_samples=8", "adapters.init_batch_size=4"]
+                "train.batch_size=4", "adapters.init_samples=8", "adapters.init_batch_size=4", "runtime.workers=1"]
     assert main(["run", *settings, "--methods", "fed-sb:rank=6,fedit:rank=2"]) == 0
     out = capsys.readouterr().out
     table = closing_rows(out)

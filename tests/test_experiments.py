@@ -25,7 +25,8 @@ def sweep_commands() -> list[list[str]]:
 def test_run_sh_starts_a_sweep_for_each_experiment():
     configs = {args[0] for args in sweep_commands()}
     assert configs == {"experiments/matched-comm/sst2.yaml", "experiments/private-snli/snli.yaml",
-                       "experiments/fra-study/balanced.yaml", "experiments/fra-study/imbalanced.yaml"}
+                       "experiments/fra-study/balanced.yaml", "experiments/fra-study/imbalanced.yaml",
+                       "experiments/rank-het/sst2.yaml", "experiments/personal/sst2.yaml"}
 
 
 @pytest.mark.parametrize("args", sweep_commands(), ids=lambda args: " ".join(args[1:3]))

@@ -52,6 +52,8 @@ class LoRAFAIR(Method):
         for layer in layer_names_of(state):
             B_key, A_key = state_key(layer, "lora_B"), state_key(layer, "lora_A")
             A_mean = averaged[A_key].to(torch.float64)
+            if A_mean.is_meta:  # counting bytes (analysis.comm): B's shape is all there is, and meta arithmetic is slow
+                continue
             target = sum(w * B @ (A @ A_mean.T) for w, (B, _, A) in zip(weights, (self.client_factors(state, u, layer) for u in uploads)))
             averaged[B_key] = corrected_B(target, averaged[B_key], A_mean, self.regularisation).to(state[B_key].dtype)
         return self.finish(state, {**state, **averaged}, averaged, uploads, weights)

@@ -72,16 +72,6 @@ def test_the_worker_trains_cohorts_to_the_same_uploads_and_rows(data_dir, tiny_m
     assert len({r["rank"] for r in rows_one}) > 1 and all(r["train_s"] > 0 for r in rows_three)
 
 
-def test_under_dp_clients_train_one_at_a_time_and_it_says_so(data_dir, tiny_model_dir, capsys):
-    worker = make_worker(data_dir, tiny_model_dir, **{"method.name": "fedit", "runtime.cohort_size": 4, "privacy.enabled": "true",
-                                                      "privacy.noise_multiplier": 1.0})
-    lines = [line for line in capsys.readouterr().out.splitlines() if "cohort_size" in line]
-    assert len(lines) == 1 and "privacy.enabled" in lines[0]
-    assert worker.cohort_size == 1
-    _, rows = worker.train(0, worker.initial_state(), [0, 1], 1.0)
-    assert [r["status"] for r in rows] == ["ok", "ok"] and all(r["noise_multiplier"] == 1.0 for r in rows)
-
-
 def test_fedsim_run_with_cohorts_gives_the_same_global_state(ray_local, tiny_model_dir, tmp_path):
     """Two rounds of Fed-SB (rank-heterogeneous clients, the head trained) on 2 workers, cohorts of 4 against one at a time."""
     def config(name, cohort_size):
@@ -100,7 +90,9 @@ def test_fedsim_run_with_cohorts_gives_the_same_global_state(ray_local, tiny_mod
     assert one.keys() == four.keys() and any(key.endswith("lora_R") for key in one)
     for key in one:
         assert relative_error(four[key], one[key]) <= 1e-5, key
-    clients = {n: without_timing(pq.read_table(tmp_path / n / "clients.parquet").to_pylist()) for n in ("one", "four")}
+    # which worker trains a client follows the measured train_s of the round before (the driver balances): not compared
+    clients = {n: [{k: v for k, v in row.items() if k != "worker_id"} for row in without_timing(pq.read_table(tmp_path / n / "clients.parquet").to_pylist())]
+               for n in ("one", "four")}
     assert clients["four"] == clients["one"] and len(clients["one"]) == 20
     assert all(r["status"] == "ok" for r in clients["four"])
     assert torch.isfinite(torch.tensor([r["eval_loss"] for r in pq.read_table(tmp_path / "four" / "rounds.parquet").to_pylist()])).all()
