@@ -1,5 +1,11 @@
-"""Measured bytes of a real run of every method (a real local Ray) against the analytic model's prediction."""
+"""Measured bytes of a real run of every method (a real local Ray) against the analytic model's prediction, to the byte.
 
+One run per method is ~12 s of Ray start-up on 2 cores; by default the methods whose messages differ in kind run (the
+six newer ones, Fed-SB's R, FedEx-LoRA's residual and FLoRA's stacked downlinks); FEDSIM_TEST_EVERY_METHOD=1 runs all.
+experiments/comm-scaling (committed results) compares every method at 10, 100 and 1000 clients the same way.
+"""
+
+import os
 
 import pyarrow.parquet as pq
 import pytest
@@ -18,25 +24,27 @@ BASE = {
 }
 
 
+TESTED = list(METHODS) if os.environ.get("FEDSIM_TEST_EVERY_METHOD") == "1" else [
+    "fed-sb", "fedex-lora", "flora", "fedsa-lora", "rolora", "fedsvd", "flexlora", "hetlora", "lora-fair"]
+
+
 @pytest.fixture(scope="module")
 def all_methods(ray_local, tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("measured")
     configs = []
-    for method in METHODS:
+    for method in TESTED:
         items = {**BASE, "model.name": tiny_model_dir, "method.name": method, "output_dir": str(root / method)}
         configs.append(load_config(None, [f"{k}={v}" for k, v in items.items()]))
     run_comparison(configs, str(root), progress=False)
     return root
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", TESTED)
 def test_measured_bytes_match_the_prediction(all_methods, method):
     prediction = predict_run(all_methods / method)
     assert len(prediction.rounds) == 2
     for row in prediction.rounds:
-        assert row["bytes_up"] == row["pred_bytes_up"] or row["rel_err_up"] <= 0.05, row
-        assert row["rel_err_up"] <= 0.05, row
-        assert row["rel_err_down"] <= 0.05, row
+        assert row["bytes_up"] == row["pred_bytes_up"] and row["bytes_down"] == row["pred_bytes_down"], row
     assert not prediction.flagged
     assert prediction.rounds[0]["bytes_down"] > 0  # round 0: the whole state to every sampled client
     totals = prediction.totals()
@@ -45,7 +53,7 @@ def test_measured_bytes_match_the_prediction(all_methods, method):
 
 
 def test_schedule_exercises_first_contact_returning_and_dropped_clients(all_methods):
-    clients = pq.read_table(all_methods / "fedit" / "clients.parquet").to_pylist()
+    clients = pq.read_table(all_methods / "fed-sb" / "clients.parquet").to_pylist()
     statuses = {row["status"] for row in clients}
     assert "dropped" in statuses and "ok" in statuses
     first = {row["client_id"] for row in clients if row["round"] == 0}

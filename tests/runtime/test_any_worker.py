@@ -15,11 +15,11 @@ from fedsim.runtime import run_comparison
 TIMINGS = ["wall_s", "train_s_max", "aggregate_s", "eval_s", "overhead_s"]
 # Every method at 1, 2 and 3 workers is 42 Ray runs, ~13 min on 2 cores, nearly all of it actors starting (a run's
 # two rounds take under a second). By default the methods whose state or messages differ in kind run (R only and
-# the fold-free mean; a stacked downlink and a W0 fold; tensors kept by the clients; one client), at 1 and 3 workers;
+# the fold-free mean; a stacked downlink and a W0 fold; tensors kept by the clients; one client), at 1 and 2 workers;
 # FEDSIM_TEST_EVERY_METHOD=1 runs every method at 1, 2 and 3 workers.
 EVERY = os.environ.get("FEDSIM_TEST_EVERY_METHOD") == "1"
 TESTED = list(METHODS) if EVERY else ["fed-sb", "flora", "fedsa-lora", "central"]
-WORKERS = (1, 2, 3) if EVERY else (1, 3)
+WORKERS = (1, 2, 3) if EVERY else (1, 2)
 
 
 def config(root, model_dir, method, workers):
@@ -60,4 +60,4 @@ def test_one_two_and_three_workers_give_the_same_run(runs, method):
         assert table(one / "clients.parquet", ["train_s", "worker_id"]) == table(other / "clients.parquet", ["train_s", "worker_id"])
         workers_used |= {row["worker_id"] for row in pq.read_table(other / "clients.parquet").to_pylist()}
     if METHODS[method].num_clients is None:  # central has one client: one worker trains it
-        assert workers_used == {0, 1, 2}
+        assert workers_used == set(range(WORKERS[-1]))

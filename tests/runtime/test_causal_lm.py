@@ -137,7 +137,7 @@ def test_commonsense_federated_llama_scores_each_set(ray_local, llama_dir, tmp_p
 
 def test_snli_minilm_beats_the_majority_class(ray_local, tmp_path):
     """Fed-SB with the real MiniLM on real SNLI pairs, as configs/snli-minilm-fedsb.yaml runs it but for 2 of its 3
-    rounds (about 2 minutes on 2 cores): trained on SNLI dev (1,273 pairs), scored on 300 test pairs, it beats the
+    rounds (about 1.5 minutes on 2 cores): trained on SNLI dev (1,273 pairs), scored on 300 test pairs, it beats the
     majority class by far.
 
     Measured (seed 0): 48.7%, 56.7%, 58.0% over the 3 rounds against a 35.3% majority class. At rank 8, with
