@@ -102,10 +102,9 @@ TINY_CAUSAL = {  # the same architecture as the papers' models, at toy size: 2 l
 }
 
 
-def tiny_causal_lm_with_tokenizer(path, architecture: str, texts: list[str], vocab: int = 600) -> None:
-    """Write a small causal LM of ``architecture`` (``TINY_CAUSAL``: random weights, 2 layers, hidden 64) and a
-    byte-level BPE tokenizer trained offline on ``texts`` (BOS prepended, as Llama's, Mistral's and Gemma's) to ``path``."""
-    import transformers
+def bpe_tokenizer(texts: list[str], vocab: int):
+    """A byte-level BPE tokenizer trained offline on ``texts`` (<pad> 0, <s> 1, </s> 2; BOS prepended, as Llama's,
+    Mistral's and Gemma's), as a ``PreTrainedTokenizerFast``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -116,7 +115,15 @@ def tiny_causal_lm_with_tokenizer(path, architecture: str, texts: list[str], voc
         vocab_size=vocab, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def tiny_causal_lm_with_tokenizer(path, architecture: str, texts: list[str], vocab: int = 600) -> None:
+    """Write a small causal LM of ``architecture`` (``TINY_CAUSAL``: random weights, 2 layers, hidden 64) and a
+    byte-level BPE tokenizer trained offline on ``texts`` (BOS prepended, as Llama's, Mistral's and Gemma's) to ``path``."""
+    import transformers
+
+    fast = bpe_tokenizer(texts, vocab)
     config_name, model_name, extra = TINY_CAUSAL[architecture]
     config = getattr(transformers, config_name)(
         vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
