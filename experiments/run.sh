@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run the experiments, then report them. From the repository root:
-#   bash experiments/run.sh                 # all four, in order (about two hours on 2 cores)
+#   bash experiments/run.sh                 # all six, in order (about three hours on 2 cores)
 #   bash experiments/run.sh matched-comm    # one: matched-comm | private-snli | fra-study | comm-scaling | rank-het | personal
+#   bash experiments/run.sh rank-het-diagnostics   # experiment 5's three diagnostic runs (not part of "all")
 # Results (Parquet, PNGs, Markdown) go to experiments/results/<experiment>/; see experiments/README.md.
 # Sweeps skip the points already finished (delete a point's folder, or pass --overwrite, to run it again).
 set -euo pipefail
@@ -66,15 +67,35 @@ if [[ "$want" == all || "$want" == comm-scaling ]]; then  # 4. measured bytes ag
 fi
 
 if [[ "$want" == all || "$want" == rank-het ]]; then  # 5. rank-heterogeneous clients {4, 8, 16}
-  fedsim sweep experiments/rank-het/sst2.yaml output_dir=$out/rank-het/methods --grid method.name=fed-sb,flexlora,hetlora,flora seed=0,1,2
+  fedsim sweep experiments/rank-het/sst2.yaml output_dir=$out/rank-het/methods --grid method.name=fed-sb,flexlora,hetlora,flora seed=0
   fedsim sweep experiments/rank-het/sst2.yaml output_dir=$out/rank-het/fed-sb-partitioned clients.rank_aggregation=partitioned \
-    --grid seed=0,1,2
-  python experiments/seeds.py $out/rank-het/{methods,fed-sb-partitioned} --out $out/rank-het > $out/rank-het/seeds.md
-  fedsim report $out/rank-het/{methods,fed-sb-partitioned} --out $out/rank-het/report
+    --grid seed=0
+  # the three LoRA methods come close and swing from round to round: three seeds (seed 0 copied in from methods/)
+  for method in flexlora hetlora flora; do
+    [[ -d $out/rank-het/seeds/name-${method}_seed-0 ]] || { mkdir -p $out/rank-het/seeds;
+      cp -r $out/rank-het/methods/name-${method}_seed-0 $out/rank-het/seeds/; }
+  done
+  fedsim sweep experiments/rank-het/sst2.yaml output_dir=$out/rank-het/seeds --grid method.name=flexlora,hetlora,flora seed=0,1,2
+  # Fed-SB's R has r² numbers a layer: at ranks {16, 32, 64} (64² = 4,096 < LoRA's 2·16·384 = 12,288 at rank 16)
+  fedsim sweep experiments/rank-het/sst2.yaml output_dir=$out/rank-het/fed-sb-ranks-16-32-64 method.rank=64 \
+    "clients.ranks=[16,32,64,16,32,64,16,32,64,16,32,64]" --grid seed=0
+  sweeps=($out/rank-het/{methods,fed-sb-partitioned,seeds,fed-sb-ranks-16-32-64})
+  python experiments/seeds.py "${sweeps[@]}" --out $out/rank-het > $out/rank-het/seeds.md
+  fedsim report $out/rank-het/{methods/name-fed-sb_seed-0,fed-sb-partitioned,fed-sb-ranks-16-32-64,seeds} --out $out/rank-het/report
+fi
+
+if [[ "$want" == rank-het-diagnostics ]]; then  # 5, why Fed-SB stays at the majority class (seed 0; not in "all")
+  d=$out/rank-het/diagnostics
+  fedsim run experiments/rank-het/sst2.yaml output_dir=$d/central-lora-sb-r16 method.name=central method.adapter=lora-sb \
+    method.rank=16 clients.count=1 clients.per_round=1 "clients.ranks=[]" clients.partition=iid train.local_steps=60 --overwrite
+  fedsim run experiments/rank-het/sst2.yaml output_dir=$d/fed-sb-r16-iid "clients.ranks=[]" clients.partition=iid --overwrite
+  fedsim run experiments/rank-het/sst2.yaml output_dir=$d/fed-sb-lr-1e-3 train.lr=0.001 --overwrite
 fi
 
 if [[ "$want" == all || "$want" == personal ]]; then  # 6. personalisation under label skew, per-client accuracy
-  fedsim sweep experiments/personal/sst2.yaml output_dir=$out/personal/methods --grid method.name=fedsa-lora,fedit,fed-sb seed=0,1,2
-  python experiments/seeds.py $out/personal/methods --out $out/personal > $out/personal/seeds.md
+  fedsim sweep experiments/personal/sst2.yaml output_dir=$out/personal/methods --grid method.name=fedsa-lora,fedit seed=0,1,2
+  fedsim sweep experiments/personal/sst2.yaml output_dir=$out/personal/fed-sb-equal-comm method.name=fed-sb method.rank=78 \
+    --grid seed=0,1,2
   python experiments/per_client.py $out/personal > $out/personal/per_client.md
+  fedsim report $out/personal/{methods,fed-sb-equal-comm} --out $out/personal/report
 fi

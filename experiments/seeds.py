@@ -5,7 +5,8 @@
 
 Reads each sweep's ``sweep.parquet`` (``fedsim sweep … --grid … seed=0,1,2``): the runs that differ only
 in ``seed`` form one setting. Per setting: the final accuracy's mean, standard deviation (over seeds,
-ddof 1) and range; bytes per client per round (up + down, the mean over rounds); the largest
+ddof 1) and range; the accuracy of the last three rounds (each seed's mean of them, then mean ± sd over seeds: steadier
+where accuracy swings from round to round); bytes per client per round (up + down, the mean over rounds); the largest
 aggregation error; ε where private. ``accuracy_vs_bytes.png``: final accuracy (mean, error bar ±1
 standard deviation, every seed as a dot) against each client's total bytes over the run (log scale), and
 the accuracy per round with its spread.
@@ -37,6 +38,9 @@ def settings(sweep_dirs: list[str]) -> dict[str, dict[int, list[dict]]]:
             config = yaml.safe_load((Path(folder) / first["point"] / "config.yaml").read_text())
             label = f"{first['method']} r={config['method']['rank']}"
             label += "".join(f" {k.split('.')[-1]}={first[k]}" for k in grid_keys if k not in ("method.name", "method.rank"))
+            clients = config.get("clients", {})
+            if clients.get("rank_aggregation", "zero-pad") != "zero-pad" and "clients.rank_aggregation" not in grid_keys:
+                label += f" {clients['rank_aggregation']}"  # not the default: say how the ranks combine
             found[label][int(first.get("seed", 0))] = sorted(point_rows, key=lambda r: r["round"])
     return found
 
@@ -57,13 +61,14 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     fig = Figure(figsize=(12, 4.6), layout="constrained")
     ax_bytes, ax_rounds = fig.subplots(1, 2)
-    lines = ["| setting | seeds | final accuracy, mean ± sd | min – max | bytes per client per round (up + down) "
-             "| client's bytes over the run | max agg. error | ε |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| setting | seeds | final accuracy, mean ± sd | min – max | last 3 rounds, mean ± sd "
+             "| bytes per client per round (up + down) | client's bytes over the run | max agg. error | ε |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for label, by_seed in sorted(found.items()):
         runs = [by_seed[s] for s in sorted(by_seed)]
         finals = [r[-1]["eval_metric"] for r in runs]
         mean, sd = spread(finals)
+        late_mean, late_sd = spread([statistics.fmean(x["eval_metric"] for x in r[-3:]) for r in runs])
         per_client_round = statistics.fmean((x["bytes_up"] + x["bytes_down"]) / x["clients_ok"]
                                             for r in runs for x in r if x["clients_ok"])
         run_bytes = per_client_round * len(runs[0])  # every client takes part in every round here
@@ -72,7 +77,7 @@ def main() -> None:
         epsilon = f"{max(epsilons):.2f}" if epsilons else "–"
         accuracy = f"{mean:.3f} ± {sd:.3f}" if len(finals) > 1 else f"{mean:.3f}"
         lines.append(f"| {label} | {len(runs)} | {accuracy} | {min(finals):.3f} – {max(finals):.3f} "
-                     f"| {per_client_round:,.0f} | {run_bytes:,.0f} | {max(errors, default=float('nan')):.2e} | {epsilon} |")
+                     f"| {late_mean:.3f} ± {late_sd:.3f} | {per_client_round:,.0f} | {run_bytes:,.0f} | {max(errors, default=float('nan')):.2e} | {epsilon} |")
         points = ax_bytes.errorbar([run_bytes], [mean], yerr=[sd], fmt="o", capsize=4, label=label)
         ax_bytes.scatter([run_bytes] * len(finals), finals, s=10, color=points[0].get_color(), alpha=0.5)
         rounds = sorted({x["round"] for r in runs for x in r})

@@ -302,8 +302,10 @@ class EvalConfig(Section):
     every: int = setting(1, "evaluate every N rounds (and after the last round)", **AT_LEAST_ONE)
     batch_size: int = setting(64, "evaluation batch size", **AT_LEAST_ONE)
     max_new_tokens: int = setting(32, "causal-lm: greedy generation stops after this many new tokens (or at EOS)", **AT_LEAST_ONE)
-    per_client: float = setting(0.0, "share of each client's shard held out of its training and scored with the global model, "
-                                "per client and round (clients.parquet eval_metric); 0 = none; outside any DP accounting", **SHARE)
+    per_client: float = setting(0.0, "share of each client's shard held out of its training and scored with the client's own "
+                                "model, per client and round (clients.parquet eval_metric); for a method that keeps tensors on "
+                                "its clients (fedsa-lora) these scores, pooled, are the round's eval_metric (there is no global "
+                                "model; with 0 it is NaN); 0 = none; outside any DP accounting", **SHARE)
 
 
 @dataclass

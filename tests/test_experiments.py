@@ -64,8 +64,9 @@ def test_seeds_table_gives_mean_and_spread_over_seeds(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     row = next(line for line in out.splitlines() if line.startswith("| fedit r=8"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    # 3 seeds; mean 0.80, sample sd 0.10; (200+100)/2 and (200+300)/2 bytes per client → 200 a round, 400 a run
-    assert cells[1:7] == ["3", "0.800 ± 0.100", "0.700 – 0.900", "200", "400", "3.00e-01"]
+    # 3 seeds; mean 0.80, sample sd 0.10; the last (here both) rounds' means 0.60, 0.65, 0.70; (200+100)/2 and
+    # (200+300)/2 bytes per client → 200 a round, 400 a run
+    assert cells[1:8] == ["3", "0.800 ± 0.100", "0.700 – 0.900", "0.650 ± 0.050", "200", "400", "3.00e-01"]
     assert (tmp_path / "accuracy_vs_bytes.png").stat().st_size > 0
 
 
@@ -74,3 +75,26 @@ def test_seeds_refuses_a_folder_without_a_sweep(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "experiments" / "seeds.py"), str(tmp_path), "--out", str(tmp_path)],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "no sweep.parquet" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow  # a subprocess
+def test_per_client_table_gives_each_clients_label_prior_and_a_mean_over_seeds(tmp_path):
+    """per_client.py: a client's label prior is its dominant label's share (what answering that label alone scores),
+    beside the clients' mean accuracy; runs that differ only in seed are summarised together."""
+    for seed, accuracies in ((0, [0.9, 0.7]), (1, [0.8, 0.6])):
+        run = tmp_path / "split" / f"seed-{seed}"
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "method": {"name": "fedsa-lora", "rank": 8}}))
+        pq.write_table(pa.table({"round": [0], "method": ["fedsa-lora"], "eval_metric": [0.8], "agg_error": [float("nan")]}),
+                       run / "rounds.parquet")
+        pq.write_table(pa.table({"round": [0, 0], "client_id": [0, 1], "eval_metric": accuracies}), run / "clients.parquet")
+        pq.write_table(pa.table({"client_id": [0, 0, 1, 1], "label": [0, 1, 0, 1], "count": [30, 10, 5, 15]}),
+                       run / "label_counts.parquet")
+    out = subprocess.run([sys.executable, str(ROOT / "experiments" / "per_client.py"), str(tmp_path)],
+                         capture_output=True, text=True, check=True).stdout
+    row = next(line for line in out.splitlines() if "seed 0" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3:6] == ["0.900, 0.700", "0.800", "0.750"]  # per client, their mean, the priors' mean (0.75, 0.75)
+    summary = next(line for line in out.splitlines() if line.startswith("| split | fedsa-lora r=8 | 2 |"))
+    assert "0.750 ± 0.071" in summary and "0.700 – 0.800" in summary  # means 0.8 and 0.7 over the two seeds
+    assert (tmp_path / "per_client.png").stat().st_size > 0

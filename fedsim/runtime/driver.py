@@ -358,9 +358,11 @@ class Experiment:
         eval_started = time.perf_counter()
         eval_metric, eval_loss, by_set = float("nan"), float("nan"), {}
         if self.evaluates(round_idx):
-            eval_metric, eval_loss, by_set = self.evaluate()
-            if self.config.eval.per_client > 0:
-                self.evaluate_clients(rows, round_idx)
+            pooled = self.evaluate_clients(rows, round_idx) if self.config.eval.per_client > 0 else None
+            if not self.method.client_kinds(round_idx):
+                eval_metric, eval_loss, by_set = self.evaluate()
+            elif pooled:  # every client has its own model and no global one exists: the round scores the clients' own
+                eval_metric, eval_loss = pooled
         eval_s = time.perf_counter() - eval_started
         rows.sort(key=lambda row: row["client_id"])
         self.account(rows)
@@ -489,9 +491,11 @@ class Experiment:
         by_set = {name: c / n for name, (c, n) in totals.items() if n > 0}
         return float(np.mean(list(by_set.values()))), loss, by_set
 
-    def evaluate_clients(self, rows: list[dict], round_idx: int) -> None:
+    def evaluate_clients(self, rows: list[dict], round_idx: int) -> tuple[float, float] | None:
         """``eval.per_client``: each of the round's clients' own model after the round (the new global model, with what
-        a personalised client keeps over it) scored on the client's own held-out rows."""
+        a personalised client keeps over it) scored on the client's own held-out rows. Returns the pooled (accuracy,
+        loss) over those rows: the round's score where the method keeps tensors on its clients (FedSA-LoRA), as the
+        personalisation papers report it; None where no client had held-out rows."""
         state_ref = self.aggregator.get_state.remote()
         owners = [row["client_id"] for row in rows if self.plan.data.client_eval_sizes[row["client_id"]] > 0]
         calls = {worker_id: self.workers[worker_id].evaluate_clients.remote(state_ref, owners[i::len(self.live)], round_idx)
@@ -501,6 +505,10 @@ class Experiment:
             score = scores.get(row["client_id"])
             if score and score["count"]:
                 row["eval_metric"], row["eval_loss"] = score["correct"] / score["count"], score["loss_sum"] / score["count"]
+        count = sum(score["count"] for score in scores.values())
+        if not count:
+            return None
+        return sum(score["correct"] for score in scores.values()) / count, sum(score["loss_sum"] for score in scores.values()) / count
 
     def gather(self, calls: dict, what: str) -> list:
         """The results of one call per worker; a worker gone beyond its restarts is left out (and given no more calls),

@@ -129,9 +129,9 @@ def test_commonsense_federated_llama_scores_each_set(ray_local, llama_dir, tmp_p
 
 
 def test_snli_minilm_beats_the_majority_class(ray_local, tmp_path):
-    """Fed-SB with the real MiniLM on real SNLI pairs, as configs/snli-minilm-fedsb.yaml runs it but for 2 of its 3
-    rounds (about 1.5 minutes on 2 cores): trained on SNLI dev (1,273 pairs), scored on 300 test pairs, it beats the
-    majority class by far.
+    """Fed-SB with the real MiniLM on real SNLI pairs, as configs/snli-minilm-fedsb.yaml runs it but for the first of
+    its 3 rounds (about 30 s on 2 cores): trained on SNLI dev (1,273 pairs), scored on 300 test pairs, it beats the
+    majority class by far after one round.
 
     Measured (seed 0): 48.7%, 56.7%, 58.0% over the 3 rounds against a 35.3% majority class. At rank 8, with
     10 clients x 10 steps a round, it stayed at chance (33.0%): R is r x r, and 64 numbers a layer barely move.
@@ -142,17 +142,15 @@ def test_snli_minilm_beats_the_majority_class(ray_local, tmp_path):
     from fedsim.runtime import run
     from workloads import load_workload
 
-    config = load_config(SNLI_CONFIG, [f"output_dir={tmp_path / 'snli'}", f"workload.path={SNLI}", "train.rounds=2"])  # 2 of its 3
+    config = load_config(SNLI_CONFIG, [f"output_dir={tmp_path / 'snli'}", f"workload.path={SNLI}", "train.rounds=1"])
     run(config, progress=False)
     rounds = rounds_of(tmp_path / "snli")
     eval_labels = load_workload("snli", str(SNLI), None, config.workload.eval_limit, config.seed,
                                 **config.workload.options).eval.column("label").to_pylist()  # the rows the run scored
     assert len(eval_labels) == config.workload.eval_limit
     majority = Counter(eval_labels).most_common(1)[0][1] / len(eval_labels)
-    print(f"snli: majority class {majority:.3f}, accuracy per round", [round(r["eval_metric"], 3) for r in rounds],
-          "losses", [round(r["train_loss"], 3) for r in rounds])
-    assert len(rounds) == config.train.rounds and rounds[-1]["train_loss"] < rounds[0]["train_loss"]
-    assert rounds[-1]["eval_metric"] > majority + 0.05
+    print(f"snli: majority class {majority:.3f}, accuracy after round 0 {rounds[0]['eval_metric']:.3f}")
+    assert len(rounds) == 1 and rounds[0]["eval_metric"] > majority + 0.05
 
 
 # ----------------------------------------------------------------------------- rows and generation

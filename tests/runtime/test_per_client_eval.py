@@ -1,4 +1,5 @@
-"""eval.per_client: each client's own held-out share, scored with the global model per client per round."""
+"""eval.per_client: each client's own held-out share, scored per client and round with the client's own model (the global
+model, with what a personalised client keeps over it)."""
 
 import json
 from pathlib import Path
@@ -64,3 +65,15 @@ def test_each_client_is_scored_on_its_own_held_out_rows(ray_local, tiny_model_di
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         accuracy = (logits.argmax(-1) == batch["labels"]).float().mean().item()
         assert row["eval_metric"] == pytest.approx(accuracy, abs=1e-6), row["client_id"]
+
+    # The round's score: the global model on the evaluation set, or, where every client keeps its own B and head and no
+    # global model exists, the clients' own scores pooled over their held-out rows.
+    rounds = pq.read_table(out / "rounds.parquet").to_pylist()
+    sizes = meta["client_eval_sizes"]
+    for round_row in rounds:
+        mine = [r for r in clients if r["round"] == round_row["round"]]
+        pooled = sum(r["eval_metric"] * sizes[r["client_id"]] for r in mine) / sum(sizes[r["client_id"]] for r in mine)
+        if method_name == "fedsa-lora":
+            assert round_row["eval_metric"] == pytest.approx(pooled, abs=1e-9)
+        else:
+            assert 0.0 <= round_row["eval_metric"] <= 1.0 and round_row["eval_loss"] > 0
