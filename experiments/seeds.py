@@ -68,7 +68,8 @@ def main() -> None:
         runs = [by_seed[s] for s in sorted(by_seed)]
         finals = [r[-1]["eval_metric"] for r in runs]
         mean, sd = spread(finals)
-        late_mean, late_sd = spread([statistics.fmean(x["eval_metric"] for x in r[-3:]) for r in runs])
+        evaluated = [[x["eval_metric"] for x in r if x["eval_metric"] == x["eval_metric"]] for r in runs]  # eval.every > 1: NaN between
+        late_mean, late_sd = spread([statistics.fmean(scores[-3:]) for scores in evaluated])
         per_client_round = statistics.fmean((x["bytes_up"] + x["bytes_down"]) / x["clients_ok"]
                                             for r in runs for x in r if x["clients_ok"])
         run_bytes = per_client_round * len(runs[0])  # every client takes part in every round here
