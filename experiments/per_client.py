@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
 from analysis.results import find_runs, load_run
+from seeds import spread  # experiments/seeds.py: mean and sample sd (0 for one value)
 
 
 def runs_under(root: Path) -> list:
@@ -45,9 +46,13 @@ def label_prior(run) -> dict[int, float]:
     return {client_id: max(c) / sum(c) for client_id, c in counts.items()}
 
 
+def setting_label(run) -> str:
+    """The method and its rank: what runs that differ only in seed share."""
+    return f"{run.name} r={run.config['method']['rank']}"
+
+
 def run_label(run) -> str:
-    seed = run.config.get("seed", 0)
-    return f"{run.name} r={run.config['method']['rank']} seed {seed}"
+    return f"{setting_label(run)} seed {run.config.get('seed', 0)}"
 
 
 def main(root: str) -> None:
@@ -80,8 +85,7 @@ def main(root: str) -> None:
                      + ", ".join(f"{final[c]:.3f}" for c in clients)
                      + f" | {values.mean():.3f} | {prior_mean:.3f} | {values.max() - values.min():.3f} "
                      f"| {max(errors, default=float('nan')):.2e} |")
-        setting = (split, f"{run.name} r={run.config['method']['rank']}")
-        by_setting.setdefault(setting, []).append((float(values.mean()), prior_mean))
+        by_setting.setdefault((split, setting_label(run)), []).append((float(values.mean()), prior_mean))
     for ax in axes[len(runs):]:
         ax.set_visible(False)
     fig.savefig(root / "per_client.png", dpi=110)
@@ -92,8 +96,8 @@ def main(root: str) -> None:
         print("| split | method | seeds | mean per-client accuracy | min – max | label prior, mean |\n|---|---|---|---|---|---|")
         for (split, method), values in sorted(by_setting.items()):
             accuracies = [a for a, _ in values]
-            sd = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
-            print(f"| {split} | {method} | {len(values)} | {statistics.fmean(accuracies):.3f} ± {sd:.3f} "
+            mean, sd = spread(accuracies)
+            print(f"| {split} | {method} | {len(values)} | {mean:.3f} ± {sd:.3f} "
                   f"| {min(accuracies):.3f} – {max(accuracies):.3f} | {statistics.fmean(p for _, p in values):.3f} |")
     print("\n![per-client accuracy per round](per_client.png)")
 
