@@ -1,8 +1,8 @@
 """Readers of a fedsim run's output folder.
 
 A run folder holds ``config.yaml``, ``rounds.parquet`` (a row per round), ``clients.parquet`` (a row
-per client per round), ``summary.json`` and ``label_counts.parquet``. A comparison folder holds one
-run folder per method. These functions read them for plots and notebooks::
+per client per round), ``summary.json``, ``provenance.json`` (what produced it, at each start) and
+``label_counts.parquet``. A comparison folder holds one run folder per method. These functions read them for plots and notebooks::
 
     from analysis.results import find_runs, load_run, runs_table, clients_table
     runs = [load_run(p) for p in find_runs("results/default")]
@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import yaml
 
 from fedsim.errors import UsageError
+from fedsim.provenance import PACKAGES, PROVENANCE_FILE
 from fedsim.storage import Location
 
 ROUNDS_FILE = "rounds.parquet"
@@ -60,6 +61,40 @@ class Run:
     @property
     def label_counts_path(self) -> Location:
         return self.path / LABEL_COUNTS_FILE
+
+    @property
+    def provenance(self) -> dict:
+        """What produced the run (``fedsim.provenance``): summary.json's record, else (a run not finished) the last start's
+        in provenance.json, else {} (a run written before fedsim recorded it)."""
+        if "provenance" in self.summary:
+            return self.summary["provenance"]
+        starts = self.path / PROVENANCE_FILE
+        if starts.is_file():
+            loaded = json.loads(starts.read_text())
+            return loaded[-1] if loaded else {}
+        return {}
+
+
+def provenance_columns(run: Run) -> dict:
+    """A run's provenance as flat columns a notebook can group by: each library's version (``python``, ``fedsim``, ``torch``,
+    ``transformers``, …), ``git_revision``, ``git_dirty``, ``devices``, ``torch_threads`` and ``seed``; None where not recorded."""
+    record = run.provenance
+    versions = record.get("versions", {})
+    git = record.get("git") or {}
+    columns = {name: versions.get(name) for name in ("python", *PACKAGES)}
+    columns.update({"git_revision": git.get("revision"), "git_dirty": git.get("dirty"),
+                    "devices": ", ".join(record["devices"]) if "devices" in record else None,
+                    "torch_threads": ", ".join(map(str, record["torch_threads"])) if "torch_threads" in record else None,
+                    "seed": record.get("seed")})
+    return columns
+
+
+def _with_provenance(table: pa.Table, run: Run) -> pa.Table:
+    types = {"git_dirty": pa.bool_(), "seed": pa.int64()}
+    for name, value in provenance_columns(run).items():
+        if name not in table.column_names:
+            table = table.append_column(name, pa.array([value] * table.num_rows, types.get(name, pa.string())))
+    return table
 
 
 def _is_run(path: Location) -> bool:
@@ -157,7 +192,8 @@ def with_cumulative_bytes(rounds: pa.Table) -> pa.Table:
 
 
 def runs_table(paths, as_arrow: bool = False):
-    """The rounds tables of several runs stacked, with a `run` column (first) and cumulative bytes.
+    """The rounds tables of several runs stacked, with a `run` column (first), cumulative bytes, and the run's provenance
+    (``provenance_columns``: group by ``transformers`` or ``git_revision``).
 
     `paths`: run folders, comparison folders or `Run` objects (one or a list). Rows are sorted by
     round within each run; runs keep the order given. Columns missing from one run are null there.
@@ -168,13 +204,14 @@ def runs_table(paths, as_arrow: bool = False):
         raise UsageError("results: no runs given; pass run folders or a folder of runs")
     tables = []
     for run, label in zip(runs, run_labels(runs)):
-        rounds = with_cumulative_bytes(run.rounds)
+        rounds = _with_provenance(with_cumulative_bytes(run.rounds), run)
         tables.append(rounds.add_column(0, "run", pa.array([label] * rounds.num_rows, pa.string())))
     return as_frame(pa.concat_tables(tables, promote_options="permissive"), as_arrow)
 
 
 def clients_table(paths, as_arrow: bool = False):
-    """The clients tables (a row per client per round) of several runs stacked, with a `run` column first.
+    """The clients tables (a row per client per round) of several runs stacked, with a `run` column first and the run's
+    provenance (``provenance_columns``) last.
 
     Runs without a ``clients.parquet`` add no rows. A pandas DataFrame where pandas is installed,
     else (or with ``as_arrow=True``) an Arrow table.
@@ -182,7 +219,7 @@ def clients_table(paths, as_arrow: bool = False):
     runs = _as_runs(paths)
     if not runs:
         raise UsageError("results: no runs given; pass run folders or a folder of runs")
-    tables = [run.clients.add_column(0, "run", pa.array([label] * run.clients.num_rows, pa.string()))
+    tables = [_with_provenance(run.clients, run).add_column(0, "run", pa.array([label] * run.clients.num_rows, pa.string()))
               for run, label in zip(runs, run_labels(runs)) if run.clients is not None]
     if not tables:
         raise UsageError(f"results: no {CLIENTS_FILE} in {', '.join(str(r.path) for r in runs)}")

@@ -16,7 +16,8 @@ number comes from ``rounds.parquet``, ``clients.parquet`` and ``summary.json``:
 - ``bytes_up``, ``bytes_down``: the totals over all rounds and clients (``rounds.parquet``);
 - ``max_agg_error``: the largest aggregation error of any round (``rounds.parquet``);
 - ``wall_s``: the run's wall time (``summary.json``; the sum of the rounds' ``wall_s`` where it is absent);
-- ``epsilon``: the largest ε any client spent (``epsilon_max`` of ``rounds.parquet``), private runs only.
+- ``epsilon``: the largest ε any client spent (``epsilon_max`` of ``rounds.parquet``), private runs only;
+- ``produced_by``: the versions, code revision, devices and seed that produced the run (``summary.json``), the footer.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from analysis.results import Run, _as_runs, as_frame, run_labels
+from fedsim.provenance import one_line
 
 SUMMARY_COLUMNS = ["run", "method", "rank", "rounds", "final_metric", "up_per_client_round", "down_per_client_round",
                    "down_first_contact", "bytes_up", "bytes_down", "max_agg_error", "wall_s", "epsilon"]
@@ -80,6 +82,7 @@ def run_summary(run: Run, label: str | None = None) -> dict:
         "max_agg_error": float(agg_error.max()) if agg_error.size else math.nan,
         "wall_s": float(wall_s) if wall_s is not None else float(_values(rounds, "wall_s").sum()),
         "epsilon": float(epsilon.max()) if epsilon.size else math.nan,
+        "produced_by": one_line(run.provenance) if run.provenance else None,
     }
 
 
@@ -124,7 +127,15 @@ def format_summary(rows: list[dict], metric: str = "accuracy") -> str:
         body.append(cells)
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(b) for b in body)])
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(b) for b in body), *produced_by(rows)])
+
+
+def produced_by(rows: list[dict]) -> list[str]:
+    """The table's footer: what produced the runs (``fedsim.provenance.one_line``), once where all runs share it."""
+    lines = {row["run"]: row["produced_by"] for row in rows if row.get("produced_by")}
+    if len(set(lines.values())) == 1:
+        return [f"produced by: {next(iter(lines.values()))}"]
+    return [f"produced by ({run}): {line}" for run, line in lines.items()]
 
 
 def verdict(rows: list[dict], metric: str = "accuracy") -> str:

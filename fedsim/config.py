@@ -353,12 +353,9 @@ def _check_across_sections(cfg: Config) -> None:
            f"{t.micro_batch_size}; set it to null or runtime.cohort_size=1")
     _check(not (p.enabled and cfg.model.gradient_checkpointing), "model.gradient_checkpointing",
            "must be false with privacy.enabled (Opacus's per-sample gradient hooks see no activations under recomputation)")
-    _check((t.local_steps is None) != (t.local_epochs is None), "train.local_epochs",
-           f"give exactly one of train.local_steps or train.local_epochs (set the other to null), got local_steps={t.local_steps}, "
-           f"local_epochs={_show(t.local_epochs)}")
+    _check_one_of(cfg, "train.local_steps", "train.local_epochs", named="train.local_epochs")
     if p.enabled:
-        _check((p.epsilon is None) != (p.noise_multiplier is None), "privacy.epsilon",
-               "give exactly one of privacy.epsilon (a target) or privacy.noise_multiplier")
+        _check_one_of(cfg, "privacy.epsilon", "privacy.noise_multiplier", named="privacy.epsilon")
     else:
         ignored = [f"privacy.{key}={_num(getattr(p, key))}" for key in ("epsilon", "noise_multiplier", "init_noise_multiplier")
                    if getattr(p, key) is not None]
@@ -369,6 +366,40 @@ def _check_across_sections(cfg: Config) -> None:
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise UsageError(f"{key}: {message}")
+
+
+# Settings that stand in for each other. A layer of the config (the YAML file, the command line's overrides, a --methods
+# member's settings, a partial dict) that gives one of a pair and not the other sets the other to null: what the user
+# gave wins over a default or an earlier layer (`train.local_epochs=1` alone means epochs, as an explicit max_steps
+# overrides num_train_epochs in HF's Trainer). One layer that gives both, neither null, is refused in one line.
+ALTERNATIVES = (("train.local_steps", "train.local_epochs"), ("privacy.epsilon", "privacy.noise_multiplier"))
+
+
+def _check_one_of(cfg: Config, first: str, second: str, named: str) -> None:
+    """Exactly one of two ``ALTERNATIVES`` set; the error names ``named``."""
+    values = {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in (first, second)}
+    given = [f"{key}={_show(value)}" for key, value in values.items() if value is not None]
+    problem = f", not both (got {' and '.join(given)}); drop one or set it to null" if given else " (both are null)"
+    _check(len(given) == 1, named, f"give one of {first} or {second}{problem}")
+
+
+def _prefer_given(data: dict[str, Any], given: set[str]) -> dict[str, Any]:
+    """``data`` (a whole config dict) with the other key of each ``ALTERNATIVES`` pair set to null where a layer gave
+    one key (``given``: that layer's dotted keys) and not the other."""
+    for pair in ALTERNATIVES:
+        for key, other in (pair, pair[::-1]):
+            section, name = key.split(".")
+            node = data.get(section)
+            if key in given and other not in given and isinstance(node, dict) and node.get(name) is not None:
+                node[other.split(".")[1]] = None
+    return data
+
+
+def _dotted_keys(data: Any, prefix: str = "") -> set[str]:
+    """Every dotted leaf key of a (partial) config mapping: {"train": {"lr": 1}} -> {"train.lr"}."""
+    if not isinstance(data, dict):
+        return {prefix.rstrip(".")} if prefix else set()
+    return {key for name, value in data.items() for key in _dotted_keys(value, f"{prefix}{name}.")}
 
 
 @functools.cache
@@ -399,7 +430,8 @@ def load_config_dict(path: str | os.PathLike | None, overrides: list[str] | tupl
     """Like load_config, but return the merged, unvalidated dict (for callers that edit it further)."""
     data = default_config_dict()
     if path is not None:
-        data = merge_dicts(data, read_yaml_file(path))
+        layer = read_yaml_file(path)
+        data = _prefer_given(merge_dicts(data, layer), _dotted_keys(layer))
     return apply_overrides(data, overrides)
 
 
@@ -407,7 +439,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     """Build and validate a Config from a (possibly partial) dict; missing keys take the defaults."""
     if not isinstance(data, dict):
         raise UsageError(f"config: expected a mapping of sections, got {_show(data)}")
-    return _build(Config, merge_dicts(default_config_dict(), data), prefix="")
+    return _build(Config, _prefer_given(merge_dicts(default_config_dict(), data), _dotted_keys(data)), prefix="")
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -524,12 +556,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
     """Return a copy of `data` with each `dotted.key=value` applied, in order.
 
     A key without a dot that is not a top-level field may name a field by its last part when that is
-    unambiguous: `rounds=5` sets train.rounds (as in `fedsim run cfg.yaml rounds=50`).
+    unambiguous: `rounds=5` sets train.rounds (as in `fedsim run cfg.yaml rounds=50`). The overrides are one layer:
+    one of two settings that stand in for each other, given alone, clears the other (``_prefer_given``).
     """
     data = copy.deepcopy(data)
+    given = set()
     for item in overrides:
         key, value = parse_override(item)
         parts = _resolve_short_key(key).split(".")
+        given |= _dotted_keys(value, ".".join(parts) + ".")
         node = data
         for i, part in enumerate(parts[:-1]):
             if part not in node:  # an unknown section: _build reports it, with a suggestion
@@ -542,7 +577,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
             node[last] = merge_dicts(node[last], value)
         else:
             node[last] = value
-    return data
+    return _prefer_given(data, given)
 
 
 def merge_dicts(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

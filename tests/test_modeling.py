@@ -49,3 +49,21 @@ def test_dropout_reaches_llama_attention(tmp_path):
     for value, expected in (("null", 0.3), (0, 0.0), (0.2, 0.2)):
         model = load_model(load_config(None, [f"model.name={tmp_path}", "model.task=causal-lm", f"model.dropout={value}"]), num_labels=2)
         assert {layer.self_attn.attention_dropout for layer in model.model.layers} == {expected}
+
+
+def test_no_layer_is_swapped_for_a_hub_kernel(tmp_path):
+    """transformers >= 5.25 swaps its kernel-decorated layers (Llama's RMSNorm, its activation) for Hub kernels at load
+    and again at every train()/eval(), unless told not to: a forward set on such a layer is dropped, and on a GPU the
+    kernel is code fetched from the Hub, outside the lock. ``load_model`` keeps the layers transformers defines."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    model = load_model(load_config(None, [f"model.name={tmp_path}", "model.task=causal-lm"]), num_labels=2)
+    norm, activation = model.model.norm, model.model.layers[0].mlp.act_fn
+    norm.forward = activation.forward = lambda hidden: hidden  # as a wrapper or a test may set on a layer
+    model.train()
+    model.eval()
+    assert norm.__dict__.get("forward") is not None and activation.__dict__.get("forward") is not None
+    assert not getattr(model, "use_kernels", False)

@@ -50,13 +50,39 @@ def test_local_epochs_give_each_client_its_own_steps():
     assert client_steps(TrainConfig(local_steps=7), 40) == 7
 
 
-def test_local_steps_and_local_epochs_are_one_or_the_other():
-    from fedsim.config import load_config
+def test_the_one_of_local_steps_and_local_epochs_given_wins(tmp_path):
+    """A setting the user gives wins over the other's default, and a later layer (command line over file) over an
+    earlier one; one layer that gives both is one line naming them. The same for privacy.epsilon/noise_multiplier."""
+    from fedsim.config import config_from_dict, load_config
     from fedsim.errors import UsageError
 
-    with pytest.raises(UsageError, match=r"^train.local_epochs: give exactly one of train.local_steps or train.local_epochs"):
-        load_config(None, ["train.local_epochs=1"])
-    assert load_config(None, ["train.local_epochs=1", "train.local_steps=null"]).train.local_epochs == 1.0
+    def steps_epochs(config):
+        return config.train.local_steps, config.train.local_epochs
+
+    assert steps_epochs(load_config(None, ["train.local_epochs=1"])) == (None, 1.0)  # local_steps: 5 is only a default
+    assert steps_epochs(load_config(None, ["local_epochs=2"])) == (None, 2.0)
+    assert steps_epochs(load_config(None, ["train={local_epochs: 2}"])) == (None, 2.0)
+    assert steps_epochs(config_from_dict({"train": {"local_epochs": 3}})) == (None, 3.0)
+    assert steps_epochs(load_config(None, ["train.local_steps=7"])) == (7, None)
+    epochs_file = tmp_path / "epochs.yaml"
+    epochs_file.write_text("train:\n  local_epochs: 2\n")
+    assert steps_epochs(load_config(epochs_file)) == (None, 2.0)
+    assert steps_epochs(load_config(epochs_file, ["train.local_steps=4"])) == (4, None)  # the command line over the file
+    for layers in ((None, ["train.local_epochs=1", "train.local_steps=3"]), (None, ["train={local_steps: 3, local_epochs: 1}"])):
+        with pytest.raises(UsageError, match=r"^train.local_epochs: give one of train.local_steps or train.local_epochs, not both "
+                                             r"\(got train.local_steps=3 and train.local_epochs=1\)"):
+            load_config(*layers)
+    both_file = tmp_path / "both.yaml"
+    both_file.write_text("train:\n  local_steps: 3\n  local_epochs: 1\n")
+    with pytest.raises(UsageError, match="not both"):
+        load_config(both_file)
+    with pytest.raises(UsageError, match=r"^train.local_epochs: give one of .* \(both are null\)"):
+        load_config(None, ["train.local_steps=null"])
+    private = tmp_path / "private.yaml"
+    private.write_text("privacy:\n  enabled: true\n  epsilon: 3\n")
+    assert load_config(private, ["privacy.noise_multiplier=1.2"]).privacy.epsilon is None
+    with pytest.raises(UsageError, match=r"^privacy.epsilon: give one of privacy.epsilon or privacy.noise_multiplier, not both"):
+        load_config(private, ["privacy.noise_multiplier=1.2", "privacy.epsilon=2"])
 
 
 def test_private_calibration_uses_each_clients_own_steps():

@@ -26,6 +26,7 @@ from fedsim.methods import METHODS, Method, build_method
 from fedsim.modeling import check_model, offline_by_default
 from fedsim.prepare import DataPlan, split_data, write_data
 from fedsim.privacy import check_private_init, epsilon_spent, init_rows_per_client, plan_noise_multiplier, privacy_history
+from fedsim.provenance import collect, record_start
 from fedsim.results import ROUND_COLUMNS, RoundWriter, read_rows
 from fedsim.runtime.aggregator import Aggregator, latest_checkpoint
 from fedsim.runtime.plan import RunPlan
@@ -312,6 +313,10 @@ class Experiment:
         self.start_actors()
         try:
             start_round = self.restore() if self.resumed else 0
+            self.provenance = collect(c.seed, ray.get([self.workers[worker_id].provenance.remote() for worker_id in self.live]))
+            changed = record_start(self.output_dir, self.provenance, start_round)
+            if changed:
+                print(changed)
             if not self.resumed:
                 self.initial_state()
             save_config(c, self.output_dir / "config.yaml")
@@ -578,6 +583,7 @@ class Experiment:
             "trainable_adapter_parameters": workers[0]["trainable_adapter_parameters"],
             "trainable_head_parameters": workers[0]["trainable_head_parameters"],
             "privacy": self.privacy_summary(),
+            "provenance": self.provenance,
         }
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         from analysis.plots import write_run_plots

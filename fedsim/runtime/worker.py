@@ -24,6 +24,7 @@ from fedsim.methods.base import HEAD_PREFIX, State
 from fedsim.modeling import load_model, load_tokenizer, offline_by_default
 from fedsim.partition import HELD_OUT, read_clients
 from fedsim.presum import partial_sum
+from fedsim.provenance import worker_record
 from fedsim.privacy import (PrivacySettings, dp_sample_rate, init_rows_per_client, init_sample_rate, poisson_batches,
                             private_gradient_sum)
 from fedsim.runtime.aggregator import CHECKPOINTS_KEPT
@@ -91,8 +92,12 @@ class ClientWorker:
             "restarted": bool(context and context.was_current_actor_reconstructed),
             **self.trainable_counts(),
             "cached_clients": len(self.cache),
-            "device": self.device,
+            **self.provenance(),
         }
+
+    def provenance(self) -> dict:
+        """This worker's device, torch threads and library versions (``fedsim.provenance``)."""
+        return worker_record(self.device)
 
     def trainable_counts(self) -> dict[str, int]:
         """What a full-rank client trains (and, under DP, what gets noised): adapter tensors, and the head."""

@@ -260,3 +260,30 @@ def test_write_run_plots_to_out_dir(comparison, tmp_path):
         "fedit-plot.png",
         "fedit-label_counts.png",
     }
+
+
+def provenance_record(transformers: str, seed: int = 3) -> dict:
+    versions = {"python": "3.11.7", "fedsim": "0.1.0", "torch": "2.13.0", "transformers": transformers, "peft": "0.21.2",
+                "opacus": "1.6.0", "ray": "2.60.0", "pyarrow": "26.0.1", "numpy": "2.4.6"}
+    return {"versions": versions, "git": {"revision": "a" * 40, "dirty": True}, "platform": "Linux x86_64", "seed": seed,
+            "devices": ["cpu (AMD EPYC, 2 cores)"], "torch_threads": [1], "worker_versions_differ": []}
+
+
+def test_tables_carry_each_runs_provenance_as_columns(comparison):
+    """A notebook groups runs by what produced them: summary.json's record, or (a run not finished) the last start's in
+    provenance.json; a run that recorded none gets nulls."""
+    summary = comparison / "fed-sb" / "summary.json"
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "provenance": provenance_record("5.24.0")}))
+    (comparison / "fedit" / "summary.json").unlink()
+    starts = [{"start_round": 0, **provenance_record("5.24.0", seed=5)}, {"start_round": 2, **provenance_record("5.25.0", seed=5)}]
+    (comparison / "fedit" / "provenance.json").write_text(json.dumps(starts))
+    for table in (runs_table(comparison, as_arrow=True), clients_table(comparison, as_arrow=True)):
+        by_run = {run: table.filter(pa.compute.equal(table["run"], run)) for run in ("fed-sb", "fedit")}
+        assert set(by_run["fed-sb"]["transformers"].to_pylist()) == {"5.24.0"}
+        assert set(by_run["fedit"]["transformers"].to_pylist()) == {"5.25.0"}  # the last start's
+        assert set(by_run["fedit"]["seed"].to_pylist()) == {5} and set(by_run["fed-sb"]["seed"].to_pylist()) == {3}
+        assert set(table["git_revision"].to_pylist()) == {"a" * 40} and set(table["git_dirty"].to_pylist()) == {True}
+        assert set(table["devices"].to_pylist()) == {"cpu (AMD EPYC, 2 cores)"} and set(table["torch_threads"].to_pylist()) == {"1"}
+    make_run(comparison / "old", "flora", exact=True)  # written before runs recorded provenance
+    old = runs_table(comparison / "old", as_arrow=True)
+    assert set(old["transformers"].to_pylist()) == {None} and set(old["seed"].to_pylist()) == {None}

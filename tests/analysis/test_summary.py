@@ -47,7 +47,7 @@ def test_summary_rows_from_the_files(tmp_path):
     assert a == {"run": "fed-sb", "method": "fed-sb", "rank": 55, "rounds": 3, "final_metric": 0.75,
                  "up_per_client_round": 100.0, "down_per_client_round": 155.0, "down_first_contact": 5055.0,
                  "bytes_up": 500, "bytes_down": 2 * 5055 + 155 + 5055 + 2 * 155, "max_agg_error": 0.5, "wall_s": 12.5,
-                 "epsilon": a["epsilon"]}
+                 "epsilon": a["epsilon"], "produced_by": None}
     assert math.isnan(a["epsilon"])
     assert b["wall_s"] == 6.0  # no summary.json: the rounds' wall_s summed
     assert b["down_per_client_round"] == 104.0 and b["down_first_contact"] == 5004.0
@@ -89,3 +89,20 @@ def test_first_contact_is_by_round_not_row_order(tmp_path):
     pq.write_table(table.take(np.arange(table.num_rows)[::-1].copy()), folder / "clients.parquet")
     [row] = summary_rows(folder)
     assert row["down_first_contact"] == 5004.0 and row["down_per_client_round"] == 104.0
+
+
+def test_the_footer_says_what_produced_the_runs(tmp_path):
+    """summary.json's provenance as one line under the table: once where every run shares it, else one line a run."""
+    from test_results_plots import provenance_record
+
+    for name, method, transformers in (("a", "fed-sb", "5.25.0"), ("b", "fedit", "5.25.0")):
+        folder = write_run(tmp_path / name, method, 4)
+        (folder / "summary.json").write_text(json.dumps({"wall_s": 1.0, "provenance": provenance_record(transformers)}))
+    footer = format_summary(summary_rows(tmp_path)).splitlines()[4:]
+    assert footer == ["produced by: fedsim 0.1.0 (git aaaaaaa, dirty) · python 3.11.7 · torch 2.13.0 · transformers 5.25.0 · "
+                      "peft 0.21.2 · opacus 1.6.0 · ray 2.60.0 · pyarrow 26.0.1 · numpy 2.4.6 · cpu (AMD EPYC, 2 cores), "
+                      "1 torch thread(s) a worker · seed 3"]
+    (tmp_path / "b" / "summary.json").write_text(json.dumps({"wall_s": 1.0, "provenance": provenance_record("5.24.0")}))
+    footer = format_summary(summary_rows(tmp_path)).splitlines()[4:]
+    assert [line.split(":")[0] for line in footer] == ["produced by (fed-sb)", "produced by (fedit)"]
+    assert "transformers 5.24.0" in footer[1] and "transformers 5.25.0" in footer[0]

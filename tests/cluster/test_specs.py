@@ -233,12 +233,15 @@ def test_cluster_scales_down_and_pins_images():
     assert "image" not in docker
 
 
-def test_cluster_installs_fedsim_from_the_working_tree():
+def test_cluster_installs_fedsim_from_the_working_tree_through_the_lock():
     cfg = cluster_config()
     remote = [r for r, local in cfg["file_mounts"].items() if local in (".", "./")]
     assert len(remote) == 1, "the working tree ('.') should be mounted on the nodes"
     for key in ("head_setup_commands", "worker_setup_commands"):
-        assert any(cmd.split()[:2] == ["pip", "install"] and cmd.split()[-1] == remote[0] for cmd in cfg[key]), key
+        assert any(cmd.split()[:2] == ["pip", "install"] and cmd.split()[-1] == remote[0]
+                   and f"-c {remote[0]}/constraints.txt" in cmd for cmd in cfg[key]), key
+    dockerfile = (ROOT / "cluster" / "Dockerfile").read_text()
+    assert "constraints.txt" in dockerfile.split("COPY")[1] and "pip install --no-cache-dir -c constraints.txt ." in dockerfile
 
 
 CLUSTER_MUTATIONS = {

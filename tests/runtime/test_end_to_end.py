@@ -81,7 +81,11 @@ def test_200_clients_two_methods_two_workers(ray_local, tiny_model_dir, tmp_path
             assert all(r["bytes_up"] > 4 * layers * 24**2 * 2 for r in clients)
 
 
-def test_same_config_same_numbers_and_resume(ray_local, tiny_model_dir, tmp_path):
+def test_same_config_same_numbers_and_resume(ray_local, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Same config, same numbers; a run stopped after round 0 and resumed gives the uninterrupted run's numbers, and
+    says in one line which library version differs from its first start (here a monkeypatched transformers)."""
+    from fedsim import provenance
+
     whole = make_config(tmp_path, tiny_model_dir, "whole")
     run(whole, progress=False)
     again = make_config(tmp_path, tiny_model_dir, "again")
@@ -90,9 +94,41 @@ def test_same_config_same_numbers_and_resume(ray_local, tiny_model_dir, tmp_path
 
     stopped = make_config(tmp_path, tiny_model_dir, "stopped", **{"train.rounds": 1})
     run(stopped, progress=False)
+    assert "resuming" not in capsys.readouterr().out
+    installed = provenance.versions()
+    monkeypatch.setattr(provenance, "versions", lambda: {**installed, "transformers": "9.9.9"})
     resumed = load_config(str(tmp_path / "stopped" / "config.yaml"), ["train.rounds=3"])
     run(resumed, resume=str(tmp_path / "stopped"), progress=False)
     assert_same_run(tmp_path / "whole", tmp_path / "stopped")
+    [line] = [line for line in capsys.readouterr().out.splitlines() if "resuming" in line]
+    assert f"transformers {installed['transformers']} → 9.9.9" in line and "from round 1" in line
+    starts = json.loads((tmp_path / "stopped" / "provenance.json").read_text())
+    assert [s["start_round"] for s in starts] == [0, 1]
+    assert [s["versions"]["transformers"] for s in starts] == [installed["transformers"], "9.9.9"]
+    assert {**json.loads((tmp_path / "stopped" / "summary.json").read_text())["provenance"], "start_round": 1} == starts[-1]
+
+
+def test_a_run_records_what_produced_it_and_local_epochs_alone_mean_epochs(ray_local, tiny_model_dir, tmp_path, capsys):
+    """Through `fedsim run`: ``train.local_epochs=1`` alone (``train.local_steps`` keeps its default) trains each client
+    ⌈n_i / batch_size⌉ steps; summary.json records the versions, the git revision, the devices, torch's threads and the
+    seed, and the closing table's footer says them."""
+    from fedsim.cli import main
+    from fedsim.provenance import PACKAGES
+
+    out = tmp_path / "epochs"
+    args = [f"output_dir={out}", f"model.name={tiny_model_dir}", "method.name=fed-sb", "workload.train_limit=150",
+            "workload.eval_limit=20", "clients.count=5", "clients.per_round=5", "clients.partition=iid", "train.rounds=1",
+            "train.local_epochs=1", "train.batch_size=8", "runtime.workers=1", "adapters.init_samples=8", "seed=7"]
+    assert main(["run", *args]) == 0
+    clients = pq.read_table(out / "clients.parquet").to_pylist()
+    assert len(clients) == 5 and len({r["samples"] for r in clients}) >= 1
+    assert [r["steps"] for r in clients] == [-(-r["samples"] // 8) for r in clients]  # ⌈n_i / 8⌉ × 1 epoch
+    record = json.loads((out / "summary.json").read_text())["provenance"]
+    assert set(record["versions"]) == {"python", *PACKAGES} and record["versions"]["torch"] == torch.__version__
+    assert record["seed"] == 7 and record["torch_threads"] == [1] and record["devices"][0].startswith("cpu (")
+    assert record["git"] is None or (len(record["git"]["revision"]) == 40 and isinstance(record["git"]["dirty"], bool))
+    footer = capsys.readouterr().out
+    assert f"torch {torch.__version__}" in footer and "seed 7" in footer
 
 
 def test_a_killed_worker_is_restarted_and_changes_nothing(ray_local, tiny_model_dir, tmp_path):
