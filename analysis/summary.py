@@ -17,6 +17,8 @@ number comes from ``rounds.parquet``, ``clients.parquet`` and ``summary.json``:
 - ``max_agg_error``: the largest aggregation error of any round (``rounds.parquet``);
 - ``wall_s``: the run's wall time (``summary.json``; the sum of the rounds' ``wall_s`` where it is absent);
 - ``epsilon``: the largest ε any client spent (``epsilon_max`` of ``rounds.parquet``), private runs only;
+- ``init_s``: a client's compute to build the round-0 adapters itself (``adapters.init_at: client``): the mean
+  ``init_s`` of the first contacts (``clients.parquet``), runs that have it only;
 - ``produced_by``: the versions, code revision, devices and seed that produced the run (``summary.json``), the footer.
 """
 
@@ -31,7 +33,7 @@ from analysis.results import Run, _as_runs, as_frame, run_labels
 from fedsim.provenance import one_line
 
 SUMMARY_COLUMNS = ["run", "method", "rank", "rounds", "final_metric", "up_per_client_round", "down_per_client_round",
-                   "down_first_contact", "bytes_up", "bytes_down", "max_agg_error", "wall_s", "epsilon"]
+                   "down_first_contact", "bytes_up", "bytes_down", "max_agg_error", "wall_s", "epsilon", "init_s"]
 
 
 def _values(table: pa.Table | None, name: str) -> np.ndarray:
@@ -66,6 +68,7 @@ def run_summary(run: Run, label: str | None = None) -> dict:
     agg_error = agg_error[np.isfinite(agg_error)]
     epsilon = _values(rounds, "epsilon_max")
     epsilon = epsilon[np.isfinite(epsilon)]
+    init_s = _values(clients, "init_s") if clients is not None and "init_s" in clients.column_names else np.zeros(first.size)
     method = run.config.get("method") if isinstance(run.config.get("method"), dict) else {}
     wall_s = run.summary.get("wall_s")
     return {
@@ -82,6 +85,7 @@ def run_summary(run: Run, label: str | None = None) -> dict:
         "max_agg_error": float(agg_error.max()) if agg_error.size else math.nan,
         "wall_s": float(wall_s) if wall_s is not None else float(_values(rounds, "wall_s").sum()),
         "epsilon": float(epsilon.max()) if epsilon.size else math.nan,
+        "init_s": _mean(init_s[first & (init_s > 0)]),
         "produced_by": one_line(run.provenance) if run.provenance else None,
     }
 
@@ -114,8 +118,9 @@ def _number(value: float, spec: str) -> str:
 def format_summary(rows: list[dict], metric: str = "accuracy") -> str:
     """The closing table: a line per run. Bytes per client per round in bytes; totals in kB/MB/GB."""
     private = any(math.isfinite(row["epsilon"]) for row in rows)
+    built = any(math.isfinite(row.get("init_s", math.nan)) for row in rows)  # adapters.init_at: client
     header = ["run", "rank", f"final {metric}", "up B/client/round", "down B/client/round", "first contact B",
-              "up, all", "down, all", "max agg error", "wall s"] + (["ε"] if private else [])
+              "up, all", "down, all", "max agg error", "wall s"] + (["ε"] if private else []) + (["client init s"] if built else [])
     body = []
     for row in rows:
         cells = [row["run"], "—" if row["rank"] is None else str(row["rank"]), _number(row["final_metric"], ".4f"),
@@ -124,6 +129,8 @@ def format_summary(rows: list[dict], metric: str = "accuracy") -> str:
                  _number(row["max_agg_error"], ".2e"), _number(row["wall_s"], ".1f")]
         if private:
             cells.append(_number(row["epsilon"], ".2f"))
+        if built:
+            cells.append(_number(row.get("init_s", math.nan), ".2f"))
         body.append(cells)
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))

@@ -27,7 +27,11 @@ from fedsim.errors import UsageError
 # With no CONFIG (the embedded default), `fedsim run` compares these methods at equal bytes per round: MiniLM's
 # query and value layers are 384×384 (d = k = 384), so FedIT at the default rank 4 sends r(d+k) = 3,072 numbers a
 # layer each way and Fed-SB at rank 55 sends r² = 3,025 (both also send the 5-class head, 1,925 numbers).
-DEFAULT_COMPARISON = ("fed-sb:rank=55", "fedit")
+# Fed-SB twice, with its LoRA-SB init from a public calibration sample: B and A downloaded at a client's first contact
+# (adapters.init_at=server), and built by each client itself (init_at=client): the two train the same numbers and
+# differ in their bill, bytes against the client's compute.
+DEFAULT_COMPARISON = ("fed-sb:rank=55:adapters.init_data=public", "fed-sb:rank=55:adapters.init_data=public:adapters.init_at=client",
+                      "fedit")
 
 
 class Command(NamedTuple):
@@ -202,12 +206,14 @@ def _split_method(spec: str) -> tuple[str, list[str]]:
 
 
 def _method_folder(spec: str, specs: list[str]) -> str:
-    """A comparison member's folder: the method's name, or with its settings where the name occurs twice (fed-sb-rank55)."""
+    """A comparison member's folder: the method's name, or with the settings that tell it from the other members of that
+    name where the name occurs twice (fed-sb-rank55; fed-sb and fed-sb-init_atclient)."""
     name, overrides = _split_method(spec)
-    if [_split_method(s)[0] for s in specs].count(name) == 1:
+    namesakes = [_split_method(s)[1] for s in specs if _split_method(s)[0] == name]
+    if len(namesakes) == 1:
         return name
     parts = [name] + [o.split("=", 1)[0].rsplit(".", 1)[-1] + "".join(c for c in o.split("=", 1)[1] if c.isalnum() or c in ".-")
-                      for o in overrides]
+                      for o in overrides if not all(o in other for other in namesakes)]
     return "-".join(parts)
 
 

@@ -141,6 +141,7 @@ class Section:
 TASKS = ("classification", "causal-lm")
 DTYPES = ("float32", "bfloat16", "float16")
 INIT_DATA = ("pooled", "client", "public")
+INIT_AT = ("server", "client")
 PARTITIONS = ("iid", "dirichlet", "imbalanced")
 CLIENT_WEIGHTS = ("samples", "uniform")
 RANK_AGGREGATIONS = ("zero-pad", "partitioned")
@@ -210,6 +211,10 @@ class AdaptersConfig(Section):
     init_samples: int = setting(64, "examples in the calibration sample", **AT_LEAST_ONE)
     init_batch_size: int = setting(16, "batch size of the calibration gradient pass", **AT_LEAST_ONE)
     init_lr: Optional[float] = setting(None, "eta in G = -eta * sign(sum grad W); null = train.lr", **POSITIVE)
+    init_at: str = setting("server", "who builds the round-0 adapters: server (a client's first contact downloads them) | client "
+                           "(each client builds them with the server's code from the base model, the run seed and, for LoRA-SB, "
+                           "the public calibration sample: init_data=public; a first contact then carries only what changed "
+                           "since round 0, and the client's compute is billed as init_s)", choices=INIT_AT)
 
 
 @dataclass

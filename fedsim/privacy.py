@@ -77,8 +77,13 @@ def privacy_history(config, needs_init_gradients: bool, client_id: int, rows: li
 
 
 def check_private_init(config, needs_init_gradients: bool) -> None:
-    """A private run whose LoRA-SB init would read client data without counting it is refused."""
+    """A private run whose LoRA-SB init would read client data without counting it is refused; so is a LoRA-SB init
+    built by each client from data other than the public sample (no client holds the pooled or another client's rows)."""
     p, a = config.privacy, config.adapters
+    if a.init_at == "client" and needs_init_gradients and a.init_data != "public":
+        raise UsageError(f"adapters.init_at: client needs adapters.init_data=public (each client builds B and A from the public "
+                         f"calibration sample; with init_data={a.init_data} it would need rows it does not hold); set "
+                         "adapters.init_data=public or adapters.init_at=server")
     if p.enabled and needs_init_gradients and a.init_data != "public" and p.init_noise_multiplier is None:
         raise UsageError(f"privacy.init_noise_multiplier: LoRA-SB's initialisation reads client data (adapters.init_data={a.init_data}); "
                          "set adapters.init_data=public, or a privacy.init_noise_multiplier so that it is computed privately and counted")

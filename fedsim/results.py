@@ -20,7 +20,7 @@ ROUND_COLUMNS = ["round", "method", "clients_sampled", "clients_ok", "bytes_up",
                  "train_loss", "eval_metric", "eval_loss", "wall_s", "train_s_max", "aggregate_s", "eval_s", "overhead_s",
                  "noise_multiplier", "epsilon_max"]
 CLIENT_COLUMNS = ["round", "client_id", "worker_id", "rank", "samples", "steps", "train_loss", "bytes_up",
-                  "bytes_down", "train_s", "status", "noise_multiplier", "sample_rate", "epsilon", "eval_metric", "eval_loss"]
+                  "bytes_down", "train_s", "init_s", "status", "noise_multiplier", "sample_rate", "epsilon", "eval_metric", "eval_loss"]
 
 
 def write_rows(rows: list[dict], columns: list[str], path: Location) -> None:

@@ -154,11 +154,13 @@ def test_run_default_compares_fed_sb_and_fedit_at_equal_bytes(tmp_path, fake_run
     assert main(["run", f"output_dir={tmp_path}", "train.rounds=1"]) == 0
     [(name, (configs, output_dir), kwargs)] = fake_runtime.calls
     assert name == "run_comparison"
-    assert [c.method.name for c in configs] == ["fed-sb", "fedit"]
-    assert [c.output_dir for c in configs] == [str(tmp_path / "fed-sb"), str(tmp_path / "fedit")]
+    assert [c.method.name for c in configs] == ["fed-sb", "fed-sb", "fedit"]
+    assert [c.output_dir for c in configs] == [str(tmp_path / "fed-sb"), str(tmp_path / "fed-sb-init_atclient"), str(tmp_path / "fedit")]
     assert all(c.train.rounds == 1 for c in configs)
+    # Fed-SB's two protocols: B and A downloaded (init_at=server) or built by each client from the public sample
+    assert [(c.adapters.init_data, c.adapters.init_at) for c in configs[:2]] == [("public", "server"), ("public", "client")]
     # Equal numbers per adapted layer each round: Fed-SB's r² against FedIT's r(d+k), MiniLM's d = k = 384.
-    fed_sb, fedit = configs
+    fed_sb, _, fedit = configs
     assert fed_sb.method.rank == 55 and fedit.method.rank == 4
     assert abs(fed_sb.method.rank ** 2 - fedit.method.rank * (384 + 384)) / (fedit.method.rank * 768) < 0.02
     assert output_dir == str(tmp_path)

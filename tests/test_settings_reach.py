@@ -146,6 +146,16 @@ def method_probe(files, config, name):
             plan.client_ranks)
 
 
+def downlink_probe(files, config, name):
+    """Bytes two clients receive at their first contact in round 0, from the aggregator holding the round-0 state."""
+    from fedsim.runtime.aggregator import Aggregator
+
+    experiment = build(files, config, name)
+    aggregator = Aggregator(experiment.plan)
+    aggregator.set_state(ClientWorker(experiment.plan, 0).initial_state())
+    return aggregator.downlink_bytes([0, 1], 0)
+
+
 def driver_probe(files, config, name):
     experiment = build(files, config, name)
     return [experiment.sample(t) for t in range(3)], [experiment.evaluates(t) for t in range(6)], experiment.noise_multiplier
@@ -257,6 +267,7 @@ PROBES = {
     "adapters.init_samples": (4, init_probe),
     "adapters.init_batch_size": (2, "uneven-init"),
     "adapters.init_lr": (0.5, init_probe),
+    "adapters.init_at": ("client", "public-downlink"),
     "clients.count": (3, data_probe),
     "clients.per_round": (3, driver_probe),
     "clients.partition": ("iid", data_probe),
@@ -307,6 +318,7 @@ CONTEXTS = {
     "rounds": ({"eval.every": 4}, driver_probe),
     "uneven-init": ({"adapters.init_samples": 12}, init_probe),  # 3 rows a client: batches of 2 weigh them unevenly
     "public-init": ({"adapters.init_data": "public"}, privacy_probe),
+    "public-downlink": ({"adapters.init_data": "public"}, downlink_probe),
     "lora": ({"method.name": "fedit"}, method_probe),
     "fra-then-ffa": ({"method.name": "fra-then-ffa"}, method_probe),
     "central": ({"method.name": "central"}, method_probe),

@@ -1,6 +1,8 @@
 """What each client receives at the start of a round, the one rule the runtime's aggregator and ``analysis.comm`` share.
 
-- A client at its first round receives the whole global state.
+- A client at its first round receives the whole global state; where clients build the round-0 state themselves
+  (``adapters.init_at: client``), it holds the state at the start of round 0 and is treated as having received it
+  then: it receives what changed since (nothing in round 0; for Fed-SB, never B and A).
 - A client that also received the previous round's downlink receives that round's broadcast.
 - Any other returning client receives what changed in the global state since it last received it: the current
   value of every tensor a later aggregation changed (for Fed-SB, R alone: B and A never change; for FedEx-LoRA,
@@ -20,15 +22,16 @@ from fedsim.methods.base import Method, State
 class Downlinks:
     """The clients' view of the global state over the rounds: when each last received it, when each tensor last changed."""
 
-    def __init__(self, method: Method):
+    def __init__(self, method: Method, built_at_client: bool = False):
         self.method = method
+        self.built_at_client = built_at_client  # adapters.init_at: client
         self.last_received: dict[int, int] = {}  # client -> the round at whose start it last received the state
         self.changed: dict[str, int] = {}  # state key -> the last round whose aggregation changed it
         self.broadcast: State = {}  # the last round's broadcast (meta tensors suffice: only sizes are read)
 
     def message(self, state: State, client_id: int, rank: int, round_idx: int) -> State:
         """What ``client_id`` (adapter rank ``rank``) receives at the start of ``round_idx``; records that it did."""
-        last = self.last_received.get(client_id)
+        last = self.last_received.get(client_id, 0 if self.built_at_client else None)
         self.last_received[client_id] = round_idx
         if last is None:
             return self.method.downlink(state, rank)

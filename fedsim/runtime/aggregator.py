@@ -29,7 +29,7 @@ class Aggregator:
         # runtime.aggregator_gpus: the methods compute on the device of the tensors they are given; the state stays on the CPU
         self.device = "cuda" if plan.config.runtime.aggregator_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.state: State = {}
-        self.downlinks = Downlinks(self.method)  # what each client receives (fedsim.methods.downlink)
+        self.downlinks = Downlinks(self.method, plan.config.adapters.init_at == "client")  # what each client receives
         self.snapshots: dict[int, tuple[State, dict]] = {}  # rounds aggregated but not yet checkpointed
         self.lock = threading.Lock()
 

@@ -187,6 +187,7 @@ class Experiment:
         self.client_rows: list[dict] = []
         self.client_history: dict[int, list[dict]] = {}  # a client's rows so far (its privacy history)
         self.measured_s: dict[int, float] = {}  # each client's last training time (the scheduler's estimate of its work)
+        self.client_init: dict[int, dict] = {}  # adapters.init_at: client — each worker's build of the round-0 state
 
     # -- before Ray -------------------------------------------------------------------------------
     def prepare(self, dry_run: bool = False) -> dict[str, str]:
@@ -303,6 +304,29 @@ class Experiment:
 
         ray.get(self.aggregator.set_state.remote(self.workers[0].initial_state.remote()))
 
+    def build_client_inits(self) -> None:
+        """``adapters.init_at: client``: every worker builds the round-0 state once, as a client does at its first contact;
+        its seconds are the ``init_s`` of each first contact it trains. Before round 0 each is checked bit-identical to
+        the server's (a worker whose device builds other B and A is named: its clients would train other adapters)."""
+        import ray
+
+        server_state = None if self.resumed else self.aggregator.get_state.remote()
+        built = ray.get([self.workers[worker_id].build_client_init.remote(server_state) for worker_id in self.live])
+        self.client_init = dict(zip(self.live, built))
+        for worker_id, result in self.client_init.items():
+            if result["identical"] is False:
+                print(f"fedsim: worker {worker_id} built a round-0 state that differs from the server's: with adapters.init_at=client "
+                      "the clients it trains would start from other adapters")
+
+    def init_seconds(self, row: dict) -> float:
+        """A row's ``init_s``: the client's compute to build the round-0 state, at its first contact under
+        ``adapters.init_at: client`` (the seconds of the worker that trained it; of the workers' mean for a client that
+        dropped out, which builds it all the same), else 0."""
+        if not self.client_init or row["client_id"] in self.client_history:
+            return 0.0
+        seconds = {worker_id: result["init_s"] for worker_id, result in self.client_init.items()}
+        return seconds.get(row["worker_id"], float(np.mean(list(seconds.values()))))
+
     # -- rounds ---------------------------------------------------------------------------------
     def run(self) -> Location:
         import ray
@@ -319,6 +343,8 @@ class Experiment:
                 print(changed)
             if not self.resumed:
                 self.initial_state()
+            if c.adapters.init_at == "client":
+                self.build_client_inits()
             save_config(c, self.output_dir / "config.yaml")
             checkpoints = str(self.output_dir / "checkpoints")
             self.writer = RoundWriter(self.output_dir, self.round_columns,
@@ -359,6 +385,7 @@ class Experiment:
         bar.update(len(dropped))
         for row in rows:
             row["bytes_down"] = aggregation["bytes_down"][row["client_id"]]
+            row["init_s"] = self.init_seconds(row)
             row["eval_metric"] = row["eval_loss"] = float("nan")
         eval_started = time.perf_counter()
         eval_metric, eval_loss, by_set = float("nan"), float("nan"), {}
@@ -538,7 +565,7 @@ class Experiment:
         last_round = ray.get(self.aggregator.restore.remote(stem))
         self.plan.client_store.rollback(last_round)  # what clients kept in rounds the checkpoint never saw
         self.round_rows += read_rows(self.output_dir / "rounds.parquet", last_round)
-        self.client_rows += read_rows(self.output_dir / "clients.parquet", last_round)
+        self.client_rows += [{"init_s": 0.0, **row} for row in read_rows(self.output_dir / "clients.parquet", last_round)]
         for row in self.client_rows:
             self.client_history.setdefault(row["client_id"], []).append(row)
             if row["steps"] > 0:
@@ -584,6 +611,7 @@ class Experiment:
             "trainable_head_parameters": workers[0]["trainable_head_parameters"],
             "privacy": self.privacy_summary(),
             "provenance": self.provenance,
+            **({"client_init": {str(worker_id): result for worker_id, result in self.client_init.items()}} if self.client_init else {}),
         }
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         from analysis.plots import write_run_plots

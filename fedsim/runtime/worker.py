@@ -133,6 +133,17 @@ class ClientWorker:
                 grad_sums = self.init_gradients(list(range(count)))
         return self.method.init_state(self.model, grad_sums, a.init_lr or self.config.train.lr)
 
+    def build_client_init(self, server_state: State | None = None) -> dict:
+        """What a client does at its first contact under ``adapters.init_at: client``: build the round-0 state with the
+        server's code (``initial_state``) on this worker's device. Returns its seconds (``init_s``, the client's compute)
+        and, given the server's round-0 state, whether every tensor came out bit-identical to it."""
+        start = time.perf_counter()
+        built = self.initial_state()
+        seconds = time.perf_counter() - start
+        identical = None if server_state is None else built.keys() == server_state.keys() and all(
+            torch.equal(built[key].cpu(), server_state[key].cpu()) for key in built)
+        return {"init_s": seconds, "identical": identical}
+
     def init_gradients(self, client_ids: list[int]) -> dict[str, torch.Tensor]:
         """Σ of the full model's gradients on calibration rows of these clients (in client order), in batches of
         ``adapters.init_batch_size``.

@@ -47,8 +47,8 @@ def test_summary_rows_from_the_files(tmp_path):
     assert a == {"run": "fed-sb", "method": "fed-sb", "rank": 55, "rounds": 3, "final_metric": 0.75,
                  "up_per_client_round": 100.0, "down_per_client_round": 155.0, "down_first_contact": 5055.0,
                  "bytes_up": 500, "bytes_down": 2 * 5055 + 155 + 5055 + 2 * 155, "max_agg_error": 0.5, "wall_s": 12.5,
-                 "epsilon": a["epsilon"], "produced_by": None}
-    assert math.isnan(a["epsilon"])
+                 "epsilon": a["epsilon"], "init_s": a["init_s"], "produced_by": None}
+    assert math.isnan(a["epsilon"]) and math.isnan(a["init_s"])
     assert b["wall_s"] == 6.0  # no summary.json: the rounds' wall_s summed
     assert b["down_per_client_round"] == 104.0 and b["down_first_contact"] == 5004.0
 
