@@ -479,8 +479,9 @@ def _add_submit(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", metavar="M1,M2", help="run the config once per method, side by side (as fedsim run --methods)")
     parser.add_argument("--overwrite", action="store_true", help="let the job replace the results already in output_dir")
     parser.add_argument("--pip", default="project", metavar="project|none|FILE",
-                        help="the job's pip requirements: fedsim's own (project, default), none (the cluster's image has them), "
-                        "or a requirements file")
+                        help="the job's pip requirements: fedsim's own and what they need, at the versions of the project's "
+                        "lock, constraints.txt (project, default; ray and torch stay the cluster's), none (the cluster's image "
+                        "has them), or a requirements file")
     parser.add_argument("--job-id", metavar="ID", help="the job's submission id (default: Ray's)")
     parser.add_argument("--entrypoint-cpus", type=float, metavar="N",
                         help="CPUs reserved for the driver process (default: none, so the driver can run on the head node of a "
