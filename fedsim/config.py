@@ -150,6 +150,7 @@ ACCOUNTANTS = ("rdp", "prv")
 CENTRAL_ADAPTERS = ("lora-sb", "lora")
 LOSS_ON = ("response", "all")
 FEDEX_DOWNLINKS = ("residual", "stacked", "auto")
+LORA_FAIR_CORRECTIONS = ("paper", "closed-form")
 
 
 @dataclass
@@ -200,6 +201,9 @@ class MethodConfig(Section):
     fedex_downlink: str = setting("residual", "fedex-lora: what goes down — residual (the d×k correction), stacked (every "
                                   "client's A and B, c·Σr(d+k), from which a client computes it, as the papers count it) or "
                                   "auto (the cheaper in that round)", choices=FEDEX_DOWNLINKS)
+    lora_fair_correction: str = setting("paper", "lora-fair: the server's correction ΔB of B̄ — paper (min 1 − cos(ΔW, (B̄+ΔB)Ā) "
+                                        "+ 0.01‖ΔB‖_F by gradient descent from ΔB = 0, fixed steps, float64) or closed-form "
+                                        "(fedsim's Frobenius ridge, solved exactly)", choices=LORA_FAIR_CORRECTIONS)
 
 
 @dataclass
