@@ -80,11 +80,11 @@ def layer_names_of(state: State) -> list[str]:
     return list(names)
 
 
-def meta_like(tensor: torch.Tensor, shape: Sequence[int] | None = None) -> torch.Tensor:
-    """A new meta tensor of ``tensor``'s dtype and shape (or ``shape``): what counting bytes (``analysis.comm``) builds
-    where the real code computes. Built directly, not by meta arithmetic, which runs through Python decompositions
-    (tens of µs to ms an op, and an import of sympy at its first use)."""
-    return torch.empty(tensor.shape if shape is None else shape, dtype=tensor.dtype, device="meta")
+def meta_like(tensor: torch.Tensor) -> torch.Tensor:
+    """A new meta tensor of ``tensor``'s shape and dtype: what counting bytes (``analysis.comm``) builds where the real
+    code computes. Built directly, not by meta arithmetic, which runs through Python decompositions (tens of µs to ms
+    an op, and an import of sympy at its first use)."""
+    return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
 
 
 def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
