@@ -338,14 +338,19 @@ def parse_ints(text, flag: str, minimum: int = 1) -> list[int]:
 
 def _schedule(method: Method, shapes: ModelShapes, clients: int, rounds: int) -> list[dict[str, int]]:
     """Per round: what one of ``clients`` clients (all taking part and aggregated every round, at the full rank) sends
-    and receives — ``up``, ``down`` (``first`` at round 0) — in bytes and numbers (``up_n``, ``down_n``)."""
+    and receives — ``up``, ``down`` (``first`` at round 0) — in bytes and numbers (``up_n``, ``down_n``).
+
+    The clients are alike (same rounds, same rank), so client 0's messages are every client's: its downlink and upload
+    are built once a round, and the aggregate still sees all ``clients`` uploads (the stacked downlinks grow with them).
+    """
     replay = MessageReplay(method, shapes)
+    ranks = dict.fromkeys(range(clients), method.rank)
     rows = []
     for round_idx in range(rounds):
-        down = [replay.down(cid, method.rank, round_idx) for cid in range(clients)][0]
+        down = replay.down(0, method.rank, round_idx)
         up = replay.up(round_idx, method.rank)
         rows.append({"up": nbytes(up), "down": nbytes(down), "up_n": numel_of(up), "down_n": numel_of(down)})
-        replay.aggregate(round_idx, {cid: method.rank for cid in range(clients)})
+        replay.aggregate(round_idx, ranks)
     return rows
 
 

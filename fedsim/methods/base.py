@@ -80,10 +80,17 @@ def layer_names_of(state: State) -> list[str]:
     return list(names)
 
 
+def meta_like(tensor: torch.Tensor) -> torch.Tensor:
+    """A new meta tensor of ``tensor``'s shape and dtype: what counting bytes (``analysis.comm``) builds where the real
+    code computes. Built directly, not by meta arithmetic, which runs through Python decompositions (tens of µs to ms
+    an op, and an import of sympy at its first use)."""
+    return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+
+
 def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """``Σ w_i t_i``, accumulated in float64 in the order given (on the inputs' device), returned in the inputs' dtype."""
-    if tensors[0].is_meta:  # counting bytes (analysis.comm): the shape is all there is, and meta arithmetic is slow
-        return torch.empty_like(tensors[0])
+    if tensors[0].is_meta:  # counting bytes (analysis.comm): the shape is all there is
+        return meta_like(tensors[0])
     return weighted_sum64(tensors, weights).to(tensors[0].dtype)
 
 
@@ -354,13 +361,15 @@ class Method:
         ordered = sorted(uploads, key=lambda u: u.client_id)
         return ordered, self.client_weights(ordered)
 
-    def average(self, state: State, uploads: Sequence[Upload], weights: Sequence[float]) -> State:
-        """``Σ w_i t_i`` for every uploaded tensor. Lower-rank clients' blocks are zero-padded to the global
-        shape; ``partitioned`` divides each entry by the weight of the clients that trained it instead."""
-        if uploads[0].tensors and next(iter(uploads[0].tensors.values())).is_meta:  # counting bytes: shapes only
-            return {key: torch.empty_like(state.get(key, value)) for key, value in uploads[0].tensors.items()}
+    def average(self, state: State, uploads: Sequence[Upload], weights: Sequence[float],
+                keys: Sequence[str] | None = None) -> State:
+        """``Σ w_i t_i`` for every uploaded tensor (or those of ``keys``). Lower-rank clients' blocks are zero-padded
+        to the global shape; ``partitioned`` divides each entry by the weight of the clients that trained it instead."""
+        keys = list(uploads[0].tensors if keys is None else keys)
+        if keys and uploads[0].tensors[keys[0]].is_meta:  # counting bytes: shapes only
+            return {key: meta_like(state.get(key, uploads[0].tensors[key])) for key in keys}
         averaged = {}
-        for key in uploads[0].tensors:
+        for key in keys:
             shape = state[key].shape if key in state else uploads[0].tensors[key].shape
             tensors = [pad_to(u.tensors[key], shape) for u in uploads]
             partial = any(u.tensors[key].shape != shape for u in uploads)
@@ -571,16 +580,18 @@ STACK_WEIGHTS, STACK_RANKS = "stack.weights", "stack.ranks"
 def stack_uploads(layers: Sequence[str], uploads: Sequence[Upload], weights: Sequence[float], full_rank: int) -> State:
     """Every client's A and B of each layer stacked along the rank (A's rows, B's columns), with the clients'
     weights (float64) and ranks: what FLoRA, and FedEx-LoRA's ``stacked`` downlink, send to every client."""
-    ranks = [client_rank(u, layers[0], full_rank) for u in uploads]
+    ranks = [client_rank(u, layers[0], full_rank) for u in uploads]  # a client's rank is the same in every layer
     message: State = {STACK_WEIGHTS: torch.tensor(list(weights), dtype=torch.float64),
                       STACK_RANKS: torch.tensor(ranks, dtype=torch.int64)}
+    stacked_rank = sum(ranks)
     for layer in layers:
-        A = [u.tensors[state_key(layer, "lora_A")] for u in uploads]
-        B = [u.tensors[state_key(layer, "lora_B")] for u in uploads]
-        if A[0].is_meta:  # counting bytes (analysis.comm): shapes only, and meta concatenation is slow
-            message[state_key(layer, "stack_A")] = A[0].new_empty(sum(a.shape[0] for a in A), A[0].shape[1])
-            message[state_key(layer, "stack_B")] = B[0].new_empty(B[0].shape[0], sum(b.shape[1] for b in B))
+        A_0, B_0 = uploads[0].tensors[state_key(layer, "lora_A")], uploads[0].tensors[state_key(layer, "lora_B")]
+        if A_0.is_meta:  # counting bytes (analysis.comm): shapes only, and meta concatenation is slow
+            message[state_key(layer, "stack_A")] = A_0.new_empty(stacked_rank, A_0.shape[1])
+            message[state_key(layer, "stack_B")] = B_0.new_empty(B_0.shape[0], stacked_rank)
         else:
+            A = [u.tensors[state_key(layer, "lora_A")] for u in uploads]
+            B = [u.tensors[state_key(layer, "lora_B")] for u in uploads]
             message[state_key(layer, "stack_A")] = torch.cat(A, dim=0)
             message[state_key(layer, "stack_B")] = torch.cat(B, dim=1)
     return message

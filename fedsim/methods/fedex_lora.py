@@ -62,7 +62,8 @@ class FedExLoRA(Method):
             mean_B = averaged[state_key(layer, "lora_B")].to(torch.float64)
             mean_A = averaged[state_key(layer, "lora_A")].to(torch.float64)
             ideal_norm2 = None if residual.is_meta else float(torch.linalg.matrix_norm(residual) ** 2)
-            residual.addmm_(mean_B, mean_A, alpha=-self.scaling)  # − s B̄Ā, in place
+            if not residual.is_meta:  # counting bytes (analysis.comm): the residual's shape is all there is
+                residual.addmm_(mean_B, mean_A, alpha=-self.scaling)  # − s B̄Ā, in place
             residuals[layer] = residual.to(torch.float32)
             delta_key = state_key(layer, "base_delta")
             new_state[delta_key] = add_residual(state.get(delta_key), residuals[layer])
@@ -75,4 +76,6 @@ class FedExLoRA(Method):
 
 def add_residual(base_delta: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
     """The accumulated W0 correction after one more residual (float32, the same on server and client)."""
-    return residual.clone() if base_delta is None else base_delta + residual
+    if base_delta is None or residual.is_meta:  # meta (counting bytes): a new tensor of the sum's shape
+        return residual.clone()
+    return base_delta + residual

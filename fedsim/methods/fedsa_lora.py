@@ -41,10 +41,11 @@ class FedSALoRA(Method):
     def aggregate(self, state: State, uploads: Sequence[Upload], round_idx: int) -> RoundResult:
         uploads, weights = self.ordered(uploads)
         kept = self.client_kinds(round_idx)
+        kept_keys = {key for key in state if key_kind(key) in kept}  # uploads are keyed as the global state is
         for upload in uploads:
-            leaked = [key for key in upload.tensors if key_kind(key) in kept]
+            leaked = kept_keys.intersection(upload.tensors)
             if leaked:
-                raise ValueError(f"client {upload.client_id} uploaded tensors it keeps: {leaked[:3]}")
+                raise ValueError(f"client {upload.client_id} uploaded tensors it keeps: {sorted(leaked)[:3]}")
         averaged = self.average(state, uploads, weights)
         return RoundResult(
             state={**state, **averaged},

@@ -51,6 +51,10 @@ class FedSVD(Method):
 
 def orthonormal_refactor(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(U_r S_r, Vᵀ_r)`` of the SVD of ``B A`` (float64): the same product, with an orthonormal A."""
+    if B.is_meta:  # counting bytes (analysis.comm): the shapes of the reduced QR and SVD, without their meta arithmetic
+        (d, r), k = B.shape, A.shape[1]
+        rank = min(d, r, k)
+        return torch.empty(d, rank, dtype=torch.float64, device="meta"), torch.empty(rank, k, dtype=torch.float64, device="meta")
     Q, R = torch.linalg.qr(B.to(torch.float64))
     U, S, Vh = torch.linalg.svd(R @ A.to(torch.float64), full_matrices=False)
     return (Q @ U) * S, Vh

@@ -24,6 +24,7 @@ from fedsim.methods.base import (
     Upload,
     kaiming_uniform_A,
     layer_names_of,
+    meta_like,
     stack_uploads,
     state_key,
     unstack,
@@ -72,13 +73,13 @@ class FLoRA(Method):
                 layer_terms[layer] = (float(torch.linalg.matrix_norm(fold - applied) ** 2), float(torch.linalg.matrix_norm(fold) ** 2))
             A_key, B_key = state_key(layer, "lora_A"), state_key(layer, "lora_B")
             new_state[A_key] = self.redraw_A(state[A_key], layer, next_round)
-            new_state[B_key] = torch.zeros_like(state[B_key])
+            new_state[B_key] = meta_like(state[B_key]) if state[B_key].is_meta else torch.zeros_like(state[B_key])
         return new_state
 
     def redraw_A(self, old_A: torch.Tensor, layer: str, round_idx: int) -> torch.Tensor:
         """LoRA's A for ``layer`` at the start of ``round_idx``: seeded by (run seed, round, layer name) alone."""
         if old_A.is_meta:  # counting bytes (analysis.comm): shapes only
-            return torch.empty_like(old_A)
+            return meta_like(old_A)
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "flora-redraw", round_idx, layer))
         rank, in_features = old_A.shape
         return kaiming_uniform_A(rank, in_features, generator).to(old_A.dtype)

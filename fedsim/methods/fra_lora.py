@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from fedsim.methods import register
-from fedsim.methods.base import Method, RoundResult, State, Term, Upload, layer_names_of, stacked, state_key
+from fedsim.methods.base import Method, RoundResult, State, Term, Upload, layer_names_of, meta_like, stacked, state_key
 
 
 @register("fra-lora", paper="https://arxiv.org/abs/2501.06332", rule="rank-r truncated SVD of `Σ w_i B_i A_i`", exact="no (truncation reported)")
@@ -24,9 +24,13 @@ class FRALoRA(Method):
         averaged = self.average(state, uploads, weights)  # the head (and a baseline for the broadcast keys)
         new_state = {**state, **averaged}
         for layer in layer_names_of(state):
+            B_key, A_key = state_key(layer, "lora_B"), state_key(layer, "lora_A")
+            if state[A_key].is_meta:  # counting bytes (analysis.comm): the shapes are all there is, and they do not change
+                new_state[B_key], new_state[A_key] = meta_like(state[B_key]), meta_like(state[A_key])
+                continue
             B, A = truncated_factors(self.ideal_terms(state, uploads, weights, layer), self.rank, self.scaling)
-            new_state[state_key(layer, "lora_B")] = B.to(state[state_key(layer, "lora_B")].dtype)
-            new_state[state_key(layer, "lora_A")] = A.to(state[state_key(layer, "lora_A")].dtype)
+            new_state[B_key] = B.to(state[B_key].dtype)
+            new_state[A_key] = A.to(state[A_key].dtype)
         broadcast = {key: new_state[key] for key in averaged}
         return self.finish(state, new_state, broadcast, uploads, weights)
 
@@ -37,9 +41,6 @@ def truncated_factors(terms: Sequence[Term], rank: int, scaling: float) -> tuple
     With ``ΔW = L R`` (the stacked factors, n columns): ``L = Q_L T_L``, ``Rᵀ = Q_R T_R``, so
     ``ΔW = Q_L (T_L T_Rᵀ) Q_Rᵀ`` and the SVD of the n×n core gives ΔW's. Where n ≥ min(d, k), the dense SVD.
     """
-    if terms[0][1].is_meta:  # counting bytes (analysis.comm): the shapes are all there is, and meta arithmetic is slow
-        d, k = terms[0][1].shape[0], terms[0][3].shape[1]
-        return torch.empty(d, rank, dtype=torch.float64, device="meta"), torch.empty(rank, k, dtype=torch.float64, device="meta")
     left, right = stacked(terms)
     (d, n), k = left.shape, right.shape[1]
     if n < min(d, k):

@@ -40,12 +40,12 @@ from fedsim.methods.base import HEAD_PREFIX, Method, RoundResult, State, Upload,
 class HetLoRA(Method):
     def aggregate(self, state: State, uploads: Sequence[Upload], round_idx: int) -> RoundResult:
         uploads, weights = self.ordered(uploads)
-        averaged = self.average(state, [only(u, lambda key: key.startswith(HEAD_PREFIX)) for u in uploads], weights)
+        keys = keys_by_layer(uploads[0].tensors)  # every client uploads the same keys
+        averaged = self.average(state, uploads, weights, keys.get(HEAD_PREFIX, []))
         sparsity = {}
         for layer in layer_names_of(state):
             sparsity[layer] = self.sparsity_weights(state, uploads, layer) or weights
-            prefix = f"{layer}."
-            averaged.update(self.average(state, [only(u, lambda key: key.startswith(prefix)) for u in uploads], sparsity[layer]))
+            averaged.update(self.average(state, uploads, sparsity[layer], keys.get(layer, [])))
         new_state = {**state, **averaged}
         meta = any(t.is_meta for t in new_state.values())  # counting bytes: no error to measure
         layer_terms = {} if meta else {layer: self.layer_error(state, new_state, uploads, layer_weights, layer)
@@ -67,6 +67,9 @@ class HetLoRA(Method):
         return rank_block(message, rank)
 
 
-def only(upload: Upload, keep) -> Upload:
-    """The upload with only the tensors whose key ``keep`` accepts."""
-    return Upload(upload.client_id, upload.num_samples, {k: v for k, v in upload.tensors.items() if keep(k)})
+def keys_by_layer(tensors: State) -> dict[str, list[str]]:
+    """The keys of ``tensors`` grouped by adapted layer (``"<layer>"`` of ``"<layer>.lora_A"``); the head's under ``HEAD_PREFIX``."""
+    groups: dict[str, list[str]] = {}
+    for key in tensors:
+        groups.setdefault(HEAD_PREFIX if key.startswith(HEAD_PREFIX) else key.rsplit(".", 1)[0], []).append(key)
+    return groups
