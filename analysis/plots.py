@@ -93,6 +93,7 @@ def _summary_text(labels: list[str], summaries: list[dict], metric: str) -> str:
             f"  down per client per round: {human_bytes(row['down_per_client_round'])}",
             f"  down at first contact:     {human_bytes(row['down_first_contact'])}",
             f"  all rounds, up + down:     {human_bytes(row['bytes_up'] + row['bytes_down'])}",
+            *([f"  client compute, B and A:   {row['init_s']:.2f} s"] if np.isfinite(row.get("init_s", np.nan)) else []),
         ]))
     return "\n\n".join(blocks)
 

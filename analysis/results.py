@@ -165,11 +165,14 @@ def _as_runs(paths_or_runs) -> list[Run]:
 
 
 def run_labels(runs: list[Run]) -> list[str]:
-    """Display names: the run's name, made unique with its folder name where two runs share one."""
+    """Display names: the run's name, made unique with its folder name where two runs share one (the folder name alone
+    where it starts with the run's: `fed-sb-init_atclient`, as `fedsim run --methods` names a member's folder)."""
     names = [r.name for r in runs]
     labels = []
     for run in runs:
-        if names.count(run.name) > 1 and run.path.name != run.name:
+        if names.count(run.name) > 1 and run.path.name.startswith(f"{run.name}-"):
+            labels.append(run.path.name)
+        elif names.count(run.name) > 1 and run.path.name != run.name:
             labels.append(f"{run.name} ({run.path.name})")
         else:
             labels.append(run.name)
