@@ -247,10 +247,10 @@ class MessageReplay:
     last broadcast after a round it took part in, what changed otherwise); a client that trained sends
     ``meta_upload`` at its rank; a round's broadcast is the method's ``aggregate`` over the clients aggregated in it."""
 
-    def __init__(self, method: Method, shapes: ModelShapes):
+    def __init__(self, method: Method, shapes: ModelShapes, built_at_client: bool = False):
         self.method = method
         self.state: State = method.meta_state(shapes)
-        self.downlinks = Downlinks(method)
+        self.downlinks = Downlinks(method, built_at_client)  # adapters.init_at: client
 
     @property
     def broadcast(self) -> State:
@@ -295,7 +295,7 @@ class CommRow:
     down_params: int
     up_bytes: int
     down_bytes: int
-    first_down_params: int  # the whole global state, at a client's first round
+    first_down_params: int  # a client's first round: the whole global state; built at the client, what changed since round 0
     first_down_bytes: int
     round_bytes: int  # all clients of one steady-state round, up + down
     rounds: int
@@ -336,39 +336,47 @@ def parse_ints(text, flag: str, minimum: int = 1) -> list[int]:
     return values
 
 
-def _schedule(method: Method, shapes: ModelShapes, clients: int, rounds: int) -> list[dict[str, int]]:
+def _schedule(method: Method, shapes: ModelShapes, clients: int, rounds: int, built_at_client: bool = False) -> list[dict[str, int]]:
     """Per round: what one of ``clients`` clients (all taking part and aggregated every round, at the full rank) sends
-    and receives — ``up``, ``down`` (``first`` at round 0) — in bytes and numbers (``up_n``, ``down_n``).
+    and receives — ``up``, ``down`` (``first`` at round 0) — in bytes and numbers (``up_n``, ``down_n``); and
+    ``joining``, ``joining_n``: what a client new in that round receives.
 
     The clients are alike (same rounds, same rank), so client 0's messages are every client's: its downlink and upload
     are built once a round, and the aggregate still sees all ``clients`` uploads (the stacked downlinks grow with them).
     """
-    replay = MessageReplay(method, shapes)
+    replay = MessageReplay(method, shapes, built_at_client)
     ranks = dict.fromkeys(range(clients), method.rank)
     rows = []
     for round_idx in range(rounds):
         down = replay.down(0, method.rank, round_idx)
+        joining = replay.down(clients + round_idx, method.rank, round_idx)  # a client of no other round
         up = replay.up(round_idx, method.rank)
-        rows.append({"up": nbytes(up), "down": nbytes(down), "up_n": numel_of(up), "down_n": numel_of(down)})
+        rows.append({"up": nbytes(up), "down": nbytes(down), "up_n": numel_of(up), "down_n": numel_of(down),
+                     "joining": nbytes(joining), "joining_n": numel_of(joining)})
         replay.aggregate(round_idx, ranks)
     return rows
 
 
-def schedules(method: Method, shapes: ModelShapes, rounds: int):
-    """``clients -> _schedule(method, shapes, clients, rounds)``, each count run once."""
-    return functools.cache(lambda clients: _schedule(method, shapes, clients, rounds))
+def schedules(method: Method, shapes: ModelShapes, rounds: int, built_at_client: bool = False):
+    """``clients -> _schedule(method, shapes, clients, rounds, built_at_client)``, each count run once."""
+    return functools.cache(lambda clients: _schedule(method, shapes, clients, rounds, built_at_client))
 
 
-def method_cost(shapes: ModelShapes, method: Method, clients: int, rounds: int = 1, notes: str = "", at=None) -> CommRow:
-    """The cost of one method for ``clients`` clients a round over ``rounds`` rounds (``at``: its ``schedules``, if made)."""
+def method_cost(shapes: ModelShapes, method: Method, clients: int, rounds: int = 1, notes: str = "", at=None,
+                built_at_client: bool = False) -> CommRow:
+    """The cost of one method for ``clients`` clients a round over ``rounds`` rounds (``at``: its ``schedules``, if made).
+
+    ``built_at_client`` (``adapters.init_at: client``): the first contact is a client's joining in the steady round,
+    which receives what changed since round 0 (in round 0 it receives nothing)."""
     if clients < 1:
         raise UsageError(f"--clients: must be ≥ 1, got {clients}")
     if rounds < 1:
         raise UsageError(f"--rounds: must be ≥ 1, got {rounds}")
     c = method.num_clients or clients
     steady = method.steady_round()
-    schedule = (at or schedules(method, shapes, max(rounds, steady + 1)))(c)
-    first, row = schedule[0], schedule[steady]
+    schedule = (at or schedules(method, shapes, max(rounds, steady + 1), built_at_client))(c)
+    row = schedule[steady]
+    first = {"down": row["joining"], "down_n": row["joining_n"]} if built_at_client else schedule[0]
     if method.num_clients is not None:
         notes = "; ".join(filter(None, [notes, f"{c} client"]))
     return CommRow(
@@ -391,12 +399,15 @@ def comm_table(
     head: bool = False,
     num_labels: int | None = None,
     dtype: str = "float32",
+    init_at: str | None = None,
     **settings,
 ) -> list[CommRow]:
     """Rows for every (method, rank, client count). ``model``: a preset, config.json, folder or ``ModelShapes``.
 
     ``settings``: ``method.*`` settings (``switch_round``, ``adapter``, ``fedex_downlink``, …). A method's
     ``comm_variants`` (FedEx-LoRA: its residual and its stacked downlink) each get a row unless a setting fixes them.
+    ``init_at`` (``adapters.init_at``): ``server``, ``client``, or None for both where they differ beyond round 0 (a
+    method whose state keeps tensors no aggregation changes, as Fed-SB's B and A: a client can build them itself).
     """
     shapes = model if isinstance(model, ModelShapes) else model_shapes(
         model, target_modules, task=task, num_labels=num_labels, head=head, dtype=dtype)
@@ -406,10 +417,25 @@ def comm_table(
             for variant in _variants(name, settings):
                 method = method_of(name, int(rank), train_head=bool(shapes.head), **{**settings, **variant})
                 notes = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in variant.items())
-                at = schedules(method, shapes, max(rounds, method.steady_round() + 1))
-                for count in clients:
-                    rows.append(method_cost(shapes, method, int(count), rounds, notes, at))
+                steady = method.steady_round()
+                at = schedules(method, shapes, max(rounds, steady + 1))
+                protocols = [init_at] if init_at else ["server", "client"] if keeps_initial_tensors(method, shapes) else ["server"]
+                for protocol in protocols:
+                    built = protocol == "client"
+                    where = at if not built else schedules(method, shapes, max(rounds, steady + 1), built_at_client=True)
+                    label = ", ".join(filter(None, [notes, "init at client" if built else ""]))
+                    for count in clients:
+                        rows.append(method_cost(shapes, method, int(count), rounds, label, where, built_at_client=built))
     return rows
+
+
+def keeps_initial_tensors(method: Method, shapes: ModelShapes) -> bool:
+    """Whether some tensor of the method's round-0 state is never changed by its aggregation (Fed-SB's B and A, FFA-LoRA's
+    A): one client's schedule past the steady round, replayed on meta tensors."""
+    replay = MessageReplay(method, shapes)
+    for round_idx in range(method.steady_round() + 2):
+        replay.aggregate(round_idx, {0: method.rank})
+    return bool(set(replay.state) - set(replay.downlinks.changed))
 
 
 def _variants(name: str, settings: dict) -> list[dict]:
@@ -542,7 +568,7 @@ def predict_run(run_dir, tolerance: float = TOLERANCE) -> RunPrediction:
     by_round: dict[int, list[dict]] = {}
     for row in clients:
         by_round.setdefault(row["round"], []).append(row)
-    replay = MessageReplay(method, shapes)
+    replay = MessageReplay(method, shapes, built_at_client=_init_at(run_dir) == "client")
     prediction = RunPrediction(run_dir, method.name, tolerance=tolerance)
     for measured in rounds:
         t = measured["round"]
@@ -564,6 +590,14 @@ def predict_run(run_dir, tolerance: float = TOLERANCE) -> RunPrediction:
         entry["flag"] = max(entry["rel_err_up"], entry["rel_err_down"]) > tolerance
         prediction.rounds.append(entry)
     return prediction
+
+
+def _init_at(run_dir: Location) -> str:
+    """The run's ``adapters.init_at`` (its config.yaml; ``server`` where it predates the setting)."""
+    import yaml
+
+    adapters = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("adapters") or {}
+    return adapters.get("init_at", "server")
 
 
 def _client_rank(row: dict, full_rank: int) -> int:

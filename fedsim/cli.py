@@ -365,6 +365,9 @@ def _add_comm(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", type=int, metavar="N", help="classes of the head (default: the config's, else 2)")
     parser.add_argument("--task", default="classification", help="classification (default) or causal-lm (names of the layers)")
     parser.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
+    parser.add_argument("--init-at", choices=("server", "client"), help="who builds the round-0 adapters (adapters.init_at): "
+                        "server (a first contact downloads them) or client (each client builds them); default: both, for "
+                        "methods that keep tensors no round changes (Fed-SB's B and A)")
     parser.add_argument("settings", nargs="*", metavar="method.KEY=VALUE",
                         help="method settings, as in a config: method.switch_round=2 method.adapter=lora "
                         "method.fedex_downlink=stacked (fedex-lora shows its residual and stacked downlinks unless set)")
@@ -381,7 +384,7 @@ def _cmd_comm(args: argparse.Namespace) -> int:
     rows = comm_table(
         args.model, args.method, parse_ints(args.rank, "--rank"), parse_ints(args.clients, "--clients"),
         target_modules=targets, rounds=args.rounds, task=args.task, head=args.head, num_labels=args.labels,
-        dtype=args.dtype, **_method_settings(args.settings),
+        dtype=args.dtype, init_at=args.init_at, **_method_settings(args.settings),
     )
     if args.json:
         print(json.dumps([row.as_dict() for row in rows], indent=1))

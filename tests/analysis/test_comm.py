@@ -14,7 +14,7 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 
 def row(model, method, rank, clients=5, **kw):
-    rows = comm_table(model, method, [rank], [clients], **kw)
+    rows = comm_table(model, method, [rank], [clients], **{"init_at": "server", **kw})
     assert len(rows) == 1
     return rows[0]
 
@@ -83,7 +83,7 @@ def test_reproduces_the_fed_sb_paper_llama_figures():
 def test_cost_against_number_of_clients():
     counts = [10, 100, 1000]
     rows = {}
-    for r in comm_table("bert-base", "all", [16], counts):
+    for r in comm_table("bert-base", "all", [16], counts, init_at="server"):
         rows.setdefault(r.method, []).append(r)
     for method in ("fed-sb", "fedit", "ffa-lora", "fra-lora", "fra-then-ffa"):
         assert len({r.down_bytes for r in rows[method]}) == 1  # per client: independent of the client count
@@ -120,6 +120,20 @@ def test_fedex_downlink_residual_stacked_and_auto():
     auto_large = row("bert-base", "fedex-lora", 4, 200, fedex_downlink="auto", target_modules=["query", "value"])
     assert auto_small.down_params == 3 * 4 * 24 * 1536 + 6  # 3 clients' adapters are cheaper than a 768×768 residual
     assert auto_large.down_params == 4 * 24 * 1536 + 24 * 768 * 768  # 200 clients' are not
+
+
+def test_both_protocols_where_clients_can_build_what_never_changes():
+    """Fed-SB's B and A (and FFA-LoRA's A) never change: built by each client (adapters.init_at=client), a first contact
+    carries what a returning client gets, R and the head, and round 0 nothing; FedIT has no such tensor: one row."""
+    server, client = comm_table("bert-base", "fed-sb", [16], [10], rounds=3, head=True)
+    assert (server.notes, client.notes) == ("", "init at client")
+    assert server.first_down_params == client.first_down_params + 24 * 16 * (768 + 768)  # B and A: r(d+k) a layer
+    assert client.first_down_bytes == client.down_bytes
+    assert client.total_bytes == 10 * (3 * client.up_bytes + 2 * client.down_bytes)  # round 0: nothing down
+    assert server.total_bytes == 10 * (3 * server.up_bytes + server.first_down_bytes + 2 * server.down_bytes)
+    assert [r.notes for r in comm_table("bert-base", "fedit", [16], [10])] == [""]
+    assert [r.notes for r in comm_table("bert-base", "ffa-lora", [16], [10])] == ["", "init at client"]
+    assert [r.notes for r in comm_table("bert-base", "fed-sb", [16], [10], init_at="client")] == ["init at client"]
 
 
 def test_head_and_switch_round():

@@ -38,16 +38,19 @@ CASES = [(name, settings) for name in method_names() for settings in variants(na
 IDS = [name + "".join(f"-{v}" for v in settings.values()) for name, settings in CASES]
 
 
-def every_client_schedule(method, shapes, clients: int, rounds: int) -> list[dict[str, int]]:
-    """The slow replay: every client's downlink and upload built each round; all must be alike; client 0's row."""
-    replay = MessageReplay(method, shapes)
+def every_client_schedule(method, shapes, clients: int, rounds: int, built_at_client: bool) -> list[dict[str, int]]:
+    """The slow replay: every client's downlink and upload built each round; all must be alike; client 0's row, and
+    what a client new in the round receives."""
+    replay = MessageReplay(method, shapes, built_at_client)
     rows = []
     for round_idx in range(rounds):
         downs = [replay.down(cid, method.rank, round_idx) for cid in range(clients)]
+        joining = replay.down(clients + round_idx, method.rank, round_idx)
         ups = [replay.up(round_idx, method.rank) for _ in range(clients)]
         per_client = {(nbytes(d), nbytes(u), numel_of(d), numel_of(u)) for d, u in zip(downs, ups)}
         assert len(per_client) == 1, per_client
-        rows.append({"up": nbytes(ups[0]), "down": nbytes(downs[0]), "up_n": numel_of(ups[0]), "down_n": numel_of(downs[0])})
+        rows.append({"up": nbytes(ups[0]), "down": nbytes(downs[0]), "up_n": numel_of(ups[0]), "down_n": numel_of(downs[0]),
+                     "joining": nbytes(joining), "joining_n": numel_of(joining)})
         replay.aggregate(round_idx, {cid: method.rank for cid in range(clients)})
     return rows
 
@@ -59,7 +62,9 @@ def test_one_client_a_round_equals_every_client(name, settings, clients):
         method = method_of(name, rank, train_head=bool(shapes.head), **settings)
         c = method.num_clients or clients
         rounds = method.steady_round() + 2
-        assert _schedule(method, shapes, c, rounds) == every_client_schedule(method, shapes, c, rounds)
+        for built_at_client in (False, True):  # adapters.init_at: server, client
+            assert _schedule(method, shapes, c, rounds, built_at_client) == every_client_schedule(method, shapes, c, rounds,
+                                                                                                 built_at_client)
 
 
 def real_state(method, shapes, generator) -> dict[str, torch.Tensor]:

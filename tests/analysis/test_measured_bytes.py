@@ -35,8 +35,20 @@ def all_methods(ray_local, tiny_model_dir, tmp_path_factory):
     for method in TESTED:
         items = {**BASE, "model.name": tiny_model_dir, "method.name": method, "output_dir": str(root / method)}
         configs.append(load_config(None, [f"{k}={v}" for k, v in items.items()]))
+    built = {**BASE, "model.name": tiny_model_dir, "method.name": "fed-sb", "output_dir": str(root / "fed-sb-built-at-client"),
+             "adapters.init_data": "public", "adapters.init_at": "client"}  # B and A built by each client
+    configs.append(load_config(None, [f"{k}={v}" for k, v in built.items()]))
     run_comparison(configs, str(root), progress=False)
     return root
+
+
+def test_measured_bytes_match_the_prediction_when_clients_build_b_and_a(all_methods):
+    """adapters.init_at=client: round 0 sends nothing down, a later first contact what changed since (R, the head)."""
+    prediction = predict_run(all_methods / "fed-sb-built-at-client")
+    for row in prediction.rounds:
+        assert row["bytes_up"] == row["pred_bytes_up"] and row["bytes_down"] == row["pred_bytes_down"], row
+    assert prediction.rounds[0]["bytes_down"] == 0 < prediction.rounds[1]["bytes_down"]
+    assert prediction.totals()["bytes_down"] < predict_run(all_methods / "fed-sb").totals()["bytes_down"]
 
 
 @pytest.mark.parametrize("method", TESTED)
