@@ -341,7 +341,7 @@ def closing_rows(out: str) -> dict[str, list[str]]:
     start = next(i for i, line in enumerate(lines) if line.startswith("run ") and "final accuracy" in line)
     rows = {}
     for line in lines[start + 2:]:
-        if not line.strip() or line.startswith(("results:", "highest")):
+        if not line.strip() or line.startswith(("results:", "highest", "produced by")):
             break
         rows[line.split()[0]] = line.split()
     return rows
