@@ -79,9 +79,16 @@ if [[ "$want" == all || "$want" == rank-het ]]; then  # 5. rank-heterogeneous cl
   # Fed-SB's R has r² numbers a layer: at ranks {16, 32, 64} (64² = 4,096 < LoRA's 2·16·384 = 12,288 at rank 16)
   fedsim sweep experiments/rank-het/sst2.yaml output_dir=$out/rank-het/fed-sb-ranks-16-32-64 method.rank=64 \
     "clients.ranks=[16,32,64,16,32,64,16,32,64,16,32,64]" --grid seed=0
-  sweeps=($out/rank-het/{methods,fed-sb-partitioned,seeds,fed-sb-ranks-16-32-64})
+  # issue 27: FlexLoRA as its authors' code scales and splits (a rank-r_i client at alpha/r_i; B = U S / s, A = Vᵀ), its
+  # default since then: own (written out, so the table tells it from seeds/'s runs, made at max with the √S split), and,
+  # once (seed 0), max with the authors' split, which separates the two changes. Fed-SB, HetLoRA and FLoRA keep max: not re-run.
+  fedsim sweep experiments/rank-het/sst2.yaml output_dir=$out/rank-het/own-scaling method.name=flexlora \
+    --grid clients.rank_scaling=own seed=0,1,2
+  fedsim sweep experiments/rank-het/sst2.yaml output_dir=$out/rank-het/max-scaling-authors-split method.name=flexlora \
+    --grid clients.rank_scaling=max seed=0
+  sweeps=($out/rank-het/{methods,fed-sb-partitioned,seeds,fed-sb-ranks-16-32-64,own-scaling,max-scaling-authors-split})
   python experiments/seeds.py "${sweeps[@]}" --out $out/rank-het > $out/rank-het/seeds.md
-  fedsim report $out/rank-het/{methods/name-fed-sb_seed-0,fed-sb-partitioned,fed-sb-ranks-16-32-64,seeds} --out $out/rank-het/report
+  fedsim report $out/rank-het/{methods/name-fed-sb_seed-0,fed-sb-partitioned,fed-sb-ranks-16-32-64,seeds,own-scaling,max-scaling-authors-split} --out $out/rank-het/report
 fi
 
 if [[ "$want" == rank-het-diagnostics ]]; then  # 5, why Fed-SB stays at the majority class (seed 0; not in "all")

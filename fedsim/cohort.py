@@ -22,7 +22,8 @@ the classification head where it is trained), so one pass through the base model
   gives each client its own) has its slice copied out then, and its rows leave the batch.
 - Clients of different ranks share a cohort: tensors are stacked at the cohort's largest rank r_c,
   zero-padded, and a rank mask zeroes client k's components beyond r_k after every factor but the last,
-  so a layer computes ``B[:, :r_k] R_k A[:r_k] x`` exactly and the padding gets no gradient.
+  so a layer computes ``B[:, :r_k] R_k A[:r_k] x`` exactly and the padding gets no gradient. Each client's product is
+  multiplied by its own scaling (``Method.client_scaling``: alpha/r_k under ``clients.rank_scaling=own``).
 
 Method-agnostic: for each client the method loads that client's state (``load_state``, with the client's
 rank) and names what it trains (``trainable_parameters``); after training each client's slice is copied
@@ -151,7 +152,7 @@ class StackedLayer:
     module: nn.Module  # the PEFT LoRA layer or LoraSBLinear whose forward is replaced
     base: nn.Module
     factors: list[Factor]
-    scaling: float
+    scaling: float | torch.Tensor  # one for all, or (K, 1): client k's own (clients.rank_scaling=own, ranks below r)
     rank_mask: torch.Tensor | None  # (K, r_c): 1 on client k's first r_k components; None when all ranks are r_c
 
 
@@ -273,7 +274,7 @@ def stack_clients(model: nn.Module, method: Method, round_idx: int, states: Sequ
     frozen: dict[str, torch.Tensor] = {}  # key → the largest block seen, where every client's is a leading block of it
     personal: set[str] = set()  # frozen adapter tensors that differ between clients
     layer_ranks: dict[str, list[int]] = {}
-    scalings: dict[str, set[float]] = {}
+    scalings: dict[str, list[float]] = {}  # per layer, each client's (Method.client_scaling)
     loaded: set[tuple[int, int | None]] = set()  # (state, rank) pairs seen: the same pair loads the same frozen tensors
     for k in range(K):
         method.load_state(model, states[k], ranks[k])
@@ -288,7 +289,7 @@ def stack_clients(model: nn.Module, method: Method, round_idx: int, states: Sequ
         for name, layer in adapted_layers(model).items():
             rank = _layer_rank(layer)
             layer_ranks.setdefault(name, []).append(rank)
-            scalings.setdefault(name, set()).add(float(layer.scaling))
+            scalings.setdefault(name, []).append(float(layer.scaling))
             for kind in _layer_kinds(layer):
                 key = state_key(name, kind)
                 tensor = _effective(layer.module(kind).weight, kind, rank).detach()
@@ -302,9 +303,6 @@ def stack_clients(model: nn.Module, method: Method, round_idx: int, states: Sequ
         trained.append(mine)
     shapes = [{key: tensor.shape for key, tensor in mine.items()} for mine in trained]
     _check_shared_state(states, set(trained_keys), set(frozen) | personal)
-    if any(len(values) > 1 for values in scalings.values()):
-        raise ValueError("cohort: clients of one cohort use different adapter scalings; use runtime.cohort_size=1")
-
     personal_values = _collect_personal(model, method, states, ranks, personal) if personal else {}
     modules = dict(adapted_modules(model))
     stacked: dict[str, torch.Tensor] = {}
@@ -326,7 +324,10 @@ def stack_clients(model: nn.Module, method: Method, round_idx: int, states: Sequ
             mask = torch.zeros(K, r_c, dtype=factors[0].weight.dtype, device=factors[0].weight.device)
             for k, rank in enumerate(layer_ranks[name]):
                 mask[k, :rank] = 1
-        stacked_layers.append(StackedLayer(modules[name], layer.base, factors, float(layer.scaling), mask))
+        scaling = scalings[name][0]
+        if len(set(scalings[name])) > 1:
+            scaling = torch.tensor(scalings[name], dtype=factors[0].weight.dtype, device=factors[0].weight.device)[:, None]
+        stacked_layers.append(StackedLayer(modules[name], layer.base, factors, scaling, mask))
 
     linears = _stack_linears(model, params, trained, stacked)
     return Cohort(stacked, stacked_layers, linears, list(trained_keys), shapes)
@@ -425,6 +426,8 @@ def _adapter_forward(layer: StackedLayer, current: list, x: torch.Tensor, *args,
             h = h * (mask[:, None, :] if shape is not None else segments.per_example(mask, h.dim()))
         if shape is not None and not any(f.stacked for f in layer.factors[i + 1:]):
             h, shape = segments.unpack(h, shape), None
+    if isinstance(layer.scaling, torch.Tensor):  # each client's own: h is in rows again here
+        return (result + h * segments.per_example(segments.select(layer.scaling), h.dim())).to(result_dtype)
     return (result + (h if layer.scaling == 1.0 else h * layer.scaling)).to(result_dtype)
 
 

@@ -145,6 +145,7 @@ INIT_AT = ("server", "client")
 PARTITIONS = ("iid", "dirichlet", "imbalanced")
 CLIENT_WEIGHTS = ("samples", "uniform")
 RANK_AGGREGATIONS = ("zero-pad", "partitioned")
+RANK_SCALINGS = ("own", "max")
 SCHEDULES = ("constant", "linear", "cosine")
 ACCOUNTANTS = ("rdp", "prv")
 CENTRAL_ADAPTERS = ("lora-sb", "lora")
@@ -239,6 +240,9 @@ class ClientsConfig(Section):
                                "each client's rank from (seeded); [] = every client at method.rank")
     rank_aggregation: str = setting("zero-pad", "how lower-rank updates combine: zero-pad (divide by all clients) | partitioned "
                                     "(each entry by the clients that trained it)", choices=RANK_AGGREGATIONS)
+    rank_scaling: Optional[str] = setting(None, "a rank-r_i client's adapter factor: own (alpha/r_i, PEFT's for a LoRA of rank r_i) | "
+                                          "max (alpha/method.rank for every client) | null = what the method's paper or code "
+                                          "does (`Method.rank_scaling`, in each method's docstring)", choices=RANK_SCALINGS)
 
 
 @dataclass

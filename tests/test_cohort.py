@@ -197,6 +197,16 @@ def test_cohorts_equal_clients_trained_alone_for_every_method(tiny_model_dir, me
         assert any(key.endswith("base_delta") for key in state)  # round 1 started from W0 + delta, shared by the cohort
 
 
+@pytest.mark.parametrize("method_name", ["fed-sb", "fedit", "flexlora"])
+def test_cohorts_under_own_rank_scaling(tiny_model_dir, method_name):
+    """``clients.rank_scaling=own``: each client of the cohort multiplies its product by its own alpha/r_k (a (K, 1) scaling in
+    the stacked layer) and starts from the global block converted to it; two rounds, float64, ``FLOAT64``."""
+    config, model, method = prepared(tiny_model_dir, method_name, **{"clients.rank_scaling": "own", "method.alpha": 8})
+    assert method.client_scaling(1) != method.client_scaling(4)
+    rows = [TokenizedRows(table, load_tokenizer(config), 24) for table in client_tables()]
+    two_rounds(model, method, rows, RANKS, [SETTINGS] * len(rows), tolerance=FLOAT64)
+
+
 @pytest.mark.parametrize("method_name", ["fed-sb", "fedit"])
 def test_float32_cohorts_agree_to_float32_rounding(tiny_model_dir, method_name):
     """In float32 a client's upload also depends on rounding: its batch padded 7 tokens longer (attention mask 0), K = 1

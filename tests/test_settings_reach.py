@@ -279,6 +279,7 @@ PROBES = {
     "clients.corrupt": ([1], training_probe),
     "clients.ranks": ([1, 2, 3, 4], method_probe),
     "clients.rank_aggregation": ("partitioned", "ranked"),
+    "clients.rank_scaling": ("own", "ranked-training"),  # the rank-1 client trains at r/1: its upload changes
     "train.rounds": (2, "rounds"),
     "train.local_steps": (3, training_probe),
     "train.local_epochs": (1.0, training_probe),  # with train.local_steps=null (see COMPANIONS)
@@ -327,6 +328,7 @@ CONTEXTS = {
     "lora-fair": ({"method.name": "lora-fair"}, method_probe),
     "imbalanced": ({"clients.partition": "imbalanced"}, data_probe),
     "ranked": ({"clients.ranks": [1, 4, 4, 4]}, method_probe),
+    "ranked-training": ({"clients.ranks": [1, 4, 4, 4]}, training_probe),
     "private": ({"privacy.enabled": True, "privacy.epsilon": 3.0, "adapters.init_data": "public"}, privacy_probe),
     "private-fixed": ({"privacy.enabled": True, "privacy.noise_multiplier": 1.0, "adapters.init_data": "public"}, privacy_probe),
     "private-training": ({"privacy.enabled": True, "privacy.noise_multiplier": 0.0, "adapters.init_data": "public"},

@@ -86,13 +86,15 @@ def tiny_bert_with_tokenizer(path) -> None:
     tokenizer.save_pretrained(path)
 
 
-def make_method(name: str, *, weights: str = "samples", rank_aggregation: str = "zero-pad", seed: int = 0, **method):
+def make_method(name: str, *, weights: str = "samples", rank_aggregation: str = "zero-pad", rank_scaling: str | None = None,
+                seed: int = 0, **method):
     """A method as the runtime builds it: ``method`` keys (rank, alpha, train_head, …) form the ``method`` section;
-    ``weights`` and ``rank_aggregation`` the ``clients`` section's keys of those names; ``seed`` the run seed."""
+    ``weights``, ``rank_aggregation`` and ``rank_scaling`` the ``clients`` section's keys of those names; ``seed`` the run seed."""
     from fedsim.config import ClientsConfig, MethodConfig
     from fedsim.methods import build_method
 
-    return build_method(MethodConfig(name=name, **method), ClientsConfig(weights=weights, rank_aggregation=rank_aggregation), seed)
+    clients = ClientsConfig(weights=weights, rank_aggregation=rank_aggregation, rank_scaling=rank_scaling)
+    return build_method(MethodConfig(name=name, **method), clients, seed)
 
 
 TINY_CAUSAL = {  # the same architecture as the papers' models, at toy size: 2 layers, hidden 64

@@ -45,8 +45,9 @@ def adapter_product(B: torch.Tensor, R: torch.Tensor | None, A: torch.Tensor, sc
     return (B @ inner) * scaling
 
 
-def set_rank(model: nn.Module, rank: int) -> None:
-    """Let every adapted layer use only its leading ``rank`` components (HetLoRA-style truncation).
+def set_rank(model: nn.Module, rank: int, scaling: float | None = None) -> None:
+    """Let every adapted layer use only its leading ``rank`` components (HetLoRA-style truncation), and multiply its
+    product by ``scaling`` where given (the client's, ``Method.client_scaling``).
 
     LoRA-SB layers swap in an r_i×r_i R; PEFT LoRA layers swap in r_i-sized A and B modules. The
     values are set afterwards from the global state (``Method.load_state``), so nothing is lost.
@@ -54,8 +55,12 @@ def set_rank(model: nn.Module, rank: int) -> None:
     for _, module in adapted_modules(model):
         if isinstance(module, LoraSBLinear):
             module.set_rank(rank)
+            if scaling is not None:
+                module.scaling = scaling
         else:
             for adapter in module.lora_A:
+                if scaling is not None:
+                    module.scaling[adapter] = scaling
                 A, B = module.lora_A[adapter], module.lora_B[adapter]
                 if A.out_features != rank:
                     factory = {"dtype": A.weight.dtype, "device": A.weight.device}

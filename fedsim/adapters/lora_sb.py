@@ -58,10 +58,13 @@ class LoraSBLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rank == self.lora_A.out_features:
-            return self.base_layer(x) + self.lora_B(self.lora_R(self.lora_A(x)))
-        rank = self.rank  # a rank-r_i client: B[:, :r_i] R_i A[:r_i]; Opacus still sees R as a plain nn.Linear
-        hidden = nn.functional.linear(x, self.lora_A.weight[:rank])
-        return self.base_layer(x) + nn.functional.linear(self.lora_R(hidden), self.lora_B.weight[:, :rank])
+            delta = self.lora_B(self.lora_R(self.lora_A(x)))
+        else:
+            rank = self.rank  # a rank-r_i client: B[:, :r_i] R_i A[:r_i]; Opacus still sees R as a plain nn.Linear
+            hidden = nn.functional.linear(x, self.lora_A.weight[:rank])
+            delta = nn.functional.linear(self.lora_R(hidden), self.lora_B.weight[:, :rank])
+        # 1 but for a rank-r_i client under clients.rank_scaling=own (r/r_i: Method.client_scaling)
+        return self.base_layer(x) + (delta if self.scaling == 1.0 else delta * self.scaling)
 
 
 def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -21,6 +21,10 @@ Two generic hooks serve the methods that go beyond one shared global state:
   ``keep`` says what to store after the client trained.
 - ``downlink``: what a client of adapter rank r_i actually receives of a broadcast (FlexLoRA and
   HetLoRA send each client only its rank's leading block); by default the broadcast itself.
+
+A rank-r_i client's scaling is ``client_scaling`` (``clients.rank_scaling``; each method's default is its
+``rank_scaling``: ``max`` unless its paper or code says otherwise, which its docstring then cites — FlexLoRA's
+code says ``own``). The methods whose papers have no rank-heterogeneous clients keep ``max``: no published choice.
 """
 
 from __future__ import annotations
@@ -149,6 +153,7 @@ class Method:
     adapter: str = "lora"  # which injector: "lora" (PEFT) or "lora-sb" (fedsim.adapters.lora_sb)
     num_clients: int | None = None  # set where the method fixes the client count (central)
     comm_variants: tuple[dict, ...] = ({},)  # method.* settings that `fedsim comm` shows a row each for by default
+    rank_scaling: str = "max"  # clients.rank_scaling's default for this method (see ``client_scaling``): its paper's or code's
 
     def __init__(self, config: MethodConfig, clients: ClientsConfig | None = None, seed: int = 0):
         """``config``: the ``method`` section; ``clients``: for ``clients.weights`` and ``clients.rank_aggregation``;
@@ -161,10 +166,30 @@ class Method:
     # -- 1. set up the adapters -------------------------------------------------------------
     @property
     def scaling(self) -> float:
-        """The adapter product's factor: 1 for LoRA-SB; alpha/r for LoRA."""
-        if self.adapter == "lora-sb" or self.config.alpha is None:
-            return 1.0
-        return self.config.alpha / self.rank
+        """The adapter product's factor of the global state: 1 for LoRA-SB; alpha/r for LoRA (``client_scaling`` at rank r)."""
+        return self.client_scaling(None)
+
+    def client_scaling(self, rank: int | None) -> float:
+        """s_i, the adapter product's factor of a client of adapter rank ``rank`` (None: r): the one definition.
+
+        ``clients.rank_scaling`` (null: the method's ``rank_scaling``): ``max``, alpha/r for every client;
+        ``own``, alpha/r_i, what PEFT gives a LoRA of rank r_i (FlexLoRA's code). alpha is ``method.alpha``,
+        or r where it is null and for LoRA-SB (whose scaling is 1 at rank r). At rank r both are alpha/r, the
+        same float. The global state is held at ``scaling``: a client's block is converted on the way in and
+        out (``load_state``, ``upload``, ``keep``), so the server's arithmetic sees ``s · B'_i R_i A_i =
+        s_i · B_i R_i A_i`` and needs no change (its ideal is ``Σ w_i s_i B_i R_i A_i``).
+        """
+        alpha = self.rank if self.adapter == "lora-sb" or self.config.alpha is None else self.config.alpha
+        mode = self.clients.rank_scaling or self.rank_scaling
+        if rank is None or mode == "max":
+            return alpha / self.rank
+        return alpha / rank
+
+    @property
+    def rescaled_kind(self) -> str:
+        """The trained factor that carries a client's conversion ``s / s_i`` (``client_scaling``): R for LoRA-SB; B for LoRA, as
+        FlexLoRA's code does (``B = U_r S_r / (alpha / r_i)``, ``A = V_rᵀ``). A method that trains A alone sees no change."""
+        return "lora_R" if self.adapter == "lora-sb" else "lora_B"
 
     @property
     def needs_init_gradients(self) -> bool:
@@ -253,9 +278,10 @@ class Method:
         A client of rank ``rank`` < r uses the leading rank components of every adapter (its block of
         R for LoRA-SB; the first rows of A and columns of B for LoRA), as HetLoRA and Fed-SB define it.
         """
-        set_rank(model, rank or self.rank)
+        set_rank(model, rank or self.rank, self.client_scaling(rank))
         layers = adapted_layers(model)
         heads = head_parameters(model)
+        ratio = self.scaling / self.client_scaling(rank)  # 1 unless clients.rank_scaling=own and rank < r
         with torch.no_grad():
             for key, value in state.items():
                 if key.startswith(HEAD_PREFIX):
@@ -267,15 +293,17 @@ class Method:
                 else:
                     weight = layers[name].module(kind).weight
                     weight.copy_(leading_block(value, weight.shape))
+                    if kind == self.rescaled_kind and ratio != 1.0:
+                        weight.mul_(ratio)  # s_i · B_i = s · B: the client starts from the global block's product
 
     def upload(self, model: nn.Module, round_idx: int) -> State:
         """The client's message: its trained tensors but those it keeps (``client_kinds``), copied to CPU."""
         kept = self.client_kinds(round_idx)
-        return {
+        return self.to_global(model, {
             key: param.detach().to("cpu", copy=True)
             for key, param in self.trainable_parameters(model, round_idx).items()
             if key_kind(key) not in kept
-        }
+        })
 
     def keep(self, model: nn.Module, round_idx: int) -> State:
         """What the client keeps after training: its ``client_kinds`` tensors (at its own rank; ``"head"``: the
@@ -289,7 +317,18 @@ class Method:
         }
         if "head" in kinds:
             kept.update({HEAD_PREFIX + name: param.detach().to("cpu", copy=True) for name, param in head_parameters(model).items()})
-        return kept
+        return self.to_global(model, kept)
+
+    def to_global(self, model: nn.Module, tensors: State) -> State:
+        """A client's tensors (copies) at the global state's scaling: its ``rescaled_kind`` times ``s_i / s``, where the
+        model's layer runs at s_i (``load_state``); ``load_state`` undoes it. Every other tensor as it is."""
+        layers = adapted_layers(model)
+        for key, tensor in tensors.items():
+            if key_kind(key) == self.rescaled_kind:
+                ratio = layers[key.rsplit(".", 1)[0]].scaling / self.scaling
+                if ratio != 1.0:
+                    tensor.mul_(ratio)
+        return tensors
 
     @staticmethod
     def client_state(global_state: State, own: State) -> State:

@@ -9,6 +9,10 @@ cost is on the way down: each client receives every client's A and B, c·Σ r(d+
 clients of different ranks stack as they are — FLoRA's answer to rank heterogeneity.
 After the fold, A is re-drawn (seeded by the run seed, the round and the layer's name, so a client
 draws the same A without it being sent) and B is zero.
+
+Scaling of a rank-r_i client (``clients.rank_scaling``, default ``max``): the authors' code (ATP-1010/FederatedLLM,
+``main.py``) gives a client of rank r_i ``lora_alpha = 2·r_i``, so alpha_i/r_i = 2 whatever the rank: a
+rank-independent factor, fedsim's ``max``.
 """
 
 from collections.abc import Sequence

@@ -26,6 +26,13 @@ The norms are taken of ``scaling · B_i A_i`` per layer (the paper writes one Δ
 is aggregated on its own), from r_i×r_i Gram matrices, never the d×k product. If every client's
 product is zero (nothing trained), the usual ``w_i`` are used. ``method.rank_aggregation=partitioned``
 applies as for the other LoRA methods; the paper's rule is ``zero-pad``, the default.
+
+Scaling of a rank-r_i client (``clients.rank_scaling``, default ``max``): the paper writes a client's update as
+``ΔW_k = B_k A_k`` at every rank (its Figure 2 and the sparsity ``‖B_k A_k‖``), with no factor that depends on r_k,
+and there is no official code; a rank-independent factor is fedsim's ``max``. ``own`` (alpha/r_i) is what
+FlexLoRA's authors' reproduction of HetLoRA does (FederatedScope, branch ``FlexLoRA``, ``heterolora.py`` with
+``handle_alpha``: each factor times √(16/r_i) before the mean); under ``own`` fedsim carries the factor in B alone
+(``Method.rescaled_kind``), which gives the same client products but other averaged factors.
 """
 
 from collections.abc import Sequence

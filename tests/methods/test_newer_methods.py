@@ -208,12 +208,16 @@ def test_flexlora_truncates_the_full_size_mean_and_each_client_gets_its_own_rank
         assert torch.equal(sent[HEAD], result.broadcast[HEAD])
 
 
-def test_flexlora_with_one_rank_is_fra_lora():
+def test_flexlora_with_one_rank_is_fra_lora_but_for_the_split():
+    """The same truncation (products, error); FlexLoRA's factors put all of S in B (its authors' code: A = V_rᵀ), FRA's √S each."""
     state, uploads = global_state(), uploads_of({"lora_A", "lora_B"})
     flex = make_method("flexlora", **settings()).aggregate(state, uploads, 0)
     fra = make_method("fra-lora", **settings()).aggregate(state, uploads, 0)
-    assert all(torch.equal(flex.state[k], fra.state[k]) for k in fra.state)
-    assert flex.agg_error == fra.agg_error
+    for layer in LAYERS:
+        np.testing.assert_allclose(product(flex.state, layer, 2.0), product(fra.state, layer, 2.0), atol=1e-12)
+        A = flex.state[f"{layer}.lora_A"]
+        torch.testing.assert_close(A @ A.T, torch.eye(A.shape[0], dtype=A.dtype))
+    assert flex.agg_error == pytest.approx(fra.agg_error, rel=1e-9)
 
 
 # -- HetLoRA ---------------------------------------------------------------------------------------
