@@ -165,3 +165,23 @@ def test_rank_aggregation_reaches_the_method(ray_local, tiny_model_dir, tmp_path
         assert torch.allclose(zero_pad[:2, :2], partitioned[:2, :2], atol=1e-6)
         assert torch.allclose(zero_pad[outside], weight_of_rank_4 * partitioned[outside], rtol=1e-4, atol=1e-7)
         assert (zero_pad[outside] - partitioned[outside]).abs().max() > 1e-3
+
+
+def test_rank_scaling_and_lora_fair_correction_reach_a_run(ray_local, tiny_model_dir, tmp_path):
+    """Through `fedsim run --methods`: FlexLoRA with a rank-2 and a rank-4 client under clients.rank_scaling own (its
+    default, the authors') and max; LoRA-FAIR under method.lora_fair_correction paper (its default) and closed-form.
+    Each pair trains from the same start and data: what the setting changes is the run's final state."""
+    out = tmp_path / "settings"
+    settings = [f"output_dir={out}", f"model.name={tiny_model_dir}", "workload.train_limit=60", "workload.eval_limit=16",
+                "clients.count=2", "clients.per_round=2", "clients.partition=iid", "clients.ranks=[2,4]", "method.rank=4",
+                "train.rounds=2", "train.local_steps=2", "train.batch_size=4", "runtime.workers=1", "method.train_head=false"]
+    members = ["flexlora", "flexlora:clients.rank_scaling=max", "lora-fair", "lora-fair:lora_fair_correction=closed-form"]
+    assert main(["run", *settings, "--methods", ",".join(members), "--quiet"]) == 0
+    folders = {"flexlora-own": out / "flexlora", "flexlora-max": out / "flexlora-rank_scalingmax",
+               "lora-fair-paper": out / "lora-fair", "lora-fair-closed-form": out / "lora-fair-lora_fair_correctionclosed-form"}
+    finals = {name: final_state(folder) for name, folder in folders.items()}
+    for a, b in (("flexlora-own", "flexlora-max"), ("lora-fair-paper", "lora-fair-closed-form")):
+        assert finals[a].keys() == finals[b].keys()
+        assert any(not torch.equal(finals[a][key], finals[b][key]) for key in finals[a]), (a, b)
+    assert "rank_scaling: null" in (folders["flexlora-own"] / "config.yaml").read_text()  # null: the method's own
+    assert "lora_fair_correction: paper" in (folders["lora-fair-paper"] / "config.yaml").read_text()
