@@ -54,7 +54,7 @@ from fedsim.methods.base import Method, State, pad_to, state_key
 from fedsim.config import TrainConfig
 from fedsim.data import per_example_loss
 from fedsim.privacy import PrivacySettings
-from fedsim.trainer import TrainStats, lr_factor
+from fedsim.training.schedule import TrainStats, lr_factor
 
 IGNORE_INDEX = -100
 TASKS = ("classification", "causal-lm")

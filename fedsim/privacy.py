@@ -98,7 +98,7 @@ def plan_noise_multiplier(config, needs_init_gradients: bool, client_sizes: list
     (so that stopping and resuming changes no number) and raises it where not; where a client has already spent the
     target it is refused. A fixed ``privacy.noise_multiplier`` is the user's choice: a resumed run says the ε it reaches.
     """
-    from fedsim.trainer import client_steps
+    from fedsim.training.schedule import client_steps
 
     p, c = config.privacy, config
     if not p.enabled:

@@ -42,7 +42,7 @@ def test_a_clients_own_step_count_sets_the_decay():
 
 
 def test_local_epochs_give_each_client_its_own_steps():
-    from fedsim.trainer import client_steps
+    from fedsim.training.schedule import client_steps
 
     epochs = TrainConfig(local_steps=None, local_epochs=2, batch_size=8)
     assert [client_steps(epochs, n) for n in (1, 8, 9, 40, 41)] == [2, 2, 4, 10, 12]  # ⌈n/8⌉ × 2
@@ -89,7 +89,7 @@ def test_private_calibration_uses_each_clients_own_steps():
     """Under local_epochs a large client takes more steps at a lower rate: σ keeps every client within the target."""
     from fedsim.config import load_config
     from fedsim.privacy import dp_sample_rate, epsilon_spent, plan_noise_multiplier
-    from fedsim.trainer import client_steps
+    from fedsim.training.schedule import client_steps
 
     config = load_config(None, ["privacy.enabled=true", "privacy.epsilon=2", "privacy.delta=1e-4", "train.local_steps=null",
                                 "train.local_epochs=1", "train.batch_size=8", "train.rounds=4", "clients.count=4",

@@ -33,7 +33,7 @@ from fedsim.runtime.plan import RunPlan
 from fedsim.runtime.worker import ClientWorker
 from fedsim.seeds import rng
 from fedsim.storage import Location
-from fedsim.trainer import client_steps
+from fedsim.training.schedule import client_steps
 
 
 def run(config: Config, resume: str | None = None, overwrite: bool = False, progress: bool = True) -> Path | Location:

@@ -31,7 +31,7 @@ from fedsim.runtime.aggregator import CHECKPOINTS_KEPT
 from fedsim.runtime.plan import RunPlan
 from fedsim.seeds import derive_seed, rng
 from fedsim.storage import Location
-from fedsim.trainer import client_steps
+from fedsim.training.schedule import client_steps
 
 Rows = TokenizedRows | InstructionRows
 CACHED_ROWS = 200_000  # tokenised training rows a worker keeps between rounds (least recently used clients go first)
