@@ -8,10 +8,9 @@
 
 A model's shapes come from its architecture facts — an HF ``config.json`` (a file, or a model
 folder) or a built-in preset (``PRESETS``) — never from its weights. What each method sends is not
-modelled here a second time: ``MessageReplay`` runs the method's own code (``meta_state``,
-``meta_upload``, ``aggregate``, ``downlink``: ``fedsim.methods.base``) on meta tensors of those shapes,
-the way the runtime's aggregator runs it on real tensors, and counts the bytes as
-``fedsim.methods.nbytes`` does (``numel × element size + len(key)`` for every tensor). A client taking
+modelled here a second time: ``MessageReplay`` runs the method's own code (``aggregate``, ``downlink``:
+``fedsim.methods``) on meta tensors of those shapes (``meta_state``, ``meta_upload``), the way the runtime's
+aggregator runs it on real tensors, and counts the bytes as ``fedsim.adapters.state.nbytes`` does (``numel × element size + len(key)`` for every tensor). A client taking
 part for the first time receives the whole global state; a returning client the last round's broadcast.
 A method registered with ``fedsim.methods.register`` is counted with no change here.
 
@@ -29,10 +28,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import torch
+
+from fedsim.adapters.layers import leading_block
+from fedsim.adapters.state import HEAD_PREFIX, State, head_parameters, key_kind, nbytes, rank_shape, state_key
 from fedsim.config import MethodConfig
 from fedsim.errors import UsageError
-from fedsim.methods import build_method, method_names, nbytes
-from fedsim.methods.base import Method, State, Upload
+from fedsim.methods import Method, Upload, build_method, method_names
 from fedsim.methods.downlink import Downlinks
 from fedsim.shapes import DTYPES, Linear, ModelShapes
 from fedsim.storage import Location
@@ -163,11 +165,8 @@ def _linears_from_formula(cfg: dict, task: str, num_labels: int) -> tuple[list[L
 
 def _linears_from_meta(cfg: dict, task: str, num_labels: int):
     """Any architecture transformers knows: build it on the meta device (no weights) and read its linear layers."""
-    import torch
     from torch import nn
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from fedsim.methods.base import head_parameters
 
     kind = cfg.get("model_type")
     try:
@@ -241,6 +240,31 @@ def method_of(name: str, rank: int, **settings) -> Method:
     return build_method(MethodConfig(name=name, rank=rank, **settings))
 
 
+def meta_state(method: Method, shapes: ModelShapes) -> State:
+    """The round-0 global state as meta tensors (shapes and dtypes, no data): what ``method.init_state`` builds for a
+    model of these shapes."""
+    meta = {"device": "meta", "dtype": shapes.torch_dtype}
+    state: State = {}
+    for layer in shapes.layers:
+        d, k, r = layer.out_features, layer.in_features, method.rank
+        if method.adapter == "lora-sb":
+            state[state_key(layer.name, "lora_R")] = torch.empty(r, r, **meta)
+        state[state_key(layer.name, "lora_A")] = torch.empty(r, k, **meta)
+        state[state_key(layer.name, "lora_B")] = torch.empty(d, r, **meta)
+    if method.config.train_head:
+        state.update({HEAD_PREFIX + name: torch.empty(shape, **meta) for name, shape in shapes.head})
+    return state
+
+
+def meta_upload(method: Method, state: State, round_idx: int, rank: int | None = None) -> State:
+    """A client's upload, as ``method.upload`` builds it from a model at rank ``rank``, built from a (meta) state."""
+    rank = rank or method.rank
+    kinds = set(method.trained_kinds(round_idx)) | {"head"}
+    kept = method.client_kinds(round_idx)
+    return {key: leading_block(value, rank_shape(key_kind(key), value.shape, rank))
+            for key, value in state.items() if key_kind(key) in kinds and key_kind(key) not in kept}
+
+
 class MessageReplay:
     """What a schedule of rounds sends, as the runtime's aggregator sends it, from the method's own code on meta
     tensors: what a client receives follows ``fedsim.methods.downlink``'s rule (the whole state at first contact, the
@@ -249,7 +273,7 @@ class MessageReplay:
 
     def __init__(self, method: Method, shapes: ModelShapes, built_at_client: bool = False):
         self.method = method
-        self.state: State = method.meta_state(shapes)
+        self.state: State = meta_state(method, shapes)
         self.downlinks = Downlinks(method, built_at_client)  # adapters.init_at: client
 
     @property
@@ -260,7 +284,7 @@ class MessageReplay:
         return self.downlinks.message(self.state, client_id, rank, round_idx)
 
     def up(self, round_idx: int, rank: int) -> State:
-        return self.method.meta_upload(self.state, round_idx, rank)
+        return meta_upload(self.method, self.state, round_idx, rank)
 
     def aggregate(self, round_idx: int, ranks: dict[int, int]) -> None:
         """Aggregate the clients ``{client_id: rank}`` of round ``round_idx``."""

@@ -260,7 +260,7 @@ def write_demo_runs(root, methods=("fed-sb", "fedit", "ffa-lora", "flora"), roun
     import yaml
 
     from analysis.comm import MessageReplay, method_of, model_shapes
-    from fedsim.methods import nbytes
+    from fedsim.adapters.state import nbytes
 
     root = Path(root)
     rng = np.random.default_rng(seed)

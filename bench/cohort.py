@@ -34,7 +34,7 @@ def bench_state(model, method):
     import torch
 
     from fedsim.adapters import adapted_layers
-    from fedsim.methods.base import HEAD_PREFIX, head_parameters, state_key
+    from fedsim.adapters.state import HEAD_PREFIX, head_parameters, state_key
 
     if not method.needs_init_gradients:
         return method.init_state(model)

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from fedsim.config import TrainConfig
-from fedsim.methods.base import Method, State
+from fedsim.adapters.state import State
+from fedsim.methods.base import Method
 from fedsim.privacy import PrivacySettings
 from fedsim.trainer import TrainStats, train_local
 

@@ -50,7 +50,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedsim.adapters.layers import adapted_layers, adapted_modules, leading_block
-from fedsim.methods.base import Method, State, pad_to, state_key
+from fedsim.adapters.state import State, pad_to, state_key
+from fedsim.methods.base import Method
 from fedsim.config import TrainConfig
 from fedsim.data import per_example_loss
 from fedsim.privacy import PrivacySettings

@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedsim.methods.base import HEAD_PREFIX, Method, RoundResult, State, Upload, pad_to, state_key
+from fedsim.adapters.state import HEAD_PREFIX, State, pad_to, state_key
+from fedsim.methods.agg_error import client_factors
+from fedsim.methods.base import Method, RoundResult, Upload
 from fedsim.seeds import torch_generator
 
 PROBES = 16  # columns of the error sketch's Gaussian test matrix
@@ -63,7 +65,7 @@ def partial_sum(method: Method, state: State, uploads: Sequence[Upload], round_i
             if method.clients.rank_aggregation == "partitioned" and not key.startswith(HEAD_PREFIX):
                 add(part.coverage, key, weight * pad_to(torch.ones(tensor.shape, dtype=torch.float64), shape))
         for layer in sketched_layers(upload):
-            B, R, A = method.client_factors(state, upload, layer)
+            B, R, A = client_factors(state, upload, layer)
             probe = test_matrix(state, layer, round_idx, seed)
             right = A @ probe if R is None else R @ (A @ probe)
             add(part.sketches, layer, weight * method.scaling * (B @ right))

@@ -1,8 +1,8 @@
 """The shapes a message's size depends on: the adapted layers (out × in) and the trained head, with the dtype.
 
 ``analysis.comm`` reads them off a model's architecture (a preset, an HF ``config.json``, a model folder);
-``shapes_of_state`` reads them off a global state. The methods build meta tensors of these shapes to say
-what they send (``fedsim.methods.base.Method.meta_state``), without any weights.
+``shapes_of_state`` reads them off a global state. ``analysis.comm`` builds meta tensors of these shapes and runs
+the methods' own code on them to say what they send (``meta_state``), without any weights.
 """
 
 from __future__ import annotations

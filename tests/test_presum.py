@@ -6,6 +6,7 @@ import pytest
 import torch
 from tiny_models import make_method
 
+from analysis.comm import meta_state, meta_upload
 from fedsim.methods import METHODS, Upload
 from fedsim.presum import combine, partial_sum
 
@@ -20,14 +21,14 @@ def state_for(method):
     shapes = ModelShapes("t", tuple(Linear(n, d, k) for n, (d, k) in LAYERS.items()), head=(("classifier.weight", (3, 5)),))
     generator = torch.Generator().manual_seed(0)
     return {key: torch.randn(value.shape, generator=generator, dtype=torch.float64)
-            for key, value in method.meta_state(shapes).items()}
+            for key, value in meta_state(method, shapes).items()}
 
 
 def uploads_for(method, state, ranks, round_idx=0):
     generator = torch.Generator().manual_seed(1 + round_idx)
     uploads = []
     for client_id, rank in enumerate(ranks):
-        message = method.meta_upload(state, round_idx, rank)
+        message = meta_upload(method, state, round_idx, rank)
         uploads.append(Upload(client_id, 3 + 5 * client_id,
                               {k: v + torch.randn(v.shape, generator=generator, dtype=torch.float64) for k, v in message.items()}))
     return uploads

@@ -15,6 +15,7 @@ import pytest
 import torch
 from tiny_models import tiny_bert_with_tokenizer
 
+from analysis.comm import meta_state, meta_upload
 from fedsim.config import Config, config_from_dict, config_to_dict, field_paths
 from fedsim.errors import UsageError
 from fedsim.methods import Upload
@@ -135,10 +136,10 @@ def method_probe(files, config, name):
     plan = build(files, config, name).plan
     method = plan.method
     shapes = ModelShapes("probe", (Linear("layer", 6, 5),), head=(("classifier.weight", (2, 5)),))
-    state = method.meta_state(shapes)
+    state = meta_state(method, shapes)
     real = {key: torch.randn(value.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
             for key, value in state.items()}
-    uploads = [Upload(0, 3, method.meta_upload(real, 1, method.rank)), Upload(1, 9, method.meta_upload(real, 1, 1))]
+    uploads = [Upload(0, 3, meta_upload(method, real, 1, method.rank)), Upload(1, 9, meta_upload(method, real, 1, 1))]
     uploads = [Upload(u.client_id, u.num_samples, {k: v + u.client_id for k, v in u.tensors.items()}) for u in uploads]
     result = method.aggregate(real, uploads, 1)
     return (type(method).__name__, method.scaling, {k: tuple(v.shape) for k, v in state.items()}, method.trained_kinds(1),

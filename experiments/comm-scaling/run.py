@@ -38,7 +38,8 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from analysis.comm import MessageReplay, predict_run, run_shapes  # noqa: E402
 from common import bytes_config, local_ray, machine_info, read_run, sst2_available  # noqa: E402  (bench/common.py)
-from fedsim.methods import METHODS, nbytes  # noqa: E402
+from fedsim.adapters.state import nbytes  # noqa: E402
+from fedsim.methods import METHODS  # noqa: E402
 
 QUANTITIES = ("up", "down_first", "down_returning")
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fedsim.adapters.layers import adapted_layers, adapter_product
-from fedsim.methods.base import HEAD_PREFIX, State, head_parameters, layer_names_of, state_key
+from fedsim.adapters.state import HEAD_PREFIX, State, head_parameters, layer_names_of, state_key
 
 
 def lora_factors(state: State, scaling: float, tolerance: float = 1e-7) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -11,10 +11,13 @@ each batch into them); a layer's factors are then computed on that device from i
 float32 a block of rows at a time, so the extra memory at any time is a block (16 MiB) plus the
 randomized SVD's (d+k)·q — well under one float32 copy of the largest target weight. Only B, R, A
 (r·(d+k+r) numbers a layer) ever leave the device.
+
+LoRA's own initialisation (``kaiming_uniform_A``, with B = 0) is here too: the methods that train A and B start from it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -24,6 +27,12 @@ from torch import nn
 # The randomized SVD's oversampling p (q = r + p columns) and power (subspace) iterations; see lora_sb_factors.
 OVERSAMPLE = 10
 POWER_ITERATIONS = 2
+
+
+def kaiming_uniform_A(rank: int, in_features: int, generator: torch.Generator) -> torch.Tensor:
+    """LoRA's A initialisation (PEFT and Hu et al.): U(−1/√k, 1/√k), from a seeded generator."""
+    bound = 1.0 / math.sqrt(in_features)
+    return (torch.rand(rank, in_features, generator=generator, dtype=torch.float64) * 2 - 1) * bound
 
 
 def accumulate_gradients(model: nn.Module, layer_names: list[str], batches: Iterable[dict]) -> dict[str, torch.Tensor]:

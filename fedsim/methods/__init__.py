@@ -9,7 +9,7 @@ method it runs.
 from __future__ import annotations
 
 from fedsim.config import ClientsConfig, MethodConfig
-from fedsim.methods.base import About, Method, RoundResult, State, Upload, nbytes
+from fedsim.methods.base import About, Method, RoundResult, Upload
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -56,4 +56,4 @@ from fedsim.methods import (  # noqa: E402,F401,I001
     lora_fair, central,
 )
 
-__all__ = ["METHODS", "Method", "RoundResult", "State", "Upload", "build_method", "method_names", "methods_table", "nbytes", "register"]
+__all__ = ["METHODS", "Method", "RoundResult", "Upload", "build_method", "method_names", "methods_table", "register"]

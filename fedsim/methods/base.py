@@ -3,15 +3,11 @@
 A method has four duties and nothing else: set up the adapters on a model (``prepare``,
 ``init_state``); say which tensors a client trains (``trained_kinds``); build what comes up
 (``upload``) and what goes down (the ``broadcast`` of ``aggregate``, applied by ``receive``); and
-aggregate. The global state is a flat ``dict[str, Tensor]``:
-
-- ``"<layer>.lora_A"`` (r×k), ``"<layer>.lora_B"`` (d×r), ``"<layer>.lora_R"`` (r×r, LoRA-SB only),
-  ``"<layer>.base_delta"`` (d×k, float32; methods that fold updates into W0), where ``<layer>`` is
-  the module path in the base model;
-- ``"head:<param>"`` for the classification head, where it is trained and averaged.
+aggregate. The global state is a flat ``dict[str, Tensor]`` keyed as ``fedsim.adapters.state`` says.
 
 Aggregation sums clients in client-id order and accumulates in float64, so the result does not
-depend on the order in which clients arrive. Nothing here imports Ray.
+depend on the order in which clients arrive; each round's aggregation error is measured by
+``fedsim.methods.agg_error``. Nothing here imports Ray.
 
 Two generic hooks serve the methods that go beyond one shared global state:
 
@@ -29,26 +25,20 @@ code says ``own``). The methods whose papers have no rank-heterogeneous clients 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from fedsim.adapters.init import kaiming_uniform_A, layer_seed, lora_sb_factors
 from fedsim.adapters.layers import adapted_layers, leading_block, set_rank
 from fedsim.adapters.lora_sb import inject_lora_sb, target_linear_names
-from fedsim.adapters.init import layer_seed, lora_sb_factors
+from fedsim.adapters.state import HEAD_PREFIX, State, head_parameters, key_kind, pad_to, state_key
 from fedsim.config import ClientsConfig, MethodConfig
 from fedsim.errors import UsageError
+from fedsim.methods.agg_error import aggregation_error, weighted_sum64
 from fedsim.seeds import torch_generator
-from fedsim.shapes import ModelShapes
-
-State = dict[str, torch.Tensor]
-Term = tuple[float, torch.Tensor, "torch.Tensor | None", torch.Tensor]  # coef · B R A (R None: coef · B A), float64
-ADAPTER_KINDS = ("lora_A", "lora_B", "lora_R")
-HEAD_PREFIX = "head:"
-HEAD_MODULE_NAMES = ("classifier", "score")
 
 
 @dataclass
@@ -71,63 +61,9 @@ class RoundResult:
     weights: dict[int, float] = field(default_factory=dict)
 
 
-def state_key(layer: str, kind: str) -> str:
-    return f"{layer}.{kind}"
-
-
-def layer_names_of(state: State) -> list[str]:
-    """Adapted layer names in the state, in insertion (module) order."""
-    names: dict[str, None] = {}
-    for key in state:
-        if not key.startswith(HEAD_PREFIX):
-            names[key.rsplit(".", 1)[0]] = None
-    return list(names)
-
-
-def meta_like(tensor: torch.Tensor) -> torch.Tensor:
-    """A new meta tensor of ``tensor``'s shape and dtype: what counting bytes (``analysis.comm``) builds where the real
-    code computes. Built directly, not by meta arithmetic, which runs through Python decompositions (tens of µs to ms
-    an op, and an import of sympy at its first use)."""
-    return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
-
-
 def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """``Σ w_i t_i``, accumulated in float64 in the order given (on the inputs' device), returned in the inputs' dtype."""
-    if tensors[0].is_meta:  # counting bytes (analysis.comm): the shape is all there is
-        return meta_like(tensors[0])
     return weighted_sum64(tensors, weights).to(tensors[0].dtype)
-
-
-def weighted_sum64(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """``Σ w_i t_i`` in float64, in the order given, on the inputs' device."""
-    total = torch.zeros(tensors[0].shape, dtype=torch.float64, device=tensors[0].device)
-    for tensor, weight in zip(tensors, weights):
-        total += weight * tensor.to(torch.float64)
-    return total
-
-
-def nbytes(tensors: State) -> int:
-    """Bytes of a message as sent: every tensor's data plus its key (UTF-8)."""
-    return sum(t.numel() * t.element_size() + len(k.encode()) for k, t in tensors.items())
-
-
-def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The classification head's parameters (``classifier`` for BERT-like, ``score`` for Llama-like).
-
-    Looked up on the head modules themselves, not by walking every parameter of the model.
-    """
-    return {
-        f"{head}.{name}": param
-        for head in HEAD_MODULE_NAMES
-        if isinstance(getattr(model, head, None), nn.Module)
-        for name, param in getattr(model, head).named_parameters()
-    }
-
-
-def kaiming_uniform_A(rank: int, in_features: int, generator: torch.Generator) -> torch.Tensor:
-    """LoRA's A initialisation (PEFT and Hu et al.): U(−1/√k, 1/√k), from a seeded generator."""
-    bound = 1.0 / math.sqrt(in_features)
-    return (torch.rand(rank, in_features, generator=generator, dtype=torch.float64) * 2 - 1) * bound
 
 
 @dataclass(frozen=True)
@@ -143,8 +79,8 @@ class Method:
     """Base class; one subclass a file in ``fedsim.methods``, registered with ``@fedsim.methods.register``.
 
     The class attributes below describe the method for people (``fedsim methods``, the README's table,
-    reports); what it sends is not described but computed, by running its own code on meta tensors
-    (``meta_state``, ``meta_upload``, ``aggregate``, ``downlink``: see ``analysis.comm``).
+    reports); what it sends is not described but computed, by running its own code (``aggregate``, ``downlink``) on
+    meta tensors of a model's shapes (``analysis.comm``).
     """
 
     name: str = ""
@@ -354,31 +290,6 @@ class Method:
         """The first round whose messages are those of every later round (what `fedsim comm` shows per round)."""
         return 1
 
-    # -- the same messages without a model: meta tensors of a model's shapes --------------------
-    def meta_state(self, shapes: ModelShapes) -> State:
-        """The round-0 global state as meta tensors (shapes and dtypes, no data): what ``init_state`` builds for
-        a model of these shapes. Run through ``meta_upload``, ``aggregate`` and ``downlink``, it gives the bytes
-        each message takes, from the method's own code (``analysis.comm``)."""
-        meta = {"device": "meta", "dtype": shapes.torch_dtype}
-        state: State = {}
-        for layer in shapes.layers:
-            d, k, r = layer.out_features, layer.in_features, self.rank
-            if self.adapter == "lora-sb":
-                state[state_key(layer.name, "lora_R")] = torch.empty(r, r, **meta)
-            state[state_key(layer.name, "lora_A")] = torch.empty(r, k, **meta)
-            state[state_key(layer.name, "lora_B")] = torch.empty(d, r, **meta)
-        if self.config.train_head:
-            state.update({HEAD_PREFIX + name: torch.empty(shape, **meta) for name, shape in shapes.head})
-        return state
-
-    def meta_upload(self, state: State, round_idx: int, rank: int | None = None) -> State:
-        """A client's upload, as ``upload`` builds it from a model at rank ``rank``, built from a (meta) state."""
-        rank = rank or self.rank
-        kinds = set(self.trained_kinds(round_idx)) | {"head"}
-        kept = self.client_kinds(round_idx)
-        return {key: leading_block(value, rank_shape(key_kind(key), value.shape, rank))
-                for key, value in state.items() if key_kind(key) in kinds and key_kind(key) not in kept}
-
     # -- 4. aggregate -------------------------------------------------------------------------
     def client_weights(self, uploads: Sequence[Upload]) -> list[float]:
         """``w_i``: by sample count (``n_i / Σ n``) or uniform (``1/c``), in the order of ``uploads``."""
@@ -405,8 +316,9 @@ class Method:
         """``Σ w_i t_i`` for every uploaded tensor (or those of ``keys``). Lower-rank clients' blocks are zero-padded
         to the global shape; ``partitioned`` divides each entry by the weight of the clients that trained it instead."""
         keys = list(uploads[0].tensors if keys is None else keys)
-        if keys and uploads[0].tensors[keys[0]].is_meta:  # counting bytes: shapes only
-            return {key: meta_like(state.get(key, uploads[0].tensors[key])) for key in keys}
+        if keys and uploads[0].tensors[keys[0]].is_meta:  # counting bytes (analysis.comm): shapes only
+            like = {key: state.get(key, uploads[0].tensors[key]) for key in keys}
+            return {key: torch.empty(t.shape, dtype=t.dtype, device="meta") for key, t in like.items()}
         averaged = {}
         for key in keys:
             shape = state[key].shape if key in state else uploads[0].tensors[key].shape
@@ -422,75 +334,6 @@ class Method:
                 averaged[key] = weighted_mean(tensors, weights)
         return averaged
 
-    def client_factors(self, state: State, upload: Upload, layer: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """``(B_i, R_i, A_i)`` of one client in float64: its uploaded tensors over the global ones."""
-
-        rank = client_rank(upload, layer, self.rank)
-
-        def get(kind: str) -> torch.Tensor | None:
-            key = state_key(layer, kind)
-            tensor = upload.tensors.get(key, state.get(key))
-            if tensor is None:
-                return None
-            return leading_block(tensor, rank_shape(kind, tensor.shape, rank)).to(torch.float64)
-
-        return get("lora_B"), get("lora_R"), get("lora_A")
-
-    def ideal_terms(self, state: State, uploads: Sequence[Upload], weights: Sequence[float], layer: str) -> list[Term]:
-        """``Σ w_i · scaling · B_i R_i A_i`` (what exact aggregation must produce) as terms ``(coef, B, R, A)``, float64.
-
-        Where the clients upload one kind and share the others (Fed-SB: R; FFA: B), the weighted sum is
-        taken inside, one term a layer; a lower-rank client's block is zero-padded to the full shape,
-        which leaves its product unchanged. Otherwise one term a client. No d×k matrix is formed.
-        """
-        uploaded = {kind for kind in ADAPTER_KINDS if state_key(layer, kind) in uploads[0].tensors}
-        shared = {kind: state[state_key(layer, kind)].to(torch.float64)
-                  for kind in ADAPTER_KINDS if kind not in uploaded and state_key(layer, kind) in state}
-
-        def summed(kind: str) -> torch.Tensor:
-            key = state_key(layer, kind)
-            return weighted_sum64([pad_to(u.tensors[key], state[key].shape) for u in uploads], weights)
-
-        if uploaded == {"lora_R"}:
-            return [(self.scaling, shared["lora_B"], summed("lora_R"), shared["lora_A"])]
-        if uploaded == {"lora_B"} and "lora_R" not in shared:
-            return [(self.scaling, summed("lora_B"), None, shared["lora_A"])]
-        if uploaded == {"lora_A"} and "lora_R" not in shared:
-            return [(self.scaling, shared["lora_B"], None, summed("lora_A"))]
-        return [(weight * self.scaling, *self.client_factors(state, upload, layer)) for upload, weight in zip(uploads, weights)]
-
-    def ideal_update(self, state: State, uploads: Sequence[Upload], weights: Sequence[float], layer: str) -> torch.Tensor:
-        """``Σ w_i · scaling · B_i R_i A_i`` as one d×k matrix (float64), for a method that folds it into W0."""
-        if state[state_key(layer, "lora_A")].is_meta:  # counting bytes (analysis.comm): the shape is all there is
-            d, k = state[state_key(layer, "lora_B")].shape[0], state[state_key(layer, "lora_A")].shape[1]
-            return torch.empty(d, k, dtype=torch.float64, device="meta")
-        return dense(self.ideal_terms(state, uploads, weights, layer))
-
-    def adapter_term(self, state: State, layer: str) -> Term:
-        """The adapter product ``scaling · B R A`` of a state, as a term (float64)."""
-        R = state.get(state_key(layer, "lora_R"))
-        return (self.scaling, state[state_key(layer, "lora_B")].to(torch.float64), None if R is None else R.to(torch.float64),
-                state[state_key(layer, "lora_A")].to(torch.float64))
-
-    def layer_error(self, old_state: State, new_state: State, uploads: Sequence[Upload], weights: Sequence[float],
-                    layer: str) -> tuple[float, float]:
-        """``(‖Σ w_i s B_i R_i A_i − s B R A‖²_F, ‖Σ w_i s B_i R_i A_i‖²_F)`` from the factors alone, exactly.
-
-        The new adapter product is one more (negated) term: ``‖Σ_t L_t R_t‖² = tr((LᵀL)(R Rᵀ))`` with the
-        terms' factors stacked (``squared_norms``), O((d+k)·n²) for n stacked columns, never a d×k matrix per
-        client. For a layer whose W0 the round left alone. Where the ideal is one term sharing a factor
-        with the new product (Fed-SB, FFA), the difference is taken inside that factor, so an exact
-        method's error is measured to float64 precision, not lost in the cancellation of two equal norms.
-        """
-        delta_key = state_key(layer, "base_delta")
-        if new_state.get(delta_key) is not old_state.get(delta_key):
-            raise ValueError(f"{self.name} folds into W0 in layer {layer}: it must measure that layer's error itself (finish's layer_terms)")
-        ideal = self.ideal_terms(old_state, uploads, weights, layer)
-        terms = difference(ideal, self.adapter_term(new_state, layer))
-        if len(terms) == len(ideal) + 1:  # nothing merged: the ideal's norm is a block of the same Gram matrices
-            return squared_norms(terms, len(ideal))
-        return squared_norm(terms), squared_norm(ideal)
-
     def finish(
         self,
         old_state: State,
@@ -499,175 +342,20 @@ class Method:
         uploads: Sequence[Upload],
         weights: Sequence[float],
         layer_terms: dict[str, tuple[float, float]] | None = None,
+        layer_weights: dict[str, Sequence[float]] | None = None,
     ) -> RoundResult:
-        """Measure the aggregation error of ``new_state`` and package the round's result.
+        """Measure the aggregation error of ``new_state`` (``agg_error.aggregation_error``) and package the round's result.
 
-        ``layer_terms`` (``{layer: (squared error, squared ideal norm)}``) come from a method that folds
-        into W0 and so holds the d×k fold already (FedEx-LoRA, FLoRA); every other layer is measured
-        from the factors (``layer_error``). No error on meta tensors (counting bytes).
+        ``layer_terms``: ``{layer: (squared error, squared ideal norm)}`` of a method that folds into W0 (FedEx-LoRA,
+        FLoRA); ``layer_weights``: a layer's ideal weights where they are not ``weights`` (HetLoRA). No error on meta
+        tensors (counting bytes).
         """
+        client_weights = {u.client_id: w for u, w in zip(uploads, weights)}
         if any(t.is_meta for t in new_state.values()):
-            return RoundResult(state=new_state, broadcast=broadcast, agg_error=float("nan"),
-                               weights={u.client_id: w for u, w in zip(uploads, weights)})
-        squared_error = squared_ideal = 0.0
-        layer_errors: dict[str, float] = {}
-        for layer in layer_names_of(new_state):
-            if layer_terms is not None and layer in layer_terms:
-                error2, norm2 = layer_terms[layer]
-            else:
-                error2, norm2 = self.layer_error(old_state, new_state, uploads, weights, layer)
-            error2 = max(0.0, error2)  # a Gram trace of an error at rounding level can come out a hair below zero
-            layer_errors[layer] = math.sqrt(error2 / norm2) if norm2 > 0 else 0.0
-            squared_error += error2
-            squared_ideal += norm2
-        agg_error = math.sqrt(squared_error / squared_ideal) if squared_ideal > 0 else 0.0
-        return RoundResult(
-            state=new_state,
-            broadcast=broadcast,
-            agg_error=agg_error,
-            layer_errors=layer_errors,
-            weights={u.client_id: w for u, w in zip(uploads, weights)},
-        )
-
-
-def key_kind(key: str) -> str:
-    """``"lora_A"`` of ``"<layer>.lora_A"``; ``"head"`` for a head parameter."""
-    return "head" if key.startswith(HEAD_PREFIX) else key.rsplit(".", 1)[1]
-
-
-def rank_block(state: State, rank: int) -> State:
-    """``state`` as a rank-``rank`` client holds it: the first ``rank`` rows of every A and columns of every B
-    (and the leading block of every R); every other tensor as it is. The truncation HetLoRA and FlexLoRA send."""
-    blocks = {"lora_A": (slice(0, rank),), "lora_B": (slice(None), slice(0, rank)), "lora_R": (slice(0, rank), slice(0, rank))}
-    return {key: value[blocks[key_kind(key)]].contiguous() if key_kind(key) in blocks else value for key, value in state.items()}
-
-
-def stacked(terms: Sequence[Term]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(L, R)`` with ``L R = Σ_t coef_t B_t R_t A_t``: the left factors side by side (d×n), the right ones stacked (n×k)."""
-    left = torch.cat([coef * (B if R is None else B @ R) for coef, B, R, _ in terms], dim=1)
-    right = torch.cat([A for _, _, _, A in terms], dim=0)
-    return left, right
-
-
-def dense(terms: Sequence[Term]) -> torch.Tensor:
-    """``Σ_t coef_t B_t R_t A_t`` as one d×k matrix: one product of the stacked factors."""
-    left, right = stacked(terms)
-    return left @ right
-
-
-def squared_norm(terms: Sequence[Term]) -> float:
-    """``‖Σ_t coef_t B_t R_t A_t‖²_F`` exactly (see ``squared_norms``)."""
-    return squared_norms(terms, len(terms))[0]
-
-
-def squared_norms(terms: Sequence[Term], first: int) -> tuple[float, float]:
-    """``(‖Σ_t T_t‖²_F, ‖Σ_{t<first} T_t‖²_F)`` exactly, with ``T_t = coef_t B_t R_t A_t``.
-
-    With the factors stacked (``L R = Σ T_t``, n columns): ``Σ (LᵀL) ∘ (R Rᵀ)``, and the second from the
-    leading block of the same two n×n Gram matrices, in O((d+k)·n²); or from the d×k products where those
-    are cheaper (n > dk/(d+k): many clients of a thin layer), in O(d·k·n).
-    """
-    left, right = stacked(terms)
-    split = sum(A.shape[0] for _, _, _, A in terms[:first])
-    (d, n), k = left.shape, right.shape[1]
-    if (d + k) * n > d * k:
-        head = left[:, :split] @ right[:split]
-        total = head + left[:, split:] @ right[split:] if split < n else head
-        return float(torch.linalg.matrix_norm(total) ** 2), float(torch.linalg.matrix_norm(head) ** 2)
-    products = (left.mT @ left) * (right @ right.mT)
-    return float(products.sum()), float(products[:split, :split].sum())
-
-
-def difference(ideal: Sequence[Term], new: Term) -> list[Term]:
-    """The terms of ``Σ ideal − new``; one ideal term that shares B and A (or A, or B) with ``new`` is merged with it."""
-    coef, B, R, A = new
-    if len(ideal) == 1:
-        c0, B0, R0, A0 = ideal[0]
-        same_B, same_A = _same(B0, B), _same(A0, A)
-        if same_B and same_A:
-            eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-            middle = c0 * (eye if R0 is None else R0) - coef * (eye if R is None else R)
-            return [(1.0, B0, middle, A0)]
-        if same_A:
-            left = c0 * (B0 if R0 is None else B0 @ R0) - coef * (B if R is None else B @ R)
-            return [(1.0, left, None, A0)]
-        if same_B:
-            right = c0 * (A0 if R0 is None else R0 @ A0) - coef * (A if R is None else R @ A)
-            return [(1.0, B0, None, right)]
-    return [*ideal, (-coef, B, R, A)]
-
-
-def _same(x: torch.Tensor, y: torch.Tensor) -> bool:
-    return x.shape == y.shape and bool(torch.equal(x, y))
-
-
-def client_rank(upload: Upload, layer: str, full_rank: int) -> int:
-    """A client's rank, read off the shapes of what it uploaded for ``layer``."""
-    tensors = upload.tensors
-    if state_key(layer, "lora_R") in tensors:
-        return tensors[state_key(layer, "lora_R")].shape[0]
-    if state_key(layer, "lora_A") in tensors:
-        return tensors[state_key(layer, "lora_A")].shape[0]
-    if state_key(layer, "lora_B") in tensors:
-        return tensors[state_key(layer, "lora_B")].shape[1]
-    return full_rank
-
-
-STACK_WEIGHTS, STACK_RANKS = "stack.weights", "stack.ranks"
-
-
-def stack_uploads(layers: Sequence[str], uploads: Sequence[Upload], weights: Sequence[float], full_rank: int) -> State:
-    """Every client's A and B of each layer stacked along the rank (A's rows, B's columns), with the clients'
-    weights (float64) and ranks: what FLoRA, and FedEx-LoRA's ``stacked`` downlink, send to every client."""
-    ranks = [client_rank(u, layers[0], full_rank) for u in uploads]  # a client's rank is the same in every layer
-    message: State = {STACK_WEIGHTS: torch.tensor(list(weights), dtype=torch.float64),
-                      STACK_RANKS: torch.tensor(ranks, dtype=torch.int64)}
-    stacked_rank = sum(ranks)
-    for layer in layers:
-        A_0, B_0 = uploads[0].tensors[state_key(layer, "lora_A")], uploads[0].tensors[state_key(layer, "lora_B")]
-        if A_0.is_meta:  # counting bytes (analysis.comm): shapes only, and meta concatenation is slow
-            message[state_key(layer, "stack_A")] = A_0.new_empty(stacked_rank, A_0.shape[1])
-            message[state_key(layer, "stack_B")] = B_0.new_empty(B_0.shape[0], stacked_rank)
-        else:
-            A = [u.tensors[state_key(layer, "lora_A")] for u in uploads]
-            B = [u.tensors[state_key(layer, "lora_B")] for u in uploads]
-            message[state_key(layer, "stack_A")] = torch.cat(A, dim=0)
-            message[state_key(layer, "stack_B")] = torch.cat(B, dim=1)
-    return message
-
-
-def unstack(message: State) -> tuple[list[Upload], list[float]]:
-    """The clients' adapter uploads and weights back from a ``stack_uploads`` message (client ids 0..c-1, in order)."""
-    weights = message[STACK_WEIGHTS].tolist()
-    ranks = message[STACK_RANKS].tolist()
-    uploads = [Upload(i, 1, {}) for i in range(len(ranks))]
-    for key, value in message.items():
-        layer, _, kind = key.rpartition(".")
-        if kind in ("stack_A", "stack_B"):
-            parts = value.split(ranks, dim=0 if kind == "stack_A" else 1)
-            for upload, part in zip(uploads, parts):
-                upload.tensors[state_key(layer, "lora_" + kind[-1])] = part
-    return uploads, weights
-
-
-def rank_shape(kind: str, shape: torch.Size, rank: int) -> tuple[int, ...]:
-    """The shape of a rank-``rank`` client's block of an adapter tensor of ``kind`` (A: r×k, B: d×r, R: r×r)."""
-    if kind == "lora_A":
-        return (rank, shape[1])
-    if kind == "lora_B":
-        return (shape[0], rank)
-    if kind == "lora_R":
-        return (rank, rank)
-    return tuple(shape)
-
-
-def pad_to(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Zero-pad ``tensor`` at the end of each dimension to ``shape`` (a lower-rank client's block in the global tensor)."""
-    if tensor.shape == shape:
-        return tensor
-    padded = tensor.new_zeros(shape)
-    padded[tuple(slice(0, n) for n in tensor.shape)] = tensor
-    return padded
+            return RoundResult(state=new_state, broadcast=broadcast, agg_error=float("nan"), weights=client_weights)
+        agg_error, layer_errors = aggregation_error(old_state, new_state, uploads, weights, self.scaling, layer_terms, layer_weights)
+        return RoundResult(state=new_state, broadcast=broadcast, agg_error=agg_error, layer_errors=layer_errors,
+                           weights=client_weights)
 
 
 def _set_base_delta(base: nn.Linear, delta: torch.Tensor) -> None:

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from fedsim.methods.base import Method, State
+from fedsim.adapters.state import State
+from fedsim.methods.base import Method
 
 
 class Downlinks:

@@ -15,9 +15,11 @@ from collections.abc import Sequence
 
 import torch
 
+from fedsim.adapters.state import HEAD_PREFIX, State, layer_names_of, nbytes, state_key
 from fedsim.methods import register
-from fedsim.methods.base import (HEAD_PREFIX, Method, RoundResult, State, Upload, layer_names_of, nbytes, stack_uploads,
-                                 state_key, unstack)
+from fedsim.methods.agg_error import ideal_update
+from fedsim.methods.base import Method, RoundResult, Upload
+from fedsim.methods.stack import stack_uploads, unstack
 
 
 @register("fedex-lora", paper="https://arxiv.org/abs/2410.09432", rule="FedIT + residual `Σ w_i B_i A_i − B̄Ā` folded into W0")
@@ -58,7 +60,7 @@ class FedExLoRA(Method):
         new_state = {**state, **averaged}
         residuals, layer_terms = {}, {}
         for layer in layer_names_of(state):
-            residual = self.ideal_update(state, uploads, weights, layer)  # Σ w_i s B_i A_i, d×k float64
+            residual = ideal_update(state, uploads, weights, layer, self.scaling)  # Σ w_i s B_i A_i, d×k float64
             mean_B = averaged[state_key(layer, "lora_B")].to(torch.float64)
             mean_A = averaged[state_key(layer, "lora_A")].to(torch.float64)
             ideal_norm2 = None if residual.is_meta else float(torch.linalg.matrix_norm(residual) ** 2)

@@ -29,8 +29,9 @@ The paper's variants on rsLoRA and VeRA (FedSA-rsLoRA, FedSA-VeRA) are not built
 
 from collections.abc import Sequence
 
+from fedsim.adapters.state import State, key_kind
 from fedsim.methods import register
-from fedsim.methods.base import Method, RoundResult, State, Upload, key_kind
+from fedsim.methods.base import Method, RoundResult, Upload
 
 
 @register("fedsa-lora", paper="https://arxiv.org/abs/2410.01463", trains="A, B; B and the head stay local", rule="`A = Σ w_i A_i`", exact="personalised (NaN)")

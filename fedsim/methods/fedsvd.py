@@ -28,8 +28,9 @@ from collections.abc import Sequence
 
 import torch
 
+from fedsim.adapters.state import State, layer_names_of, state_key
 from fedsim.methods import register
-from fedsim.methods.base import Method, RoundResult, State, Upload, layer_names_of, state_key
+from fedsim.methods.base import Method, RoundResult, Upload
 
 
 @register("fedsvd", paper="https://arxiv.org/abs/2505.12805", trains="B; A orthonormal, shared", rule="SVD of `B̄A` → orthonormal A, new B")

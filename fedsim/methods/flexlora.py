@@ -35,8 +35,8 @@ r_i — set ``method.rank`` to the largest client rank. A client's rank is fixed
 ``clients.ranks`` (the paper sets it by the client's resources).
 """
 
+from fedsim.adapters.state import State, rank_block
 from fedsim.methods import register
-from fedsim.methods.base import State, rank_block
 from fedsim.methods.fra_lora import FRALoRA
 
 

@@ -19,22 +19,13 @@ from collections.abc import Sequence
 
 import torch
 
+from fedsim.adapters.init import kaiming_uniform_A
+from fedsim.adapters.state import HEAD_PREFIX, State, layer_names_of, state_key
 from fedsim.methods import register
-from fedsim.methods.base import (
-    HEAD_PREFIX,
-    Method,
-    RoundResult,
-    State,
-    Upload,
-    kaiming_uniform_A,
-    layer_names_of,
-    meta_like,
-    stack_uploads,
-    state_key,
-    unstack,
-    weighted_mean,
-)
+from fedsim.methods.agg_error import ideal_update
+from fedsim.methods.base import Method, RoundResult, Upload
 from fedsim.methods.fedex_lora import add_residual
+from fedsim.methods.stack import stack_uploads, unstack
 from fedsim.seeds import derive_seed
 
 ROUND_KEY = "flora.round"
@@ -47,7 +38,7 @@ class FLoRA(Method):
         broadcast = stack_uploads(layer_names_of(state), uploads, weights, self.rank)
         broadcast[ROUND_KEY] = torch.tensor([round_idx], dtype=torch.int64)
         head_keys = [key for key in uploads[0].tensors if key.startswith(HEAD_PREFIX)]
-        head = {key: weighted_mean([u.tensors[key] for u in uploads], weights) for key in head_keys}
+        head = self.average(state, uploads, weights, head_keys)
         broadcast.update(head)
         layer_terms: dict[str, tuple[float, float]] = {}
         new_state = {**self.fold(state, uploads, weights, round_idx + 1, layer_terms), **head}
@@ -67,7 +58,7 @@ class FLoRA(Method):
         (one product of the stacked factors), so the error is what the float32 W0 correction misses of it."""
         new_state = dict(state)
         for layer in sorted(layer_names_of(state)):
-            fold = self.ideal_update(state, uploads, weights, layer)  # Σ w_i · scaling · B_i A_i
+            fold = ideal_update(state, uploads, weights, layer, self.scaling)  # Σ w_i · scaling · B_i A_i
             delta_key = state_key(layer, "base_delta")
             new_state[delta_key] = add_residual(state.get(delta_key), fold.to(torch.float32))
             if layer_terms is not None and not fold.is_meta:
@@ -77,13 +68,14 @@ class FLoRA(Method):
                 layer_terms[layer] = (float(torch.linalg.matrix_norm(fold - applied) ** 2), float(torch.linalg.matrix_norm(fold) ** 2))
             A_key, B_key = state_key(layer, "lora_A"), state_key(layer, "lora_B")
             new_state[A_key] = self.redraw_A(state[A_key], layer, next_round)
-            new_state[B_key] = meta_like(state[B_key]) if state[B_key].is_meta else torch.zeros_like(state[B_key])
+            B = state[B_key]  # meta: counting bytes (analysis.comm), where zeros_like is slow
+            new_state[B_key] = B.new_empty(B.shape) if B.is_meta else torch.zeros_like(B)
         return new_state
 
     def redraw_A(self, old_A: torch.Tensor, layer: str, round_idx: int) -> torch.Tensor:
         """LoRA's A for ``layer`` at the start of ``round_idx``: seeded by (run seed, round, layer name) alone."""
         if old_A.is_meta:  # counting bytes (analysis.comm): shapes only
-            return meta_like(old_A)
+            return old_A.new_empty(old_A.shape)
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "flora-redraw", round_idx, layer))
         rank, in_features = old_A.shape
         return kaiming_uniform_A(rank, in_features, generator).to(old_A.dtype)

@@ -14,8 +14,10 @@ from collections.abc import Sequence
 
 import torch
 
+from fedsim.adapters.state import State, layer_names_of, state_key
 from fedsim.methods import register
-from fedsim.methods.base import Method, RoundResult, State, Term, Upload, layer_names_of, meta_like, stacked, state_key
+from fedsim.methods.agg_error import Term, ideal_terms, stacked
+from fedsim.methods.base import Method, RoundResult, Upload
 
 
 @register("fra-lora", paper="https://arxiv.org/abs/2501.06332", rule="rank-r truncated SVD of `Σ w_i B_i A_i`", exact="no (truncation reported)")
@@ -29,9 +31,9 @@ class FRALoRA(Method):
         for layer in layer_names_of(state):
             B_key, A_key = state_key(layer, "lora_B"), state_key(layer, "lora_A")
             if state[A_key].is_meta:  # counting bytes (analysis.comm): the shapes are all there is, and they do not change
-                new_state[B_key], new_state[A_key] = meta_like(state[B_key]), meta_like(state[A_key])
+                new_state[B_key], new_state[A_key] = state[B_key].new_empty(state[B_key].shape), state[A_key].new_empty(state[A_key].shape)
                 continue
-            B, A = truncated_factors(self.ideal_terms(state, uploads, weights, layer), self.rank, self.scaling, self.split)
+            B, A = truncated_factors(ideal_terms(state, uploads, weights, layer, self.scaling), self.rank, self.scaling, self.split)
             new_state[B_key] = B.to(state[B_key].dtype)
             new_state[A_key] = A.to(state[A_key].dtype)
         broadcast = {key: new_state[key] for key in averaged}

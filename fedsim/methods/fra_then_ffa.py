@@ -7,8 +7,9 @@ full-rank aggregation early, when the adapters move most, then the exact and che
 
 from collections.abc import Sequence
 
+from fedsim.adapters.state import State
 from fedsim.methods import register
-from fedsim.methods.base import Method, RoundResult, State, Upload
+from fedsim.methods.base import Method, RoundResult, Upload
 from fedsim.methods.fra_lora import FRALoRA
 
 

@@ -39,8 +39,10 @@ from collections.abc import Sequence
 
 import torch
 
+from fedsim.adapters.state import HEAD_PREFIX, State, layer_names_of, rank_block, state_key
 from fedsim.methods import register
-from fedsim.methods.base import HEAD_PREFIX, Method, RoundResult, State, Upload, layer_names_of, rank_block, state_key
+from fedsim.methods.agg_error import client_factors
+from fedsim.methods.base import Method, RoundResult, Upload
 
 
 @register("hetlora", paper="https://arxiv.org/abs/2401.06432", trains="A, B at the client's rank", rule="zero-pad, `‖B_i A_i‖_F`-weighted mean, cut to each client's rank", exact="no (error reported)")
@@ -53,11 +55,8 @@ class HetLoRA(Method):
         for layer in layer_names_of(state):
             sparsity[layer] = self.sparsity_weights(state, uploads, layer) or weights
             averaged.update(self.average(state, uploads, sparsity[layer], keys.get(layer, [])))
-        new_state = {**state, **averaged}
-        meta = any(t.is_meta for t in new_state.values())  # counting bytes: no error to measure
-        layer_terms = {} if meta else {layer: self.layer_error(state, new_state, uploads, layer_weights, layer)
-                                       for layer, layer_weights in sparsity.items()}  # against the sparsity-weighted ideal
-        return self.finish(state, new_state, averaged, uploads, weights, layer_terms)
+        # the error against the sparsity-weighted ideal
+        return self.finish(state, {**state, **averaged}, averaged, uploads, weights, layer_weights=sparsity)
 
     def sparsity_weights(self, state: State, uploads: Sequence[Upload], layer: str) -> list[float] | None:
         """``‖scaling · B_i A_i‖_F`` normalised to sum to one (``‖BA‖² = ⟨BᵀB, AAᵀ⟩``); None if all are zero."""
@@ -65,7 +64,7 @@ class HetLoRA(Method):
             return None
         norms = []
         for upload in uploads:
-            B, _, A = self.client_factors(state, upload, layer)
+            B, _, A = client_factors(state, upload, layer)
             norms.append(self.scaling * torch.sum((B.T @ B) * (A @ A.T)).clamp_min(0).sqrt().item())
         total = sum(norms)
         return [n / total for n in norms] if total > 0 else None

@@ -49,8 +49,10 @@ from collections.abc import Sequence
 
 import torch
 
+from fedsim.adapters.state import State, layer_names_of, state_key
 from fedsim.methods import register
-from fedsim.methods.base import Method, RoundResult, State, Upload, layer_names_of, squared_norm, state_key
+from fedsim.methods.agg_error import client_factors, squared_norm
+from fedsim.methods.base import Method, RoundResult, Upload
 
 
 @register("lora-fair", paper="https://arxiv.org/abs/2411.14961", trains="A, B",
@@ -68,7 +70,7 @@ class LoRAFAIR(Method):
             A_mean = averaged[A_key].to(torch.float64)
             if A_mean.is_meta:  # counting bytes (analysis.comm): B's shape is all there is, and meta arithmetic is slow
                 continue
-            factors = [self.client_factors(state, u, layer) for u in uploads]
+            factors = [client_factors(state, u, layer) for u in uploads]
             target = sum(w * B @ (A @ A_mean.T) for w, (B, _, A) in zip(weights, factors))
             B_mean = averaged[B_key].to(torch.float64)
             if self.config.lora_fair_correction == "closed-form":
@@ -132,8 +134,6 @@ def paper_correction(target: torch.Tensor, ideal_norm: float, B_mean: torch.Tens
 
 def corrected_B(target: torch.Tensor, B_mean: torch.Tensor, A_mean: torch.Tensor, regularisation: float) -> torch.Tensor:
     """``argmin_X ‖ΔW − X Ā‖² + μ‖X − B̄‖²`` given ``target = ΔW Āᵀ`` (float64); B̄ itself if Ā is zero."""
-    if A_mean.is_meta:  # counting bytes (analysis.comm): shapes only
-        return B_mean.to(torch.float64)
     gram = A_mean @ A_mean.T
     mu = regularisation * torch.trace(gram) / gram.shape[0]
     if mu <= 0:

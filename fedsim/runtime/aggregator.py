@@ -9,8 +9,8 @@ import time
 import torch
 from safetensors.torch import load, save
 
-from fedsim.methods import Upload, nbytes
-from fedsim.methods.base import State
+from fedsim.adapters.state import State, nbytes
+from fedsim.methods import Upload
 from fedsim.methods.downlink import Downlinks
 from fedsim.presum import PartialSum, combine
 from fedsim.runtime.plan import RunPlan

@@ -19,8 +19,8 @@ import torch
 from fedsim.client import is_finite, run_client
 from fedsim.cohort import train_cohort
 from fedsim.data import InstructionRows, TokenizedRows, evaluate, make_rows
-from fedsim.methods import Upload, nbytes
-from fedsim.methods.base import HEAD_PREFIX, State
+from fedsim.adapters.state import HEAD_PREFIX, State, nbytes
+from fedsim.methods import Upload
 from fedsim.modeling import load_model, load_tokenizer, offline_by_default
 from fedsim.partition import HELD_OUT, read_clients
 from fedsim.presum import partial_sum

@@ -8,7 +8,7 @@ import torch
 from analysis.comm import PRESETS, MessageReplay, comm_table, method_of, model_shapes
 from fedsim.cli import main
 from fedsim.errors import UsageError
-from fedsim.methods import nbytes
+from fedsim.adapters.state import nbytes
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

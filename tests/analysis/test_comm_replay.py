@@ -11,9 +11,9 @@
 import pytest
 import torch
 
-from analysis.comm import MessageReplay, _schedule, method_of, numel_of
-from fedsim.methods import METHODS, method_names, nbytes
-from fedsim.methods.base import Upload
+from analysis.comm import MessageReplay, _schedule, meta_state, meta_upload, method_of, numel_of
+from fedsim.adapters.state import nbytes
+from fedsim.methods import METHODS, Upload, method_names
 from fedsim.methods.downlink import Downlinks
 from fedsim.shapes import Linear, ModelShapes
 
@@ -69,7 +69,7 @@ def test_one_client_a_round_equals_every_client(name, settings, clients):
 
 def real_state(method, shapes, generator) -> dict[str, torch.Tensor]:
     return {key: torch.randn(value.shape, generator=generator, dtype=torch.float64).to(value.dtype)
-            for key, value in method.meta_state(shapes).items()}
+            for key, value in meta_state(method, shapes).items()}
 
 
 def real_bytes(method, shapes, schedule: list[dict[int, int]]) -> list[dict]:
@@ -81,7 +81,7 @@ def real_bytes(method, shapes, schedule: list[dict[int, int]]) -> list[dict]:
         downs = {cid: nbytes(downlinks.message(state, cid, rank, round_idx)) for cid, rank in ranks.items()}
         uploads = []
         for cid, rank in sorted(ranks.items()):
-            trained = method.meta_upload(state, round_idx, rank)  # on a real state: the client's blocks of it
+            trained = meta_upload(method, state, round_idx, rank)  # on a real state: the client's blocks of it
             noise = {key: 0.1 * torch.randn(value.shape, generator=generator, dtype=torch.float64).to(value.dtype)
                      for key, value in trained.items()}
             uploads.append(Upload(cid, 10 + cid, {key: value + noise[key] for key, value in trained.items()}))

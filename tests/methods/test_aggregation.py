@@ -12,8 +12,8 @@ from tiny_models import BERT_TARGETS, LLAMA_TARGETS, cycle, random_batches, tiny
 from fedsim.adapters import accumulate_gradients, adapted_layers, target_linear_names
 from fedsim.client import run_client
 from fedsim.config import TrainConfig
-from fedsim.methods import METHODS, Upload, nbytes
-from fedsim.methods.base import HEAD_PREFIX, key_kind, layer_names_of
+from fedsim.adapters.state import HEAD_PREFIX, key_kind, layer_names_of, nbytes
+from fedsim.methods import METHODS, Upload
 from fedsim.seeds import derive_seed
 
 MODELS = {"bert": (tiny_bert, BERT_TARGETS), "llama": (tiny_llama, LLAMA_TARGETS)}

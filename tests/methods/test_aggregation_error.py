@@ -15,7 +15,8 @@ from tiny_models import LLAMA_TARGETS, make_method, random_batches, tiny_llama
 
 from fedsim.adapters import accumulate_gradients, target_linear_names
 from fedsim.methods import Upload
-from fedsim.methods.base import dense, layer_names_of, squared_norm, squared_norms, state_key
+from fedsim.adapters.state import layer_names_of, state_key
+from fedsim.methods.agg_error import client_factors, dense, squared_norm, squared_norms
 from fedsim.methods.fra_lora import truncated_factors
 
 RANK = 4
@@ -61,7 +62,7 @@ def explicit_errors(method, old_state, new_state, uploads):
     for layer in layer_names_of(old_state):
         ideal = 0
         for upload, weight in zip(ordered, weights):
-            B, R, A = method.client_factors(old_state, upload, layer)
+            B, R, A = client_factors(old_state, upload, layer)
             ideal = ideal + weight * method.scaling * (B @ (A if R is None else R @ A))
         B, A = (new_state[state_key(layer, k)].double() for k in ("lora_B", "lora_A"))
         R = new_state.get(state_key(layer, "lora_R"))

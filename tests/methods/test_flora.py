@@ -4,7 +4,8 @@ import torch
 
 from tiny_models import make_method
 
-from fedsim.methods.base import STACK_RANKS, STACK_WEIGHTS, kaiming_uniform_A
+from fedsim.adapters.init import kaiming_uniform_A
+from fedsim.methods.stack import STACK_RANKS, STACK_WEIGHTS
 from fedsim.methods.flora import ROUND_KEY
 from fedsim.seeds import torch_generator
 

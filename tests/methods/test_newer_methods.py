@@ -11,7 +11,7 @@ import torch
 from tiny_models import make_method
 
 from fedsim.methods import Upload
-from fedsim.methods.base import rank_block
+from fedsim.adapters.state import rank_block
 
 D, K, R = 7, 6, 3  # out, in, global rank
 LAYERS = ("enc.0.query", "enc.1.value")

@@ -14,7 +14,7 @@ from fedsim.client import run_client
 from fedsim.seeds import derive_seed
 from fedsim.client_state import ClientStore
 from fedsim.methods import Upload, build_method
-from fedsim.methods.base import HEAD_PREFIX, head_parameters, key_kind, layer_names_of
+from fedsim.adapters.state import HEAD_PREFIX, head_parameters, key_kind, layer_names_of
 from fedsim.config import TrainConfig
 
 FULL = 8

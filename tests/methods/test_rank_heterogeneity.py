@@ -6,8 +6,8 @@ from tiny_models import BERT_TARGETS, cycle, random_batches, tiny_bert, make_met
 
 from fedsim.adapters import accumulate_gradients, adapted_layers, target_linear_names
 from fedsim.client import run_client
-from fedsim.methods import Upload, nbytes
-from fedsim.methods.base import pad_to
+from fedsim.adapters.state import nbytes, pad_to
+from fedsim.methods import Upload
 from fedsim.config import TrainConfig
 
 FULL = 8

@@ -11,7 +11,8 @@ import torch
 from analysis.comm import comm_table, predict_run
 from fedsim.config import load_config
 from fedsim.methods import METHODS, Method, methods_table, register
-from fedsim.methods.base import HEAD_PREFIX, weighted_mean
+from fedsim.adapters.state import HEAD_PREFIX
+from fedsim.methods.base import weighted_mean
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -204,7 +204,7 @@ def test_batched_greedy_generation_equals_one_by_one(llama_dir):
 
 def test_causal_lm_has_no_head_and_bad_task_is_a_usage_error(llama_dir, tmp_path):
     from fedsim.errors import UsageError
-    from fedsim.methods.base import head_parameters
+    from fedsim.adapters.state import head_parameters
     from fedsim.modeling import check_model, load_model
     from fedsim.runtime.driver import Experiment
 

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import torch
 
 from fedsim.cli import main
-from fedsim.methods import nbytes
+from fedsim.adapters.state import nbytes
 from fedsim.runtime import run
 from runtime.test_end_to_end import final_state, make_config, rows
 

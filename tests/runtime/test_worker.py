@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 
 from fedsim.config import load_config
-from fedsim.methods import nbytes
+from fedsim.adapters.state import nbytes
 from fedsim.partition import write_partitioned
 from fedsim.prepare import DataPlan
 from fedsim.runtime.aggregator import Aggregator
