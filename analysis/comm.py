@@ -32,7 +32,7 @@ import torch
 
 from fedsim.adapters.layers import leading_block
 from fedsim.adapters.state import HEAD_PREFIX, State, head_parameters, key_kind, nbytes, rank_shape, state_key
-from fedsim.config import MethodConfig
+from fedsim.config import method_section
 from fedsim.errors import UsageError
 from fedsim.methods import Method, Upload, build_method, method_names
 from fedsim.methods.downlink import Downlinks
@@ -232,12 +232,13 @@ def model_shapes(
 
 
 def method_of(name: str, rank: int, **settings) -> Method:
-    """A method as the runtime builds it, from ``method.*`` settings (``switch_round``, ``adapter``, ``fedex_downlink``, …)."""
+    """A method as the runtime builds it, from ``method.*`` settings (``train_head``, ``alpha``; a method's own:
+    ``switch_round``, ``adapter``, ``fedex_downlink``, …)."""
     if name not in method_names():
         raise UsageError(f"--method: unknown method {name!r}; valid: {', '.join(method_names())}, all")
     if not isinstance(rank, int) or rank <= 0:
         raise UsageError(f"--rank: must be a positive integer, got {rank!r}")
-    return build_method(MethodConfig(name=name, rank=rank, **settings))
+    return build_method(method_section(name=name, rank=rank, **settings))
 
 
 def meta_state(method: Method, shapes: ModelShapes) -> State:

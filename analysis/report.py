@@ -98,7 +98,8 @@ def plot_comm_vs_clients(run: Run, path, clients=CLIENT_COUNTS) -> Location:
 
     shapes, method = run_shapes(run.path)
     federated = [name for name, cls in METHODS.items() if cls.num_clients is None]
-    table = per_round_vs_clients(shapes, federated, method.rank, clients, switch_round=method.config.switch_round)
+    switch = {key: value for key, value in method.config.options.items() if key == "switch_round"}  # the run's, where it set one
+    table = per_round_vs_clients(shapes, federated, method.rank, clients, **switch)
     fig = Figure(figsize=(13, 5.5), layout="constrained")
     ax_client, ax_round = fig.subplots(1, 2)
     # dashed styles for the methods that coincide with another (fra-lora = fedit, fra-then-ffa = ffa-lora in steady state)

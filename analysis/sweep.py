@@ -91,6 +91,7 @@ def _set(data: dict, key: str, value) -> None:
 def sweep_configs(config_path: str | None, grid: dict[str, list], overrides: list[str] = (), output_dir: str | None = None):
     """``[(point, point name, Config)]`` for every grid point; every config is validated before anything runs."""
     from fedsim.config import config_from_dict, load_config_dict
+    from fedsim.methods import resolved
 
     base = load_config_dict(config_path, list(overrides))
     root_text = str(output_dir or base.get("output_dir") or "results/sweep")
@@ -107,6 +108,7 @@ def sweep_configs(config_path: str | None, grid: dict[str, list], overrides: lis
         data["output_dir"] = join(root_text, name)
         try:
             config = config_from_dict(data)
+            config.method = resolved(config.method)  # method.name and the method's own settings
         except UsageError as error:
             raise UsageError(f"--grid point {name}: {error}") from None
         out.append((point, name, config))

@@ -85,6 +85,17 @@ def _read_config_dict(config_path: str | None, overrides: list[str]) -> dict:
     return load_config_dict(config_path, overrides)
 
 
+def _config_from(data: dict):
+    """A checked config: the schema (``fedsim.config``), then ``method.name`` and the method's own settings, completed
+    with their defaults (``fedsim.methods.resolved``)."""
+    from fedsim.config import config_from_dict
+    from fedsim.methods import resolved
+
+    config = config_from_dict(data)
+    config.method = resolved(config.method)
+    return config
+
+
 # ---------------------------------------------------------------------------------------------
 # fedsim run
 # ---------------------------------------------------------------------------------------------
@@ -115,8 +126,6 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from fedsim.config import config_from_dict
-
     config_path, overrides = _split_items(args.items)
     method_override = any(o.split("=", 1)[0].strip() == "method.name" for o in overrides)
     progress = {"progress": False} if args.quiet else {}
@@ -140,7 +149,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     methods = _methods_to_run(args.methods, config_path, method_override)
 
     if methods is None:
-        config = config_from_dict(data)
+        config = _config_from(data)
         from fedsim.runtime import run
 
         run(config, resume=None, overwrite=args.overwrite, **progress)
@@ -179,7 +188,7 @@ def _methods_to_run(methods_arg: str | None, config_path: str | None, method_ove
 
     Each is a method name, optionally with its own settings: ``fed-sb:rank=55:alpha=110``.
     """
-    from fedsim.config import method_names
+    from fedsim.methods import method_names
 
     if methods_arg is not None:
         if method_override:
@@ -219,7 +228,7 @@ def _method_folder(spec: str, specs: list[str]) -> str:
 
 def _comparison_configs(data: dict, specs: list[str]) -> list:
     """One validated config per member of a comparison, each in ``<output_dir>/<folder>`` with its own settings."""
-    from fedsim.config import apply_overrides, config_from_dict
+    from fedsim.config import apply_overrides
     from fedsim.storage import join
 
     base_dir = data.get("output_dir")
@@ -232,12 +241,12 @@ def _comparison_configs(data: dict, specs: list[str]) -> list:
         one = apply_overrides(one, overrides)
         if isinstance(base_dir, str):
             one["output_dir"] = join(base_dir, _method_folder(spec, specs))
-        configs.append(config_from_dict(one))  # validates each, base_dir included
+        configs.append(_config_from(one))  # validates each, base_dir included
     return configs
 
 
 def _resume_config(run_dir: str, overrides: list[str]):
-    from fedsim.config import apply_overrides, config_from_dict, read_yaml_file
+    from fedsim.config import apply_overrides, read_yaml_file
     from fedsim.storage import Location
 
     path = Location(run_dir) / "config.yaml"
@@ -252,7 +261,7 @@ def _resume_config(run_dir: str, overrides: list[str]):
         raise UsageError(f"--resume writes to {run_dir}; output_dir cannot be overridden")
     data = read_yaml_file(path)
     data["output_dir"] = str(run_dir)  # the folder may have moved since the run started
-    return config_from_dict(apply_overrides(data, overrides))
+    return _config_from(apply_overrides(data, overrides))
 
 
 def _parse_methods(text: str, valid: tuple[str, ...]) -> list[str]:
@@ -284,7 +293,6 @@ def _add_check(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from fedsim.config import config_from_dict
     from fedsim.runtime.driver import check
 
     config_path, overrides = _split_items(args.items)
@@ -296,7 +304,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         data = _read_config_dict(config_path, overrides)
         method_override = any(o.split("=", 1)[0].strip() == "method.name" for o in overrides)
         methods = _methods_to_run(args.methods, config_path, method_override)
-        configs = [config_from_dict(data)] if methods is None else _comparison_configs(data, methods)
+        configs = [_config_from(data)] if methods is None else _comparison_configs(data, methods)
     what = config_path or (f"--resume {args.resume}" if args.resume else "the embedded default")
     for config in configs:
         result = check(config, resume=args.resume)
@@ -319,18 +327,33 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from fedsim.config import config_from_dict, config_to_yaml, describe_settings
+    from fedsim.config import config_to_yaml
+    from fedsim.methods import option_settings
 
     if args.list:
-        rows = describe_settings()
+        rows = _settings_rows()
         widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in ("key", "type", "default", "valid")}
         for row in [{"key": "key", "type": "type", "default": "default", "valid": "valid", "help": "help"}, *rows]:
             print("  ".join(row[k].ljust(w) for k, w in widths.items()) + "  " + row["help"])
         return 0
     config_path, overrides = _split_items(args.items)
-    config = config_from_dict(_read_config_dict(config_path, overrides))
-    sys.stdout.write(config_to_yaml(config))
+    config = _config_from(_read_config_dict(config_path, overrides))
+    sys.stdout.write(config_to_yaml(config, rest_help={row["key"].split(".", 1)[1]: row["help"] for row in option_settings()}))
     return 0
+
+
+def _settings_rows() -> list[dict[str, str]]:
+    """Every setting (``fedsim config --list``): the config's (``fedsim.config``), the methods' own after the method
+    section's, and the registered methods as method.name's valid values."""
+    from fedsim.config import describe_settings
+    from fedsim.methods import method_names, option_settings
+
+    rows = describe_settings()
+    for row in rows:
+        if row["key"] == "method.name":
+            row["valid"] = " | ".join(method_names())
+    end = max(i for i, row in enumerate(rows) if row["key"].startswith("method.")) + 1
+    return rows[:end] + option_settings() + rows[end:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,9 +362,13 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
-    from fedsim.methods import methods_table
+    from fedsim.methods import methods_table, options_table
 
     print(methods_table())
+    print()
+    print("Each method's own settings (`method.<key>`, beside the shared ones; a setting of another method is ignored):")
+    print()
+    print(options_table())
     return 0
 
 
@@ -406,8 +433,9 @@ def _method_settings(items: list[str]) -> dict:
                              "--method and --rank); e.g. method.switch_round=2")
         settings[name] = value
     from fedsim.config import config_from_dict
+    from fedsim.methods import check_settings
 
-    config_from_dict({"method": settings})  # an unknown key or a bad value: one line naming it
+    check_settings(config_from_dict({"method": settings}).method)  # an unknown key or a bad value: one line naming it
     return settings
 
 
@@ -493,13 +521,12 @@ def _add_submit(parser: argparse.ArgumentParser) -> None:
 
 def _cmd_submit(args: argparse.Namespace) -> int:
     from fedsim import jobs
-    from fedsim.config import config_from_dict
 
     config_path, overrides = _split_items(args.items)
     method_override = any(o.split("=", 1)[0].strip() == "method.name" for o in overrides)
     data = _read_config_dict(config_path, overrides)
     methods = _methods_to_run(args.methods, config_path, method_override)
-    config = config_from_dict(data)
+    config = _config_from(data)
     if methods:  # as fedsim run would: every method's config is valid
         _comparison_configs(data, methods)
     client, job_id = jobs.submit(config, args.address, methods=methods, pip=args.pip, overwrite=args.overwrite,
@@ -608,8 +635,9 @@ COMMANDS: dict[str, Command] = {
         handler=_cmd_config,
     ),
     "methods": Command(
-        help="the registered methods as a Markdown table (what a client trains, the aggregate, exactness, paper)",
-        description="Print every registered method (fedsim.methods) as the Markdown table README.md shows.",
+        help="the registered methods as a Markdown table (what a client trains, the aggregate, exactness, paper), and their own settings",
+        description="Print every registered method (fedsim.methods), and each one's own settings (method.<key>), as the\n"
+        "Markdown tables README.md shows.",
         add_arguments=lambda parser: None,
         handler=_cmd_methods,
     ),

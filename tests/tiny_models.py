@@ -90,11 +90,11 @@ def make_method(name: str, *, weights: str = "samples", rank_aggregation: str = 
                 seed: int = 0, **method):
     """A method as the runtime builds it: ``method`` keys (rank, alpha, train_head, …) form the ``method`` section;
     ``weights``, ``rank_aggregation`` and ``rank_scaling`` the ``clients`` section's keys of those names; ``seed`` the run seed."""
-    from fedsim.config import ClientsConfig, MethodConfig
+    from fedsim.config import ClientsConfig, method_section
     from fedsim.methods import build_method
 
     clients = ClientsConfig(weights=weights, rank_aggregation=rank_aggregation, rank_scaling=rank_scaling)
-    return build_method(MethodConfig(name=name, **method), clients, seed)
+    return build_method(method_section(name=name, **method), clients, seed)
 
 
 TINY_CAUSAL = {  # the same architecture as the papers' models, at toy size: 2 layers, hidden 64

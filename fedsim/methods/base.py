@@ -25,8 +25,10 @@ code says ``own``). The methods whose papers have no rank-heterogeneous clients 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -35,7 +37,7 @@ from fedsim.adapters.init import kaiming_uniform_A, layer_seed, lora_sb_factors
 from fedsim.adapters.layers import adapted_layers, leading_block, set_rank
 from fedsim.adapters.lora_sb import inject_lora_sb, target_linear_names
 from fedsim.adapters.state import HEAD_PREFIX, State, head_parameters, key_kind, pad_to, state_key
-from fedsim.config import ClientsConfig, MethodConfig
+from fedsim.config import ClientsConfig, MethodConfig, Section
 from fedsim.errors import UsageError
 from fedsim.methods.agg_error import aggregation_error, weighted_sum64
 from fedsim.seeds import torch_generator
@@ -66,6 +68,21 @@ def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> 
     return weighted_sum64(tensors, weights).to(tensors[0].dtype)
 
 
+@dataclass
+class MethodOptions(Section):
+    """A method's own settings (``method.<key>``): a subclass in the method's file declares them as ``setting`` fields, with
+    a docstring citing where they come from, as PEFT's tuners declare their configs; building it checks them. This
+    class itself declares none: the options of a method that has no settings of its own."""
+
+    prefix: ClassVar[str] = "method."
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> "MethodOptions":
+        """The options from the ``method.*`` settings given: those this class declares (the others are other methods')."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in settings.items() if key in names})
+
+
 @dataclass(frozen=True)
 class About:
     """A method in words, for people: ``fedsim methods``, the README's table, reports."""
@@ -90,11 +107,14 @@ class Method:
     num_clients: int | None = None  # set where the method fixes the client count (central)
     comm_variants: tuple[dict, ...] = ({},)  # method.* settings that `fedsim comm` shows a row each for by default
     rank_scaling: str = "max"  # clients.rank_scaling's default for this method (see ``client_scaling``): its paper's or code's
+    options_class: type[MethodOptions] = MethodOptions  # its own settings, declared in its file
 
     def __init__(self, config: MethodConfig, clients: ClientsConfig | None = None, seed: int = 0):
-        """``config``: the ``method`` section; ``clients``: for ``clients.weights`` and ``clients.rank_aggregation``;
-        ``seed``: the run seed (LoRA's A initialisation, FLoRA's redraws)."""
+        """``config``: the ``method`` section (its ``options``: the method's own settings, as given; checked here into
+        ``self.options``); ``clients``: for ``clients.weights`` and ``clients.rank_aggregation``; ``seed``: the run seed
+        (LoRA's A initialisation, FLoRA's redraws)."""
         self.config = config
+        self.options = self.options_class.from_settings(config.options)
         self.clients = clients if clients is not None else ClientsConfig()
         self.seed = seed
         self.rank = config.rank

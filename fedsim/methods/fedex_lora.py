@@ -12,28 +12,41 @@ Both give the client bit-for-bit the state the server keeps: one function (``fol
 """
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from fedsim.adapters.state import HEAD_PREFIX, State, layer_names_of, nbytes, state_key
+from fedsim.config import setting
 from fedsim.methods import register
 from fedsim.methods.agg_error import ideal_update
-from fedsim.methods.base import Method, RoundResult, Upload
+from fedsim.methods.base import Method, MethodOptions, RoundResult, Upload
 from fedsim.methods.stack import stack_uploads, unstack
+
+
+@dataclass
+class FedExLoRAOptions(MethodOptions):
+    """What FedEx-LoRA sends down (Singhal, Ponkshe, Vepakomma, arXiv:2410.09432): its residual, or the stacked adapters
+    from which a client computes it, as the Fed-SB paper (arXiv:2502.15436) counts FedEx-LoRA's messages."""
+
+    fedex_downlink: str = setting("residual", "fedex-lora: what goes down — residual (the d×k correction), stacked (every "
+                                  "client's A and B, c·Σr(d+k), from which a client computes it, as the papers count it) or "
+                                  "auto (the cheaper in that round)", choices=("residual", "stacked", "auto"))
 
 
 @register("fedex-lora", paper="https://arxiv.org/abs/2410.09432", rule="FedIT + residual `Σ w_i B_i A_i − B̄Ā` folded into W0")
 class FedExLoRA(Method):
+    options_class = FedExLoRAOptions
     comm_variants = ({"fedex_downlink": "residual"}, {"fedex_downlink": "stacked"})
 
     def aggregate(self, state: State, uploads: Sequence[Upload], round_idx: int) -> RoundResult:
         uploads, weights = self.ordered(uploads)
         new_state, averaged, residuals, layer_terms = self.fold(state, uploads, weights)
         broadcast = {**averaged, **{state_key(layer, "residual"): residual for layer, residual in residuals.items()}}
-        if self.config.fedex_downlink != "residual":
+        if self.options.fedex_downlink != "residual":
             head = {key: value for key, value in averaged.items() if key.startswith(HEAD_PREFIX)}
             stacked = {**stack_uploads(layer_names_of(state), uploads, weights, self.rank), **head}
-            if self.config.fedex_downlink == "stacked" or nbytes(stacked) < nbytes(broadcast):
+            if self.options.fedex_downlink == "stacked" or nbytes(stacked) < nbytes(broadcast):
                 broadcast = stacked
         return self.finish(state, new_state, broadcast, uploads, weights, layer_terms)
 

@@ -46,19 +46,32 @@ FedIT and ΔW uses each client's own rank.
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from fedsim.adapters.state import State, layer_names_of, state_key
+from fedsim.config import setting
 from fedsim.methods import register
 from fedsim.methods.agg_error import client_factors, squared_norm
-from fedsim.methods.base import Method, RoundResult, Upload
+from fedsim.methods.base import Method, MethodOptions, RoundResult, Upload
+
+
+@dataclass
+class LoRAFAIROptions(MethodOptions):
+    """Which server correction of B̄ LoRA-FAIR applies: its paper's (Bian, Wang, Zhang, Xu, arXiv:2411.14961, Eq. 8) or
+    fedsim's closed-form ridge (this module's docstring)."""
+
+    lora_fair_correction: str = setting("paper", "lora-fair: the server's correction ΔB of B̄ — paper (min 1 − cos(ΔW, (B̄+ΔB)Ā) "
+                                        "+ 0.01‖ΔB‖_F by gradient descent from ΔB = 0, fixed steps, float64) or closed-form "
+                                        "(fedsim's Frobenius ridge, solved exactly)", choices=("paper", "closed-form"))
 
 
 @register("lora-fair", paper="https://arxiv.org/abs/2411.14961", trains="A, B",
           rule="FedIT, then B corrected toward `Σ w_i B_i A_i` (the paper's cosine objective, or a closed-form ridge)",
           exact="no (error reported)")
 class LoRAFAIR(Method):
+    options_class = LoRAFAIROptions
     regularisation = 0.01  # the paper's λ
     steps = 1000  # gradient steps of the paper's correction (the paper does not give its count)
 
@@ -73,7 +86,7 @@ class LoRAFAIR(Method):
             factors = [client_factors(state, u, layer) for u in uploads]
             target = sum(w * B @ (A @ A_mean.T) for w, (B, _, A) in zip(weights, factors))
             B_mean = averaged[B_key].to(torch.float64)
-            if self.config.lora_fair_correction == "closed-form":
+            if self.options.lora_fair_correction == "closed-form":
                 corrected = corrected_B(target, B_mean, A_mean, self.regularisation)
             else:
                 ideal_norm = math.sqrt(squared_norm([(w, B, None, A) for w, (B, _, A) in zip(weights, factors)]))

@@ -22,7 +22,7 @@ import numpy as np
 
 from fedsim.config import Config, RuntimeConfig, resolve_model_path, save_config
 from fedsim.errors import UsageError
-from fedsim.methods import METHODS, Method, build_method
+from fedsim.methods import METHODS, Method, build_method, resolved
 from fedsim.modeling import check_model, offline_by_default
 from fedsim.prepare import DataPlan, split_data, write_data
 from fedsim.privacy import check_private_init, epsilon_spent, init_rows_per_client, plan_noise_multiplier, privacy_history
@@ -171,6 +171,7 @@ class Experiment:
     """One run: its plan, its actors, its rounds."""
 
     def __init__(self, config: Config, output_dir: Location, resumed: bool, progress: bool):
+        config.method = resolved(config.method)  # method.name and the method's own settings checked; config.yaml records them
         self.method = build_method(config.method, config.clients, config.seed)
         if self.method.num_clients is not None:
             config.clients.count = config.clients.per_round = self.method.num_clients

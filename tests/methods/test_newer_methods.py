@@ -343,7 +343,7 @@ def test_lora_fair_paper_correction_reaches_a_direct_minimum_of_the_papers_objec
     pytest.importorskip("scipy")
     state, uploads, A, B, dW = fair_problem(64, 64, 8, 5, scale=1.0)
     method = make_method("lora-fair", rank=8)
-    assert (method.config.lora_fair_correction, method.regularisation, method.steps) == ("paper", 0.01, 1000)
+    assert (method.options.lora_fair_correction, method.regularisation, method.steps) == ("paper", 0.01, 1000)
     result = method.aggregate(state, uploads, 0)
     ours = np_(result.state["l.lora_B"]) - B
     ref = direct_minimum(dW, B, A)
