@@ -281,6 +281,10 @@ class TrainConfig(Section):
                             choices=SCHEDULES)
     warmup_steps: int = setting(0, "linear warm-up steps", **NON_NEGATIVE)
     max_grad_norm: Optional[float] = setting(None, "gradient-norm clipping; null = none", **POSITIVE)
+    prox_mu: float = setting(0.0, "FedProx (arXiv 1812.06127): μ of the proximal term μ/2·‖θ − θ_start‖² over each client's trained "
+                             "tensors; 0 = none", **NON_NEGATIVE)
+    control_variates: bool = setting(False, "SCAFFOLD (arXiv 1910.06378): client and server control variates correct each client's "
+                                     "gradient; the client's are kept in the client store, their bytes counted both ways")
 
 
 @dataclass
@@ -303,7 +307,7 @@ class RuntimeConfig(Section):
                                                "round, once; null = never")
     presum: bool = setting(False, "workers send the weighted sum of their clients' uploads, not each upload (methods that "
                            "average what clients send: Fed-SB, FedIT, FFA, …); bytes are still counted per client")
-    cohort_size: int = setting(1, "clients a worker trains together in one batched forward and backward pass (fedsim.cohort); "
+    cohort_size: int = setting(1, "clients a worker trains together in one batched forward and backward pass (fedsim.training.engine); "
                                "1 = one at a time; under privacy.enabled each client its own DP-SGD step (per-record clipping, own noise)", **AT_LEAST_ONE)
 
 
@@ -361,9 +365,8 @@ def _check_across_sections(cfg: Config) -> None:
     t = cfg.train
     _check(t.micro_batch_size is None or t.micro_batch_size <= t.batch_size, "train.micro_batch_size",
            f"must be at most train.batch_size ({t.batch_size}) or null, got {t.micro_batch_size}")
-    _check(t.micro_batch_size is None or t.micro_batch_size == t.batch_size or cfg.runtime.cohort_size == 1,
-           "train.micro_batch_size", f"must be null with runtime.cohort_size > 1 (a cohort trains whole batches), got "
-           f"{t.micro_batch_size}; set it to null or runtime.cohort_size=1")
+    _check(not (t.control_variates and cfg.runtime.presum), "train.control_variates",
+           "cannot be combined with runtime.presum (each client's Δc must reach the server); set runtime.presum=false")
     _check(not (p.enabled and cfg.model.gradient_checkpointing), "model.gradient_checkpointing",
            "must be false with privacy.enabled (Opacus's per-sample gradient hooks see no activations under recomputation)")
     _check_one_of(cfg, "train.local_steps", "train.local_epochs", named="train.local_epochs")

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedsim.data import per_example_loss
 from fedsim.errors import UsageError
+from fedsim.training.losses import record_losses
 
 History = list[tuple[float, float, int]]  # (noise multiplier σ, sample rate q, steps)
 
@@ -278,18 +278,13 @@ def _undominated(clients: Sequence[Client]) -> list[Client]:
 
 
 def mean_record_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The mean over the batch's records of each record's own loss (what Opacus's ``loss_reduction="mean"`` expects).
-
-    Classification (labels of shape [B]): the model's loss, already the mean of per-record cross-entropies.
-    Causal LM (labels [B, T]): each record's own mean token loss (``fedsim.data.per_example_loss``), then the
-    mean over records. The model's own loss would divide by the tokens of the whole batch, so a record's
-    gradient would scale with its share of the batch's tokens, and clipping it would not bound it by C.
-    """
+    """The mean over the batch's records of each record's own loss (``fedsim.training.losses.record_losses``: what
+    Opacus's ``loss_reduction="mean"`` expects). A causal LM's own loss would divide by the tokens of the whole batch,
+    so a record's gradient would scale with its share of the batch's tokens, and clipping it would not bound it by C."""
     labels = batch["labels"]
-    if labels.dim() == 1:
-        return model(**batch).loss
     inputs = {key: value for key, value in batch.items() if key != "labels"}
-    return per_example_loss(model(**inputs).logits, labels).mean()
+    task = "causal-lm" if labels.dim() == 2 else "classification"
+    return record_losses(model(**inputs).logits, labels, task).mean()
 
 
 def poisson_batches(rows, sample_rate: float, seed: int) -> Iterator[dict[str, torch.Tensor] | None]:
@@ -298,37 +293,6 @@ def poisson_batches(rows, sample_rate: float, seed: int) -> Iterator[dict[str, t
     while True:
         indices = np.flatnonzero(rng.random(len(rows)) < sample_rate)
         yield rows.batch(indices) if len(indices) else None
-
-
-class PrivateStep:
-    """DP-SGD around a model and its trainable tensors for one client's local steps (hooks removed by ``close``)."""
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
-                 settings: PrivacySettings, seed: int):
-        from opacus import GradSampleModule
-        from opacus.optimizers import DPOptimizer
-
-        self.params = params
-        self.module = GradSampleModule(model, loss_reduction="mean")
-        self.optimizer = DPOptimizer(
-            optimizer, noise_multiplier=settings.noise_multiplier, max_grad_norm=settings.max_grad_norm,
-            expected_batch_size=settings.expected_batch_size, loss_reduction="mean",
-            generator=torch.Generator(device=params[0].device).manual_seed(seed),
-        )
-
-    def loss(self, batch: dict[str, torch.Tensor] | None) -> float:
-        """Forward and backward on one Poisson batch; an empty batch contributes zero gradient (noise still comes)."""
-        if batch is None:
-            for p in self.params:
-                p.grad_sample = p.new_zeros((0, *p.shape))
-            return float("nan")
-        loss = mean_record_loss(self.module, batch)
-        loss.backward()
-        return loss.item()
-
-    def close(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self.module._close()
 
 
 def private_gradient_sum(model: nn.Module, layer_names: list[str], batches: Iterable[dict[str, torch.Tensor]],

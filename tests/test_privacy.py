@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
+from reference_training import PrivateStep
 from tiny_models import BERT_TARGETS, tiny_bert, make_method
 
 from fedsim.adapters import adapted_layers
 from fedsim.privacy import (
     BudgetSpent,
     PrivacySettings,
-    PrivateStep,
     calibrate_noise,
     calibrate_noise_for_clients,
     epsilon_spent,

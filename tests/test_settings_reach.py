@@ -106,20 +106,20 @@ def model_probe(files, config, name):
 
 
 def cohort_probe(files, config, name):
-    """How many clients each training pass of a round holds (``fedsim.cohort.train_cohort``, spied on)."""
+    """How many clients each training pass of a round holds (``fedsim.training.engine.train_clients``, spied on)."""
     from unittest import mock
 
     from fedsim.runtime import worker as worker_module
 
     sizes = []
-    real = worker_module.train_cohort
+    real = worker_module.train_clients
 
     def spy(model, method, round_idx, states, *args, **kwargs):
         sizes.append(len(states))
         return real(model, method, round_idx, states, *args, **kwargs)
 
     w = worker(files, config, name)
-    with mock.patch.object(worker_module, "train_cohort", spy):
+    with mock.patch.object(worker_module, "train_clients", spy):
         w.train(0, w.initial_state(), [0, 1, 2, 3])
     return sizes
 

@@ -15,6 +15,7 @@ from fedsim.methods.downlink import Downlinks
 from fedsim.presum import PartialSum, combine
 from fedsim.runtime.plan import RunPlan
 from fedsim.storage import Location
+from fedsim.training.scaffold import PREFIX as CONTROL, controls, server_update, without_controls
 
 CHECKPOINTS_KEPT = 2
 
@@ -30,6 +31,7 @@ class Aggregator:
         self.device = "cuda" if plan.config.runtime.aggregator_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.state: State = {}
         self.downlinks = Downlinks(self.method, plan.config.adapters.init_at == "client")  # what each client receives
+        self.controls: State = {}  # SCAFFOLD's server control variate c (train.control_variates), by state key
         self.snapshots: dict[int, tuple[State, dict]] = {}  # rounds aggregated but not yet checkpointed
         self.lock = threading.Lock()
 
@@ -39,10 +41,15 @@ class Aggregator:
     def get_state(self) -> State:
         return self.state
 
+    def round_message(self) -> State:
+        """What the clients of a round train from: the global state and, under SCAFFOLD, the server's control variates."""
+        return {**self.state, **{CONTROL + key: value for key, value in self.controls.items()}}
+
     def downlink_bytes(self, client_ids: list[int], round_idx: int) -> dict[int, int]:
         """Bytes each client receives at the start of ``round_idx`` (``fedsim.methods.downlink``)."""
         ranks = self.plan.client_ranks
-        return {cid: nbytes(self.downlinks.message(self.state, cid, ranks[cid], round_idx)) for cid in client_ids}
+        control_bytes = nbytes(self.controls)  # SCAFFOLD: c changes every round, so every client receives it
+        return {cid: nbytes(self.downlinks.message(self.state, cid, ranks[cid], round_idx)) + control_bytes for cid in client_ids}
 
     def aggregate(self, round_idx: int, sampled: list[int], *upload_lists: list[dict]) -> dict:
         """The round's downlink bytes (to ``sampled``, before the state changes), then the aggregate of its finite
@@ -52,6 +59,9 @@ class Aggregator:
         items = [item for batch in upload_lists for item in batch]
         parts = [item for item in items if isinstance(item, PartialSum) and item.clients]  # runtime.presum
         uploads = [Upload(u["client_id"], u["num_samples"], u["tensors"]) for u in items if not isinstance(u, PartialSum)]
+        if any(controls(u.tensors) for u in uploads):  # SCAFFOLD: c ← c + Σ Δc_i / N; the method sees its own tensors only
+            self.controls = server_update(self.controls, [u.tensors for u in uploads], self.plan.config.clients.count, self.state)
+            uploads = [Upload(u.client_id, u.num_samples, without_controls(u.tensors)) for u in uploads]
         aggregated = len(uploads) + sum(len(part.clients) for part in parts)
         stats = {"bytes_down": bytes_down, "agg_error": float("nan"), "agg_error_se": float("nan"), "layer_errors": {},
                  "clients_aggregated": aggregated}
@@ -66,7 +76,7 @@ class Aggregator:
             stats.update(agg_error=result.agg_error, agg_error_se=standard_error, layer_errors=result.layer_errors)
         self.downlinks.aggregated(old_state, self.state, broadcast, round_idx)
         with self.lock:
-            self.snapshots[round_idx] = (self.state, self._meta(round_idx))
+            self.snapshots[round_idx] = (self.round_message(), self._meta(round_idx))
         stats["aggregate_s"] = time.perf_counter() - start
         return stats
 
@@ -77,7 +87,7 @@ class Aggregator:
         """``round_XXXX.safetensors`` (the state after round ``round_idx``; never pickle) and ``round_XXXX.json`` (what
         else a resume needs), in ``directory``: a local path or a URI (``fedsim.storage``)."""
         with self.lock:
-            state, meta = self.snapshots.pop(round_idx) if round_idx in self.snapshots else (self.state, self._meta(round_idx))
+            state, meta = self.snapshots.pop(round_idx) if round_idx in self.snapshots else (self.round_message(), self._meta(round_idx))
         directory = Location(directory)
         stem = f"round_{round_idx:04d}"
         (directory / f"{stem}.safetensors").write_bytes(save({key: value.contiguous() for key, value in state.items()}))
@@ -91,7 +101,8 @@ class Aggregator:
         """Load the checkpoint ``stem`` (``…/checkpoints/round_XXXX``, as ``latest_checkpoint`` names it)."""
         directory, name = Location(stem).parent, Location(stem).name
         meta = json.loads((directory / f"{name}.json").read_text())
-        self.state = canonical(load((directory / f"{name}.safetensors").read_bytes()))
+        saved = load((directory / f"{name}.safetensors").read_bytes())
+        self.state, self.controls = canonical(without_controls(saved)), controls(saved)
         self.downlinks.load_json(meta["downlinks"])
         return meta["round"]
 

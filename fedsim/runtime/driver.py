@@ -452,7 +452,7 @@ class Experiment:
 
         if not self.live:
             raise RuntimeError("every worker is gone beyond runtime.max_restarts")
-        state_ref = self.aggregator.get_state.remote()
+        state_ref = self.aggregator.round_message.remote()
         calls = {}
         for worker_id, share in self.assign(active).items():
             calls[worker_id] = (share, *self.workers[worker_id].train.options(num_returns=2).remote(

@@ -1,4 +1,5 @@
-"""The local trainer: the learning-rate schedule (``train.schedule``, ``train.warmup_steps``), micro-batches add up to the whole batch (plain and under DP), gradient checkpointing, the KV cache."""
+"""A client's steps and learning-rate schedule (``train.schedule``, ``train.warmup_steps``), micro-batch weights, gradient
+checkpointing. Micro-batches through the engine: tests/training/test_micro_batches.py."""
 
 import math
 
@@ -10,8 +11,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from fedsim.config import TrainConfig
 from fedsim.data import IGNORE_INDEX
 from fedsim.modeling import enable_checkpointing
-from fedsim.privacy import PrivacySettings
-from fedsim.trainer import backward, lr_factor, micro_batches, train_local
+from fedsim.training.batches import micro_batches
+from fedsim.training.schedule import lr_factor
+from reference_training import backward
 
 
 def factors(steps, **train):
@@ -164,34 +166,7 @@ def test_micro_batch_weights_are_labelled_token_shares_and_padding_is_cut():
     assert len(micro_batches(unlabelled, 2)) == 2  # a micro-batch with nothing to learn from is left out
 
 
-def test_private_micro_batches_are_opacus_virtual_steps():
-    """Under DP the per-sample gradients are clipped micro-batch by micro-batch and the noise added once: the same
-    step as the whole batch at once, noise included (the same seed draws the same noise)."""
-    batches = [padded_classification_batch(seed) for seed in range(3)]
-    privacy = PrivacySettings(noise_multiplier=0.7, max_grad_norm=0.05, sample_rate=0.5, expected_batch_size=6)
-    results = []
-    for micro_batch_size in (None, 2, 4):
-        model = tiny_bert()
-        for module in model.modules():  # dropout would draw other masks for other micro-batch sizes
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-        model.requires_grad_(False)
-        params = [model.classifier.weight, model.bert.encoder.layer[1].output.dense.weight]
-        for p in params:
-            p.requires_grad_(True)
-        settings = TrainConfig(local_steps=3, lr=1e-2, micro_batch_size=micro_batch_size)
-        stats = train_local(model, params, iter(batches), settings, seed=5, privacy=privacy)
-        results.append(([p.detach().clone() for p in params], stats.losses))
-    (whole, whole_losses), *others = results
-    moved = (whole[0] - tiny_bert().classifier.weight).abs().max()
-    assert moved > 1e-3  # the steps did something
-    for params, losses in others:
-        assert losses == pytest.approx(whole_losses, rel=1e-5)
-        for got, expected in zip(params, whole):
-            assert torch.allclose(got, expected, atol=1e-6)
-
-
-def test_gradient_checkpointing_gives_the_same_gradient_and_training_runs_without_the_cache():
+def test_gradient_checkpointing_gives_the_same_gradient():
     batch = causal_batch(1)
     plain = tiny_causal_llama()
     _, expected = gradients(plain, batch, None)
@@ -201,9 +176,3 @@ def test_gradient_checkpointing_gives_the_same_gradient_and_training_runs_withou
     _, got = gradients(model, batch, 2)
     for name in expected:
         assert torch.allclose(got[name], expected[name], rtol=1e-4, atol=1e-6), name
-    seen = []
-    model.register_forward_pre_hook(lambda module, args: seen.append(module.config.use_cache))
-    assert model.config.use_cache
-    params = [model.lm_head.weight]
-    train_local(model, params, iter([batch, batch]), TrainConfig(local_steps=2, micro_batch_size=3), seed=0)
-    assert seen == [False] * 4 and model.config.use_cache  # off while it trains, restored after
