@@ -29,13 +29,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from fedsim.adapters.layers import leading_block
 from fedsim.config import MethodConfig
 from fedsim.errors import UsageError
 from fedsim.methods import build_method, method_names, nbytes
-from fedsim.methods.base import Method, State, Upload
+from fedsim.methods.base import Method, State, Upload, key_kind, rank_shape
 from fedsim.methods.downlink import Downlinks
 from fedsim.shapes import DTYPES, Linear, ModelShapes
 from fedsim.storage import Location
+from fedsim.training.scaffold import PREFIX as CONTROL, without_controls
 
 TOLERANCE = 0.03  # measured vs predicted: a larger relative difference is flagged
 
@@ -247,20 +249,32 @@ class MessageReplay:
     last broadcast after a round it took part in, what changed otherwise); a client that trained sends
     ``meta_upload`` at its rank; a round's broadcast is the method's ``aggregate`` over the clients aggregated in it."""
 
-    def __init__(self, method: Method, shapes: ModelShapes, built_at_client: bool = False):
+    def __init__(self, method: Method, shapes: ModelShapes, built_at_client: bool = False, control_variates: bool = False):
         self.method = method
         self.state: State = method.meta_state(shapes)
         self.downlinks = Downlinks(method, built_at_client)  # adapters.init_at: client
+        self.control_variates = control_variates  # train.control_variates: SCAFFOLD's c down, each client's Δc up
+        self.controls: State = {}  # the server's c: every tensor a client has trained, at the global shape
 
     @property
     def broadcast(self) -> State:
         return self.downlinks.broadcast
 
     def down(self, client_id: int, rank: int, round_idx: int) -> State:
-        return self.downlinks.message(self.state, client_id, rank, round_idx)
+        message = self.downlinks.message(self.state, client_id, rank, round_idx)
+        return {**message, **{CONTROL + key: value for key, value in self.controls.items()}}
 
     def up(self, round_idx: int, rank: int) -> State:
-        return self.method.meta_upload(self.state, round_idx, rank)
+        upload = self.method.meta_upload(self.state, round_idx, rank)
+        if self.control_variates:  # Δc_i: one per tensor the client trained, kept ones too, at its rank
+            upload.update({CONTROL + key: value for key, value in self.trained(round_idx, rank).items()})
+        return upload
+
+    def trained(self, round_idx: int, rank: int) -> State:
+        """The tensors a client of rank ``rank`` trains in ``round_idx`` (what it uploads and what it keeps), as meta."""
+        kinds = set(self.method.trained_kinds(round_idx)) | {"head"}
+        return {key: leading_block(value, rank_shape(key_kind(key), value.shape, rank))
+                for key, value in self.state.items() if key_kind(key) in kinds}
 
     def aggregate(self, round_idx: int, ranks: dict[int, int]) -> None:
         """Aggregate the clients ``{client_id: rank}`` of round ``round_idx``."""
@@ -268,6 +282,9 @@ class MessageReplay:
         if ranks:
             messages = {rank: self.up(round_idx, rank) for rank in set(ranks.values())}  # meta: one serves every client
             uploads = [Upload(cid, 1, messages[rank]) for cid, rank in sorted(ranks.items())]
+            if self.control_variates:
+                self.controls.update({key: self.state[key] for key in self.trained(round_idx, self.method.rank)})
+                uploads = [Upload(u.client_id, u.num_samples, without_controls(u.tensors)) for u in uploads]
             result = self.method.aggregate(self.state, uploads, round_idx)
             self.state, broadcast = dict(sorted(result.state.items())), result.broadcast
         self.downlinks.aggregated(old_state, self.state, broadcast, round_idx)
@@ -568,7 +585,8 @@ def predict_run(run_dir, tolerance: float = TOLERANCE) -> RunPrediction:
     by_round: dict[int, list[dict]] = {}
     for row in clients:
         by_round.setdefault(row["round"], []).append(row)
-    replay = MessageReplay(method, shapes, built_at_client=_init_at(run_dir) == "client")
+    replay = MessageReplay(method, shapes, built_at_client=_init_at(run_dir) == "client",
+                           control_variates=_control_variates(run_dir))
     prediction = RunPrediction(run_dir, method.name, tolerance=tolerance)
     for measured in rounds:
         t = measured["round"]
@@ -598,6 +616,14 @@ def _init_at(run_dir: Location) -> str:
 
     adapters = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("adapters") or {}
     return adapters.get("init_at", "server")
+
+
+def _control_variates(run_dir: Location) -> bool:
+    """Whether the run trained with SCAFFOLD's control variates (``train.control_variates``)."""
+    import yaml
+
+    train = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("train") or {}
+    return bool(train.get("control_variates", False))
 
 
 def _client_rank(row: dict, full_rank: int) -> int:

@@ -48,7 +48,7 @@ class Aggregator:
     def downlink_bytes(self, client_ids: list[int], round_idx: int) -> dict[int, int]:
         """Bytes each client receives at the start of ``round_idx`` (``fedsim.methods.downlink``)."""
         ranks = self.plan.client_ranks
-        control_bytes = nbytes(self.controls)  # SCAFFOLD: c changes every round, so every client receives it
+        control_bytes = nbytes({CONTROL + key: value for key, value in self.controls.items()})  # SCAFFOLD: c changes every round
         return {cid: nbytes(self.downlinks.message(self.state, cid, ranks[cid], round_idx)) + control_bytes for cid in client_ids}
 
     def aggregate(self, round_idx: int, sampled: list[int], *upload_lists: list[dict]) -> dict:
