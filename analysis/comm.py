@@ -353,7 +353,8 @@ def parse_ints(text, flag: str, minimum: int = 1) -> list[int]:
     return values
 
 
-def _schedule(method: Method, shapes: ModelShapes, clients: int, rounds: int, built_at_client: bool = False) -> list[dict[str, int]]:
+def _schedule(method: Method, shapes: ModelShapes, clients: int, rounds: int, built_at_client: bool = False,
+              control_variates: bool = False) -> list[dict[str, int]]:
     """Per round: what one of ``clients`` clients (all taking part and aggregated every round, at the full rank) sends
     and receives — ``up``, ``down`` (``first`` at round 0) — in bytes and numbers (``up_n``, ``down_n``); and
     ``joining``, ``joining_n``: what a client new in that round receives.
@@ -361,7 +362,7 @@ def _schedule(method: Method, shapes: ModelShapes, clients: int, rounds: int, bu
     The clients are alike (same rounds, same rank), so client 0's messages are every client's: its downlink and upload
     are built once a round, and the aggregate still sees all ``clients`` uploads (the stacked downlinks grow with them).
     """
-    replay = MessageReplay(method, shapes, built_at_client)
+    replay = MessageReplay(method, shapes, built_at_client, control_variates)
     ranks = dict.fromkeys(range(clients), method.rank)
     rows = []
     for round_idx in range(rounds):
@@ -374,9 +375,9 @@ def _schedule(method: Method, shapes: ModelShapes, clients: int, rounds: int, bu
     return rows
 
 
-def schedules(method: Method, shapes: ModelShapes, rounds: int, built_at_client: bool = False):
-    """``clients -> _schedule(method, shapes, clients, rounds, built_at_client)``, each count run once."""
-    return functools.cache(lambda clients: _schedule(method, shapes, clients, rounds, built_at_client))
+def schedules(method: Method, shapes: ModelShapes, rounds: int, built_at_client: bool = False, control_variates: bool = False):
+    """``clients -> _schedule(method, shapes, clients, rounds, built_at_client, control_variates)``, each count run once."""
+    return functools.cache(lambda clients: _schedule(method, shapes, clients, rounds, built_at_client, control_variates))
 
 
 def method_cost(shapes: ModelShapes, method: Method, clients: int, rounds: int = 1, notes: str = "", at=None,
@@ -417,6 +418,7 @@ def comm_table(
     num_labels: int | None = None,
     dtype: str = "float32",
     init_at: str | None = None,
+    control_variates: bool = False,
     **settings,
 ) -> list[CommRow]:
     """Rows for every (method, rank, client count). ``model``: a preset, config.json, folder or ``ModelShapes``.
@@ -425,6 +427,7 @@ def comm_table(
     ``comm_variants`` (FedEx-LoRA: its residual and its stacked downlink) each get a row unless a setting fixes them.
     ``init_at`` (``adapters.init_at``): ``server``, ``client``, or None for both where they differ beyond round 0 (a
     method whose state keeps tensors no aggregation changes, as Fed-SB's B and A: a client can build them itself).
+    ``control_variates`` (``train.control_variates``, SCAFFOLD): each client's Δc up and the server's c down as well.
     """
     shapes = model if isinstance(model, ModelShapes) else model_shapes(
         model, target_modules, task=task, num_labels=num_labels, head=head, dtype=dtype)
@@ -435,12 +438,12 @@ def comm_table(
                 method = method_of(name, int(rank), train_head=bool(shapes.head), **{**settings, **variant})
                 notes = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in variant.items())
                 steady = method.steady_round()
-                at = schedules(method, shapes, max(rounds, steady + 1))
+                at = schedules(method, shapes, max(rounds, steady + 1), control_variates=control_variates)
                 protocols = [init_at] if init_at else ["server", "client"] if keeps_initial_tensors(method, shapes) else ["server"]
                 for protocol in protocols:
                     built = protocol == "client"
-                    where = at if not built else schedules(method, shapes, max(rounds, steady + 1), built_at_client=True)
-                    label = ", ".join(filter(None, [notes, "init at client" if built else ""]))
+                    where = at if not built else schedules(method, shapes, max(rounds, steady + 1), True, control_variates)
+                    label = ", ".join(filter(None, [notes, "init at client" if built else "", "SCAFFOLD" if control_variates else ""]))
                     for count in clients:
                         rows.append(method_cost(shapes, method, int(count), rounds, label, where, built_at_client=built))
     return rows
