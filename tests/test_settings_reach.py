@@ -84,7 +84,7 @@ def training_probe(files, config, name):
     """Two clients trained for one round from the round-0 state: their uploads and rows."""
     w = worker(files, config, name)
     state = w.initial_state()
-    uploads, rows = w.train(0, state, [0, 1], build(files, config, name + "-s").noise_multiplier)
+    uploads, rows = w.train(0, state, [0, 1], build(files, config, name + "-s").privacy.noise_multiplier)
     rows = [{k: v for k, v in row.items() if k != "train_s"} for row in rows]
     return [{k: v.tolist() for k, v in u["tensors"].items()} for u in uploads], rows, sorted(w.model.state_dict())[:3]
 
@@ -158,15 +158,16 @@ def downlink_probe(files, config, name):
 
 def driver_probe(files, config, name):
     experiment = build(files, config, name)
-    return [experiment.sample(t) for t in range(3)], [experiment.evaluates(t) for t in range(6)], experiment.noise_multiplier
+    return [experiment.sample(t) for t in range(3)], [experiment.evaluates(t) for t in range(6)], experiment.privacy.noise_multiplier
 
 
 def privacy_probe(files, config, name):
     """σ of the privacy plan, and ε a client's history spends."""
     experiment = build(files, config, name)
-    rows = [{"client_id": 0, "noise_multiplier": experiment.noise_multiplier or 1.0, "sample_rate": 0.5, "steps": 4}]
-    experiment.account(rows)
-    return experiment.noise_multiplier, rows[0]["epsilon"]
+    privacy = experiment.privacy
+    rows = [{"client_id": 0, "noise_multiplier": privacy.noise_multiplier or 1.0, "sample_rate": 0.5, "steps": 4}]
+    privacy.account(rows)
+    return privacy.noise_multiplier, rows[0]["epsilon"]
 
 
 def ray_probe(files, config, name):
