@@ -23,8 +23,8 @@ from fedsim.modeling import load_model, load_tokenizer, offline_by_default
 from fedsim.partition import HELD_OUT, read_clients
 from fedsim.presum import partial_sum
 from fedsim.provenance import worker_record
-from fedsim.privacy import (PrivacySettings, dp_sample_rate, init_rows_per_client, init_sample_rate, poisson_batches,
-                            private_gradient_sum)
+from fedsim.privacy import PrivacySettings, poisson_batches, private_gradient_sum
+from fedsim.privacy_plan import dp_sample_rate, init_rows_per_client, init_sample_rate
 from fedsim.runtime.aggregator import CHECKPOINTS_KEPT
 from fedsim.runtime.plan import RunPlan
 from fedsim.seeds import derive_seed, rng

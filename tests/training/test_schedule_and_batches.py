@@ -87,24 +87,6 @@ def test_the_one_of_local_steps_and_local_epochs_given_wins(tmp_path):
         load_config(private, ["privacy.noise_multiplier=1.2", "privacy.epsilon=2"])
 
 
-def test_private_calibration_uses_each_clients_own_steps():
-    """Under local_epochs a large client takes more steps at a lower rate: σ keeps every client within the target."""
-    from fedsim.config import load_config
-    from fedsim.privacy import dp_sample_rate, epsilon_spent, plan_noise_multiplier
-    from fedsim.training.schedule import client_steps
-
-    config = load_config(None, ["privacy.enabled=true", "privacy.epsilon=2", "privacy.delta=1e-4", "train.local_steps=null",
-                                "train.local_epochs=1", "train.batch_size=8", "train.rounds=4", "clients.count=4",
-                                "clients.per_round=4"])
-    sizes = [20, 60, 200, 900]
-    sigma = plan_noise_multiplier(config, False, sizes)
-    reached = [epsilon_spent([(sigma, dp_sample_rate(config, n), 4 * client_steps(config.train, n))], 1e-4) for n in sizes]
-    assert 2.0 - 0.05 <= max(reached) <= 2.0  # the most exposed client at the target, none above
-    fixed_steps = load_config(None, ["privacy.enabled=true", "privacy.epsilon=2", "privacy.delta=1e-4", "train.local_steps=5",
-                                     "train.batch_size=8", "train.rounds=4", "clients.count=4", "clients.per_round=4"])
-    assert plan_noise_multiplier(fixed_steps, False, sizes) != sigma  # the steps are the clients' own, not local_steps
-
-
 def tiny_causal_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
