@@ -1,4 +1,5 @@
-"""The Aggregator actor: the global state, exact aggregation by the method, bytes on the way down, checkpoints."""
+"""The Aggregator actor: the global state, exact aggregation by the method, the server optimizer's step, bytes on the way
+down, checkpoints."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ import torch
 from safetensors.torch import load, save
 
 from fedsim.methods import Upload, nbytes
-from fedsim.methods.base import State
+from fedsim.methods.base import State, key_kind
 from fedsim.methods.downlink import Downlinks
 from fedsim.presum import PartialSum, combine
 from fedsim.runtime.plan import RunPlan
+from fedsim.server_optimizer import ServerOptimizer
 from fedsim.storage import Location
 
 CHECKPOINTS_KEPT = 2
+SERVER_PREFIX = "server:"  # the aggregator's own tensors in a checkpoint: "server:<part>.<name>"
 
 
 class Aggregator:
@@ -30,6 +33,11 @@ class Aggregator:
         self.device = "cuda" if plan.config.runtime.aggregator_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.state: State = {}
         self.downlinks = Downlinks(self.method, plan.config.adapters.init_at == "client")  # what each client receives
+        self.server_optimizer = ServerOptimizer.from_config(plan.config.server)
+        # The aggregator's own state beside the global one, by part: each part's ``state_dict`` is checkpointed with the
+        # state as "server:<part>.<name>" and given back to its ``load_state_dict`` on resume (a server control variate
+        # would be one more part).
+        self.server_parts = {"optimizer": self.server_optimizer}
         self.snapshots: dict[int, tuple[State, dict]] = {}  # rounds aggregated but not yet checkpointed
         self.lock = threading.Lock()
 
@@ -63,12 +71,30 @@ class Aggregator:
                 uploads = [Upload(u.client_id, u.num_samples, on(u.tensors, self.device)) for u in uploads]
                 result, standard_error = self.method.aggregate(on(self.state, self.device), uploads, round_idx), 0.0
             self.state, broadcast = canonical(on(result.state, "cpu")), on(result.broadcast, "cpu")
+            if not self.server_optimizer.is_identity:
+                self.state, broadcast = self.server_step(old_state, self.state, broadcast, round_idx)
             stats.update(agg_error=result.agg_error, agg_error_se=standard_error, layer_errors=result.layer_errors)
         self.downlinks.aggregated(old_state, self.state, broadcast, round_idx)
         with self.lock:
-            self.snapshots[round_idx] = (self.state, self._meta(round_idx))
+            self.snapshots[round_idx] = (self.saved_state(), self._meta(round_idx))
         stats["aggregate_s"] = time.perf_counter() - start
         return stats
+
+    def server_step(self, old_state: State, new_state: State, broadcast: State, round_idx: int) -> tuple[State, State]:
+        """The server optimizer's step on the tensors the method averaged this round (``Method.averaged_kinds``; the other
+        tensors as the method left them): the new state, and the broadcast carrying the stepped tensors. ``agg_error``
+        stays the aggregate's, measured before the step."""
+        kinds = self.method.averaged_kinds(round_idx)
+        if kinds is None:  # refused before the run (fedsim.server_optimizer.check_server_optimizer)
+            raise ValueError(f"{self.method.name} does not aggregate by a mean in round {round_idx}: no server step")
+        keys = [key for key in new_state if key_kind(key) in kinds]
+        stepped = self.server_optimizer.step({key: old_state[key] for key in keys}, {key: new_state[key] for key in keys})
+        return {**new_state, **stepped}, {**broadcast, **stepped}
+
+    def saved_state(self) -> State:
+        """What a checkpoint holds: the global state and the aggregator's own tensors (``server_parts``)."""
+        return {**self.state, **{f"{SERVER_PREFIX}{part}.{name}": value for part, holder in self.server_parts.items()
+                                 for name, value in holder.state_dict().items()}}
 
     def _meta(self, round_idx: int) -> dict:
         return {"round": round_idx, "downlinks": self.downlinks.to_json()}
@@ -77,7 +103,7 @@ class Aggregator:
         """``round_XXXX.safetensors`` (the state after round ``round_idx``; never pickle) and ``round_XXXX.json`` (what
         else a resume needs), in ``directory``: a local path or a URI (``fedsim.storage``)."""
         with self.lock:
-            state, meta = self.snapshots.pop(round_idx) if round_idx in self.snapshots else (self.state, self._meta(round_idx))
+            state, meta = self.snapshots.pop(round_idx) if round_idx in self.snapshots else (self.saved_state(), self._meta(round_idx))
         directory = Location(directory)
         stem = f"round_{round_idx:04d}"
         (directory / f"{stem}.safetensors").write_bytes(save({key: value.contiguous() for key, value in state.items()}))
@@ -91,7 +117,11 @@ class Aggregator:
         """Load the checkpoint ``stem`` (``…/checkpoints/round_XXXX``, as ``latest_checkpoint`` names it)."""
         directory, name = Location(stem).parent, Location(stem).name
         meta = json.loads((directory / f"{name}.json").read_text())
-        self.state = canonical(load((directory / f"{name}.safetensors").read_bytes()))
+        saved = load((directory / f"{name}.safetensors").read_bytes())
+        self.state = canonical({key: value for key, value in saved.items() if not key.startswith(SERVER_PREFIX)})
+        for part, holder in self.server_parts.items():
+            prefix = f"{SERVER_PREFIX}{part}."
+            holder.load_state_dict({key.removeprefix(prefix): value for key, value in saved.items() if key.startswith(prefix)})
         self.downlinks.load_json(meta["downlinks"])
         return meta["round"]
 
