@@ -102,9 +102,10 @@ class ServerOptimizer:
         return {**{f"m:{key}": value for key, value in self.m.items()}, **{f"v:{key}": value for key, value in self.v.items()}}
 
     def load_state_dict(self, tensors: State) -> None:
-        """Restore m and v from ``state_dict``'s tensors."""
-        self.m = {name[2:]: value.to(torch.float64) for name, value in tensors.items() if name.startswith("m:")}
-        self.v = {name[2:]: value.to(torch.float64) for name, value in tensors.items() if name.startswith("v:")}
+        """Restore m and v from ``state_dict``'s tensors (those this optimizer keeps: a run resumed under ``avg`` drops them)."""
+        kept = {"avg": "", "avgm": "m", "adam": "mv", "yogi": "mv"}[self.name]
+        self.m = {name[2:]: value.to(torch.float64) for name, value in tensors.items() if name.startswith("m:") and "m" in kept}
+        self.v = {name[2:]: value.to(torch.float64) for name, value in tensors.items() if name.startswith("v:") and "v" in kept}
 
 
 def check_server_optimizer(method, server, rounds: int) -> None:
