@@ -152,6 +152,7 @@ CENTRAL_ADAPTERS = ("lora-sb", "lora")
 LOSS_ON = ("response", "all")
 FEDEX_DOWNLINKS = ("residual", "stacked", "auto")
 LORA_FAIR_CORRECTIONS = ("paper", "closed-form")
+SERVER_OPTIMIZERS = ("avg", "avgm", "adam", "yogi")
 
 
 @dataclass
@@ -288,6 +289,26 @@ class TrainConfig(Section):
 
 
 @dataclass
+class ServerConfig(Section):
+    """The server's step on each averaged tensor (Reddi et al. 2021, arXiv:2003.00295; fedsim/server_optimizer.py)."""
+
+    prefix: ClassVar[str] = "server."
+    optimizer: str = setting("avg", "the server's step on the change Δ = aggregate − previous of each tensor the method averages: "
+                             "avg (x + lr·Δ; lr 1 = the method's own aggregate) | avgm (FedAvgM) | adam (FedAdam) | yogi "
+                             "(FedYogi); methods whose aggregate is not a mean (an SVD, a fold into W0) refuse all but avg "
+                             "with lr 1", choices=SERVER_OPTIMIZERS, what="server optimizer ")
+    lr: float = setting(1.0, "server learning rate η (adam and yogi move an entry by about η a round: use a small one)", **POSITIVE)
+    momentum: float = setting(0.9, "avgm: β in m = β·m + Δ, x + lr·m", low=0, high=1, high_open=True)
+    betas: list[float] = setting([0.9, 0.99], "adam, yogi: [β₁, β₂], each in [0, 1), the decays of m and v")
+    tau: float = setting(1e-3, "adam, yogi: τ in x + lr·m/(√v + τ), the adaptivity (v starts at τ²)", **POSITIVE)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(len(self.betas) == 2 and all(0 <= beta < 1 for beta in self.betas), "server.betas",
+               f"must be two numbers in [0, 1), e.g. [0.9, 0.99], got {self.betas}")
+
+
+@dataclass
 class RuntimeConfig(Section):
     """The Ray side: workers, resources, faults."""
 
@@ -338,6 +359,7 @@ class Config(Section):
     adapters: AdaptersConfig = field(default_factory=AdaptersConfig)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -705,9 +727,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             value = [part.strip() for part in value.split(",") if part.strip()]
             if item is int and all(part.lstrip("-").isdigit() for part in value):
                 value = [int(part) for part in value]
+        if item is float and isinstance(value, (list, tuple)):  # numbers, or the strings "0.9,0.99" split into
+            try:
+                value = [float(v) if not isinstance(v, bool) and math.isfinite(float(v)) else v for v in value]
+            except (TypeError, ValueError):
+                raise bad("a list of numbers, e.g. [0.9, 0.99]") from None
         if isinstance(value, (list, tuple)) and all(isinstance(v, item) and not isinstance(v, bool) for v in value):
             return list(value)
-        raise bad("a list of integers, e.g. [0, 3]" if item is int else "a list of strings, e.g. [query, value]")
+        raise bad({int: "a list of integers, e.g. [0, 3]", float: "a list of numbers, e.g. [0.9, 0.99]"}.get(item, "a list of strings, e.g. [query, value]"))
     if origin is dict:
         if value is None:
             return {}

@@ -165,6 +165,22 @@ def downlink_probe(files, config, name):
     return aggregator.downlink_bytes([0, 1], 0)
 
 
+def server_probe(files, config, name):
+    """The aggregator's state after two rounds of the same two uploads (the round-0 state moved by fixed offsets)."""
+    from fedsim.runtime.aggregator import Aggregator
+
+    experiment = build(files, config, name)
+    aggregator = Aggregator(experiment.plan)
+    aggregator.set_state(ClientWorker(experiment.plan, 0).initial_state())
+    method = experiment.plan.method
+    for round_idx in range(2):
+        uploads = [{"client_id": cid, "num_samples": 3 + cid, "tensors": {key: value + 0.01 * (cid + 1) * (round_idx + 1) for key, value in
+                                                                          method.meta_upload(aggregator.state, round_idx).items()}}
+                   for cid in (0, 1)]
+        aggregator.aggregate(round_idx, [0, 1], uploads)
+    return {key: value.tolist() for key, value in aggregator.state.items()}
+
+
 def driver_probe(files, config, name):
     experiment = build(files, config, name)
     return [experiment.sample(t) for t in range(3)], [experiment.evaluates(t) for t in range(6)], experiment.privacy.noise_multiplier
@@ -318,6 +334,11 @@ PROBES = {
     "runtime.kill_worker_round": (1, kill_probe),
     "runtime.cohort_size": (3, cohort_probe),
     "runtime.presum": (True, presum_probe),
+    "server.optimizer": ("adam", server_probe),
+    "server.lr": (0.5, server_probe),
+    "server.momentum": (0.5, "avgm"),
+    "server.betas": ([0.5, 0.9], "adam"),
+    "server.tau": (0.1, "adam"),
     "eval.every": (2, driver_probe),
     "eval.batch_size": (8, eval_probe),
     "eval.max_new_tokens": (2, "causal-eval"),
@@ -337,6 +358,8 @@ CONTEXTS = {
     "fedex-lora": ({"method.name": "fedex-lora"}, method_probe),
     "lora-fair": ({"method.name": "lora-fair"}, method_probe),
     "imbalanced": ({"clients.partition": "imbalanced"}, data_probe),
+    "avgm": ({"server.optimizer": "avgm"}, server_probe),
+    "adam": ({"server.optimizer": "adam", "server.lr": 0.01}, server_probe),
     "ranked": ({"clients.ranks": [1, 4, 4, 4]}, method_probe),
     "ranked-training": ({"clients.ranks": [1, 4, 4, 4]}, training_probe),
     "private": ({"privacy.enabled": True, "privacy.epsilon": 3.0, "adapters.init_data": "public"}, privacy_probe),

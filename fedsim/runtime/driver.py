@@ -32,6 +32,7 @@ from fedsim.runtime.aggregator import Aggregator, latest_checkpoint
 from fedsim.runtime.plan import RunPlan
 from fedsim.runtime.worker import ClientWorker
 from fedsim.seeds import rng
+from fedsim.server_optimizer import check_server_optimizer
 from fedsim.storage import Location
 from fedsim.training.schedule import client_steps
 
@@ -179,6 +180,7 @@ class Experiment:
             raise UsageError(f"runtime.presum: {config.method.name} does not aggregate by the weighted mean of the uploads, so workers "
                              "cannot sum them; set runtime.presum=false (methods that can: "
                              f"{', '.join(name for name, cls in METHODS.items() if cls.aggregate is Method.aggregate)})")
+        check_server_optimizer(self.method, config.server, config.train.rounds)
         self.config = config
         self.output_dir = output_dir
         self.resumed = resumed

@@ -81,3 +81,19 @@ def server_update(server: State, uploads: list[State], num_clients: int, state: 
         base = server[key].to(torch.float64) if key in server else torch.zeros(shape, dtype=torch.float64)
         updated[key] = (base + total).to(parts[0].dtype)
     return updated
+
+
+class ServerControl:
+    """The server's c, with the aggregator: ``update`` after a round's uploads; checkpointed beside the state."""
+
+    def __init__(self):
+        self.c: State = {}
+
+    def update(self, uploads: list[State], num_clients: int, state: State) -> None:
+        self.c = server_update(self.c, uploads, num_clients, state)
+
+    def state_dict(self) -> State:
+        return dict(self.c)
+
+    def load_state_dict(self, saved: State) -> None:
+        self.c = dict(saved)

@@ -10,7 +10,6 @@ import yaml
 
 from analysis.comm import predict_run
 from fedsim.cli import main
-from fedsim.training.scaffold import PREFIX
 from test_end_to_end import final_state
 
 SETTINGS = ["workload.train_limit=60", "workload.eval_limit=16", "clients.count=3", "clients.per_round=2", "clients.partition=iid",
@@ -42,8 +41,8 @@ def test_prox_mu_and_control_variates_reach_a_run(ray_local, tiny_model_dir, tmp
     for name in ("fed-sb", "fedit"):
         scaffold_dir = runs[(name, 0.0, True)]
         scaffold, without = final_state(scaffold_dir), final_state(runs[(name, 0.0, False)])
-        controls = {key for key in scaffold if key.startswith(PREFIX)}
-        assert controls and {key for key in scaffold if not key.startswith(PREFIX)} == without.keys()
+        controls = {key for key in scaffold if key.startswith("server:control.")}  # c, checkpointed beside the state
+        assert controls and {key for key in scaffold if not key.startswith("server:control.")} == without.keys()
         assert any(not torch.equal(scaffold[key], without[key]) for key in without)
         kept = list(Path(scaffold_dir, "client_state").rglob("*.safetensors"))
         assert kept  # each client's c_i, in the client store
