@@ -38,6 +38,7 @@ from fedsim.methods import Method, Upload, build_method, method_names
 from fedsim.methods.downlink import Downlinks
 from fedsim.shapes import DTYPES, Linear, ModelShapes
 from fedsim.storage import Location
+from fedsim.training.scaffold import PREFIX as CONTROL, without_controls
 
 TOLERANCE = 0.03  # measured vs predicted: a larger relative difference is flagged
 
@@ -260,10 +261,9 @@ def meta_state(method: Method, shapes: ModelShapes) -> State:
 def meta_upload(method: Method, state: State, round_idx: int, rank: int | None = None) -> State:
     """A client's upload, as ``method.upload`` builds it from a model at rank ``rank``, built from a (meta) state."""
     rank = rank or method.rank
-    kinds = set(method.trained_kinds(round_idx)) | {"head"}
-    kept = method.client_kinds(round_idx)
+    kinds = method.uploaded_kinds(round_idx)
     return {key: leading_block(value, rank_shape(key_kind(key), value.shape, rank))
-            for key, value in state.items() if key_kind(key) in kinds and key_kind(key) not in kept}
+            for key, value in state.items() if key_kind(key) in kinds}
 
 
 class MessageReplay:
@@ -272,20 +272,32 @@ class MessageReplay:
     last broadcast after a round it took part in, what changed otherwise); a client that trained sends
     ``meta_upload`` at its rank; a round's broadcast is the method's ``aggregate`` over the clients aggregated in it."""
 
-    def __init__(self, method: Method, shapes: ModelShapes, built_at_client: bool = False):
+    def __init__(self, method: Method, shapes: ModelShapes, built_at_client: bool = False, control_variates: bool = False):
         self.method = method
         self.state: State = meta_state(method, shapes)
         self.downlinks = Downlinks(method, built_at_client)  # adapters.init_at: client
+        self.control_variates = control_variates  # train.control_variates: SCAFFOLD's c down, each client's Δc up
+        self.controls: State = {}  # the server's c: every tensor a client has trained, at the global shape
 
     @property
     def broadcast(self) -> State:
         return self.downlinks.broadcast
 
     def down(self, client_id: int, rank: int, round_idx: int) -> State:
-        return self.downlinks.message(self.state, client_id, rank, round_idx)
+        message = self.downlinks.message(self.state, client_id, rank, round_idx)
+        return {**message, **{CONTROL + key: value for key, value in self.controls.items()}}
 
     def up(self, round_idx: int, rank: int) -> State:
-        return meta_upload(self.method, self.state, round_idx, rank)
+        upload = meta_upload(self.method, self.state, round_idx, rank)
+        if self.control_variates:  # Δc_i: one per tensor the client trained, kept ones too, at its rank
+            upload.update({CONTROL + key: value for key, value in self.trained(round_idx, rank).items()})
+        return upload
+
+    def trained(self, round_idx: int, rank: int) -> State:
+        """The tensors a client of rank ``rank`` trains in ``round_idx`` (what it uploads and what it keeps), as meta."""
+        kinds = set(self.method.trained_kinds(round_idx)) | {"head"}
+        return {key: leading_block(value, rank_shape(key_kind(key), value.shape, rank))
+                for key, value in self.state.items() if key_kind(key) in kinds}
 
     def aggregate(self, round_idx: int, ranks: dict[int, int]) -> None:
         """Aggregate the clients ``{client_id: rank}`` of round ``round_idx``."""
@@ -293,6 +305,9 @@ class MessageReplay:
         if ranks:
             messages = {rank: self.up(round_idx, rank) for rank in set(ranks.values())}  # meta: one serves every client
             uploads = [Upload(cid, 1, messages[rank]) for cid, rank in sorted(ranks.items())]
+            if self.control_variates:
+                self.controls.update({key: self.state[key] for key in self.trained(round_idx, self.method.rank)})
+                uploads = [Upload(u.client_id, u.num_samples, without_controls(u.tensors)) for u in uploads]
             result = self.method.aggregate(self.state, uploads, round_idx)
             self.state, broadcast = dict(sorted(result.state.items())), result.broadcast
         self.downlinks.aggregated(old_state, self.state, broadcast, round_idx)
@@ -361,7 +376,8 @@ def parse_ints(text, flag: str, minimum: int = 1) -> list[int]:
     return values
 
 
-def _schedule(method: Method, shapes: ModelShapes, clients: int, rounds: int, built_at_client: bool = False) -> list[dict[str, int]]:
+def _schedule(method: Method, shapes: ModelShapes, clients: int, rounds: int, built_at_client: bool = False,
+              control_variates: bool = False) -> list[dict[str, int]]:
     """Per round: what one of ``clients`` clients (all taking part and aggregated every round, at the full rank) sends
     and receives — ``up``, ``down`` (``first`` at round 0) — in bytes and numbers (``up_n``, ``down_n``); and
     ``joining``, ``joining_n``: what a client new in that round receives.
@@ -369,7 +385,7 @@ def _schedule(method: Method, shapes: ModelShapes, clients: int, rounds: int, bu
     The clients are alike (same rounds, same rank), so client 0's messages are every client's: its downlink and upload
     are built once a round, and the aggregate still sees all ``clients`` uploads (the stacked downlinks grow with them).
     """
-    replay = MessageReplay(method, shapes, built_at_client)
+    replay = MessageReplay(method, shapes, built_at_client, control_variates)
     ranks = dict.fromkeys(range(clients), method.rank)
     rows = []
     for round_idx in range(rounds):
@@ -382,9 +398,9 @@ def _schedule(method: Method, shapes: ModelShapes, clients: int, rounds: int, bu
     return rows
 
 
-def schedules(method: Method, shapes: ModelShapes, rounds: int, built_at_client: bool = False):
-    """``clients -> _schedule(method, shapes, clients, rounds, built_at_client)``, each count run once."""
-    return functools.cache(lambda clients: _schedule(method, shapes, clients, rounds, built_at_client))
+def schedules(method: Method, shapes: ModelShapes, rounds: int, built_at_client: bool = False, control_variates: bool = False):
+    """``clients -> _schedule(method, shapes, clients, rounds, built_at_client, control_variates)``, each count run once."""
+    return functools.cache(lambda clients: _schedule(method, shapes, clients, rounds, built_at_client, control_variates))
 
 
 def method_cost(shapes: ModelShapes, method: Method, clients: int, rounds: int = 1, notes: str = "", at=None,
@@ -425,6 +441,7 @@ def comm_table(
     num_labels: int | None = None,
     dtype: str = "float32",
     init_at: str | None = None,
+    control_variates: bool = False,
     **settings,
 ) -> list[CommRow]:
     """Rows for every (method, rank, client count). ``model``: a preset, config.json, folder or ``ModelShapes``.
@@ -433,6 +450,7 @@ def comm_table(
     ``comm_variants`` (FedEx-LoRA: its residual and its stacked downlink) each get a row unless a setting fixes them.
     ``init_at`` (``adapters.init_at``): ``server``, ``client``, or None for both where they differ beyond round 0 (a
     method whose state keeps tensors no aggregation changes, as Fed-SB's B and A: a client can build them itself).
+    ``control_variates`` (``train.control_variates``, SCAFFOLD): each client's Δc up and the server's c down as well.
     """
     shapes = model if isinstance(model, ModelShapes) else model_shapes(
         model, target_modules, task=task, num_labels=num_labels, head=head, dtype=dtype)
@@ -443,12 +461,12 @@ def comm_table(
                 method = method_of(name, int(rank), train_head=bool(shapes.head), **{**settings, **variant})
                 notes = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in variant.items())
                 steady = method.steady_round()
-                at = schedules(method, shapes, max(rounds, steady + 1))
+                at = schedules(method, shapes, max(rounds, steady + 1), control_variates=control_variates)
                 protocols = [init_at] if init_at else ["server", "client"] if keeps_initial_tensors(method, shapes) else ["server"]
                 for protocol in protocols:
                     built = protocol == "client"
-                    where = at if not built else schedules(method, shapes, max(rounds, steady + 1), built_at_client=True)
-                    label = ", ".join(filter(None, [notes, "init at client" if built else ""]))
+                    where = at if not built else schedules(method, shapes, max(rounds, steady + 1), True, control_variates)
+                    label = ", ".join(filter(None, [notes, "init at client" if built else "", "SCAFFOLD" if control_variates else ""]))
                     for count in clients:
                         rows.append(method_cost(shapes, method, int(count), rounds, label, where, built_at_client=built))
     return rows
@@ -593,7 +611,8 @@ def predict_run(run_dir, tolerance: float = TOLERANCE) -> RunPrediction:
     by_round: dict[int, list[dict]] = {}
     for row in clients:
         by_round.setdefault(row["round"], []).append(row)
-    replay = MessageReplay(method, shapes, built_at_client=_init_at(run_dir) == "client")
+    replay = MessageReplay(method, shapes, built_at_client=_init_at(run_dir) == "client",
+                           control_variates=_control_variates(run_dir))
     prediction = RunPrediction(run_dir, method.name, tolerance=tolerance)
     for measured in rounds:
         t = measured["round"]
@@ -623,6 +642,14 @@ def _init_at(run_dir: Location) -> str:
 
     adapters = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("adapters") or {}
     return adapters.get("init_at", "server")
+
+
+def _control_variates(run_dir: Location) -> bool:
+    """Whether the run trained with SCAFFOLD's control variates (``train.control_variates``)."""
+    import yaml
+
+    train = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("train") or {}
+    return bool(train.get("control_variates", False))
 
 
 def _client_rank(row: dict, full_rank: int) -> int:

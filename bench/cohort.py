@@ -2,8 +2,8 @@
 
     python bench/cohort.py [--quick] [--private] [--methods fed-sb,fedit] [--sizes 1,4,16] [--threads 1]
 
-Drives the worker's engine directly, without Ray: ``fedsim.client.run_client`` for K = 1 (today's path, one client
-after another) and ``fedsim.cohort.train_cohort`` for K > 1. MiniLM (hidden 384, 6 layers, ``model.dropout: 0``) on
+Drives the worker's engine directly, without Ray (``fedsim.training.engine.train_clients``, for every K: K = 1 is one
+client after another). MiniLM (hidden 384, 6 layers, ``model.dropout: 0``) on
 real SST-2 phrases (dynamic padding, at most 64 tokens), 16 clients, each 5 steps of batch 8; LoRA rank 8 on query and
 value, the head trained; Fed-SB and FedIT; one torch thread (a worker at ``runtime.cpus_per_worker: 1``).
 examples/s = examples trained ÷ the wall time of training every client once, after one untimed cohort; every K trains
@@ -14,8 +14,7 @@ per-client work around the steps and the launch of small ops. On a GPU see bench
 bench/results/cohort.json. `time_cohorts` and `bench_state` are shared with bench/gpu.py.
 
 --private: every step a DP-SGD step (σ = 1, C = 1, the expected batch size the batch's; the same batches as without,
-so that every K trains the same examples): K = 1 is today's path (Opacus's GradSampleModule and DPOptimizer,
-``fedsim.privacy.PrivateStep``), K > 1 the cohort's own per-sample clipping and per-client noise. Default sizes
+so that every K trains the same examples): the engine's per-record clipping and per-client noise. Default sizes
 1,4,8,16; writes bench/results/cohort-private.json.
 """
 
@@ -57,8 +56,7 @@ def time_cohorts(model, method, state, client_batches: list[list[dict]], cohort_
     ``private``: DP-SGD steps (σ = 1, C = 1, expected batch size the batches' own)."""
     import torch
 
-    from fedsim.client import run_client
-    from fedsim.cohort import train_cohort
+    from fedsim.training.engine import train_clients
     from fedsim.privacy import PrivacySettings
 
     cuda = next(model.parameters()).is_cuda
@@ -68,12 +66,9 @@ def time_cohorts(model, method, state, client_batches: list[list[dict]], cohort_
     def train(clients: list[int]) -> None:
         for first in range(0, len(clients), cohort_size):
             chunk = clients[first : first + cohort_size]
-            if cohort_size == 1:
-                run_client(model, method, state, 0, iter(client_batches[chunk[0]]), settings, seed=chunk[0], privacy=privacy)
-            else:
-                train_cohort(model, method, 0, [state] * len(chunk), [None] * len(chunk), [iter(client_batches[c]) for c in chunk],
-                             settings, [settings.local_steps] * len(chunk), seed=chunk[0], task=task,
-                             privacy=[privacy] * len(chunk) if private else None, noise_seeds=chunk if private else None)
+            train_clients(model, method, 0, [state] * len(chunk), [None] * len(chunk), [iter(client_batches[c]) for c in chunk],
+                          settings, [settings.local_steps] * len(chunk), seed=chunk[0], task=task,
+                          privacy=[privacy] * len(chunk) if private else None, noise_seeds=chunk if private else None)
 
     clients = list(range(len(client_batches)))
     train(clients[:cohort_size])

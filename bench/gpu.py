@@ -3,12 +3,11 @@
     python bench/gpu.py [--sections cohort,workers] [--quick] [--models minilm,tiny-llama] [--clients 64]
 
 Section ``cohort`` (the one to run first; about 2 minutes on an H200, never more than --budget-s): the worker's
-engine driven directly, without Ray (``fedsim.client.run_client`` for K = 1, ``fedsim.cohort.train_cohort`` for
-K > 1), so it runs where only torch, transformers and peft are installed. A Llama-shaped causal LM built from a
+engine driven directly, without Ray (``fedsim.training.engine.train_clients`` for every K), so it runs where only torch, transformers and peft are installed. A Llama-shaped causal LM built from a
 config (TinyLlama-1.1B's shape: hidden 2048, 22 layers, 32 heads, 4 KV heads, MLP 5632, vocabulary 32000; random
 weights, bfloat16, SDPA attention), adapters of rank 16 on all seven projections, Fed-SB and FedIT; 64 clients,
 each 3 steps of batch 4 × 256 tokens (random tokens, the loss on all of them). Training tokens per second and peak
-GPU memory (``torch.cuda.max_memory_allocated``) at K = 1, 4, 16, 64 clients a pass; K = 1 is today's path. A K
+GPU memory (``torch.cuda.max_memory_allocated``) at K = 1, 4, 16, 64 clients a pass. A K
 that runs out of memory is recorded as such. --quick: a toy Llama (hidden 64, 2 layers, 32 tokens, batch 2), which
 also runs on the CPU: that is how the script is proven before a GPU session.
 

@@ -165,6 +165,7 @@ def layer_case(method_name: str, d: int, k: int, clients: int, rank: int, seed: 
 
     from fedsim.config import ClientsConfig, MethodConfig
     from fedsim.methods import Upload, build_method
+    from fedsim.training.engine import train_clients
 
     method = build_method(MethodConfig(name=method_name, rank=rank, alpha=rank, train_head=False), ClientsConfig(), 0)
     generator = torch.Generator().manual_seed(seed)
@@ -299,7 +300,6 @@ def llama_phases(quick: bool) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fedsim.adapters import accumulate_gradients, adapted_layers
-    from fedsim.client import run_client
     from fedsim.config import ClientsConfig, MethodConfig, TrainConfig
     from fedsim.methods import Upload, build_method
 
@@ -340,7 +340,9 @@ def llama_phases(quick: bool) -> dict:
     for round_idx in range(2):
         uploads = []
         for client_id in range(8):
-            upload, _ = run_client(model, method, state, round_idx, itertools.cycle([batch(8)]), settings, client_id)
+            (result,) = train_clients(model, method, round_idx, [state], [None], [itertools.cycle([batch(8)])], settings,
+                                      [settings.local_steps], client_id, task="causal-lm")
+            upload = result.upload
             uploads.append(Upload(client_id, 8, {key: value.cuda() for key, value in upload.items()}))
         phase(f"round_{round_idx}_train")
         state = method.aggregate(state, uploads, round_idx).state

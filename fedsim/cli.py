@@ -395,6 +395,8 @@ def _add_comm(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-at", choices=("server", "client"), help="who builds the round-0 adapters (adapters.init_at): "
                         "server (a first contact downloads them) or client (each client builds them); default: both, for "
                         "methods that keep tensors no round changes (Fed-SB's B and A)")
+    parser.add_argument("--control-variates", action="store_true", help="SCAFFOLD (train.control_variates): each client's Δc up and "
+                        "the server's c down, besides the method's messages")
     parser.add_argument("settings", nargs="*", metavar="method.KEY=VALUE",
                         help="method settings, as in a config: method.switch_round=2 method.adapter=lora "
                         "method.fedex_downlink=stacked (fedex-lora shows its residual and stacked downlinks unless set)")
@@ -411,7 +413,7 @@ def _cmd_comm(args: argparse.Namespace) -> int:
     rows = comm_table(
         args.model, args.method, parse_ints(args.rank, "--rank"), parse_ints(args.clients, "--clients"),
         target_modules=targets, rounds=args.rounds, task=args.task, head=args.head, num_labels=args.labels,
-        dtype=args.dtype, init_at=args.init_at, **_method_settings(args.settings),
+        dtype=args.dtype, init_at=args.init_at, control_variates=args.control_variates, **_method_settings(args.settings),
     )
     if args.json:
         print(json.dumps([row.as_dict() for row in rows], indent=1))

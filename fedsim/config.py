@@ -147,6 +147,7 @@ RANK_SCALINGS = ("own", "max")
 SCHEDULES = ("constant", "linear", "cosine")
 ACCOUNTANTS = ("rdp", "prv")
 LOSS_ON = ("response", "all")
+SERVER_OPTIMIZERS = ("avg", "avgm", "adam", "yogi")
 
 
 @dataclass
@@ -275,6 +276,30 @@ class TrainConfig(Section):
                             choices=SCHEDULES)
     warmup_steps: int = setting(0, "linear warm-up steps", **NON_NEGATIVE)
     max_grad_norm: Optional[float] = setting(None, "gradient-norm clipping; null = none", **POSITIVE)
+    prox_mu: float = setting(0.0, "FedProx (arXiv 1812.06127): μ of the proximal term μ/2·‖θ − θ_start‖² over each client's trained "
+                             "tensors; 0 = none", **NON_NEGATIVE)
+    control_variates: bool = setting(False, "SCAFFOLD (arXiv 1910.06378): client and server control variates correct each client's "
+                                     "gradient; the client's are kept in the client store, their bytes counted both ways")
+
+
+@dataclass
+class ServerConfig(Section):
+    """The server's step on each averaged tensor (Reddi et al. 2021, arXiv:2003.00295; fedsim/server_optimizer.py)."""
+
+    prefix: ClassVar[str] = "server."
+    optimizer: str = setting("avg", "the server's step on the change Δ = aggregate − previous of each tensor the method averages: "
+                             "avg (x + lr·Δ; lr 1 = the method's own aggregate) | avgm (FedAvgM) | adam (FedAdam) | yogi "
+                             "(FedYogi); methods whose aggregate is not a mean (an SVD, a fold into W0) refuse all but avg "
+                             "with lr 1", choices=SERVER_OPTIMIZERS, what="server optimizer ")
+    lr: float = setting(1.0, "server learning rate η (adam and yogi move an entry by about η a round: use a small one)", **POSITIVE)
+    momentum: float = setting(0.9, "avgm: β in m = β·m + Δ, x + lr·m", low=0, high=1, high_open=True)
+    betas: list[float] = setting([0.9, 0.99], "adam, yogi: [β₁, β₂], each in [0, 1), the decays of m and v")
+    tau: float = setting(1e-3, "adam, yogi: τ in x + lr·m/(√v + τ), the adaptivity (v starts at τ²)", **POSITIVE)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(len(self.betas) == 2 and all(0 <= beta < 1 for beta in self.betas), "server.betas",
+               f"must be two numbers in [0, 1), e.g. [0.9, 0.99], got {self.betas}")
 
 
 @dataclass
@@ -297,7 +322,7 @@ class RuntimeConfig(Section):
                                                "round, once; null = never")
     presum: bool = setting(False, "workers send the weighted sum of their clients' uploads, not each upload (methods that "
                            "average what clients send: Fed-SB, FedIT, FFA, …); bytes are still counted per client")
-    cohort_size: int = setting(1, "clients a worker trains together in one batched forward and backward pass (fedsim.cohort); "
+    cohort_size: int = setting(1, "clients a worker trains together in one batched forward and backward pass (fedsim.training.engine); "
                                "1 = one at a time; under privacy.enabled each client its own DP-SGD step (per-record clipping, own noise)", **AT_LEAST_ONE)
 
 
@@ -328,6 +353,7 @@ class Config(Section):
     adapters: AdaptersConfig = field(default_factory=AdaptersConfig)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -355,9 +381,8 @@ def _check_across_sections(cfg: Config) -> None:
     t = cfg.train
     _check(t.micro_batch_size is None or t.micro_batch_size <= t.batch_size, "train.micro_batch_size",
            f"must be at most train.batch_size ({t.batch_size}) or null, got {t.micro_batch_size}")
-    _check(t.micro_batch_size is None or t.micro_batch_size == t.batch_size or cfg.runtime.cohort_size == 1,
-           "train.micro_batch_size", f"must be null with runtime.cohort_size > 1 (a cohort trains whole batches), got "
-           f"{t.micro_batch_size}; set it to null or runtime.cohort_size=1")
+    _check(not (t.control_variates and cfg.runtime.presum), "train.control_variates",
+           "cannot be combined with runtime.presum (each client's Δc must reach the server); set runtime.presum=false")
     _check(not (p.enabled and cfg.model.gradient_checkpointing), "model.gradient_checkpointing",
            "must be false with privacy.enabled (Opacus's per-sample gradient hooks see no activations under recomputation)")
     _check_one_of(cfg, "train.local_steps", "train.local_epochs", named="train.local_epochs")
@@ -721,9 +746,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             value = [part.strip() for part in value.split(",") if part.strip()]
             if item is int and all(part.lstrip("-").isdigit() for part in value):
                 value = [int(part) for part in value]
+        if item is float and isinstance(value, (list, tuple)):  # numbers, or the strings "0.9,0.99" split into
+            try:
+                value = [float(v) if not isinstance(v, bool) and math.isfinite(float(v)) else v for v in value]
+            except (TypeError, ValueError):
+                raise bad("a list of numbers, e.g. [0.9, 0.99]") from None
         if isinstance(value, (list, tuple)) and all(isinstance(v, item) and not isinstance(v, bool) for v in value):
             return list(value)
-        raise bad("a list of integers, e.g. [0, 3]" if item is int else "a list of strings, e.g. [query, value]")
+        raise bad({int: "a list of integers, e.g. [0, 3]", float: "a list of numbers, e.g. [0.9, 0.99]"}.get(item, "a list of strings, e.g. [query, value]"))
     if origin is dict:
         if value is None:
             return {}

@@ -63,7 +63,7 @@ def test_resolved_yaml_carries_each_setting_help_and_round_trips():
     text = config_to_yaml(cfg)
     assert "  rank: 8" in text and "# adapter rank r" in text
     assert config_from_dict(yaml.safe_load(text)) == cfg
-    assert len([line for line in text.splitlines() if "  # " in line]) == len(field_paths()) + 9  # and the 9 sections
+    assert len([line for line in text.splitlines() if "  # " in line]) == len(field_paths()) + 10  # and the 10 sections
 
 
 def test_a_section_checks_itself_when_built_directly():
@@ -180,7 +180,8 @@ def test_unknown_key_in_yaml_suggests(tmp_path):
 
 
 def test_unknown_key_in_wrong_section_suggests_the_right_one():
-    assert "did you mean 'train.lr'" in error_of(["model.lr=0.1"])
+    assert "did you mean 'train.rounds'" in error_of(["model.rounds=3"])
+    assert "did you mean one of: train.lr, server.lr?" in error_of(["model.lr=0.1"])  # the two learning rates
 
 
 def test_unknown_key_without_close_match_lists_valid_keys():

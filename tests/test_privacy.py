@@ -6,20 +6,12 @@ import numpy as np
 import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
+from reference_training import PrivateStep
 from tiny_models import BERT_TARGETS, tiny_bert, make_method
 
 from fedsim.adapters import adapted_layers
-from fedsim.privacy import (
-    BudgetSpent,
-    PrivacySettings,
-    PrivateStep,
-    calibrate_noise,
-    calibrate_noise_for_clients,
-    epsilon_spent,
-    poisson_batches,
-    private_gradient_sum,
-    worst_case_epsilon,
-)
+from fedsim.privacy import PrivacySettings, poisson_batches, private_gradient_sum
+from fedsim.privacy_accounting import BudgetSpent, calibrate_noise, calibrate_noise_for_clients, epsilon_spent, worst_case_epsilon
 
 C = 0.05  # small enough that real per-sample gradients get clipped
 

@@ -134,3 +134,11 @@ def tiny_causal_lm_with_tokenizer(path, architecture: str, texts: list[str], voc
     torch.manual_seed(0)
     getattr(transformers, model_name)(config).eval().save_pretrained(path)
     fast.save_pretrained(path)
+
+
+def train_one(model, method, state, round_idx, batches, train, seed, rank=None):
+    """One client trained alone through fedsim's engine (a cohort of one): its upload and training stats."""
+    from fedsim.training.engine import train_clients
+
+    (result,) = train_clients(model, method, round_idx, [state], [rank], [batches], train, [train.local_steps], seed)
+    return result.upload, result.stats

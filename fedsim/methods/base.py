@@ -300,6 +300,19 @@ class Method:
         """Client side: the global state after applying the server's broadcast to the previous one."""
         return {**state, **broadcast}
 
+    def uploaded_kinds(self, round_idx: int) -> tuple[str, ...]:
+        """The kinds a client uploads in round ``round_idx``: what it trains (the head too, where trained), less what it keeps."""
+        kept = self.client_kinds(round_idx)
+        return tuple(kind for kind in (*self.trained_kinds(round_idx), "head") if kind not in kept)
+
+    def averaged_kinds(self, round_idx: int) -> tuple[str, ...] | None:
+        """The kinds whose new global value in round ``round_idx`` is a weighted mean of the clients' uploaded tensors
+        (zero-padded or partitioned where ranks differ): what a server optimizer steps on (``server.optimizer``,
+        ``fedsim.server_optimizer``; Reddi et al. 2021). The base class's FedAvg: every uploaded kind. None where the
+        aggregate is not such a mean in that round (an SVD, a fold into W0, a correction): the method then refuses a
+        server step. A method that overrides ``aggregate`` and still averages says so by overriding this."""
+        return self.uploaded_kinds(round_idx) if self.aggregates_by_mean else None
+
     @property
     def aggregates_by_mean(self) -> bool:
         """Whether the aggregate is the weighted mean of the uploads (the base class's ``aggregate``): then workers may

@@ -39,6 +39,9 @@ class FedSALoRA(Method):
     def client_kinds(self, round_idx: int) -> tuple[str, ...]:
         return ("lora_B", "head") if self.config.train_head else ("lora_B",)
 
+    def averaged_kinds(self, round_idx: int) -> tuple[str, ...]:
+        return self.uploaded_kinds(round_idx)  # A (and the head where it is not kept): the mean, the kept B untouched
+
     def aggregate(self, state: State, uploads: Sequence[Upload], round_idx: int) -> RoundResult:
         uploads, weights = self.ordered(uploads)
         kept = self.client_kinds(round_idx)

@@ -29,6 +29,9 @@ class FRAThenFFA(FRALoRA):
     def trained_kinds(self, round_idx: int) -> tuple[str, ...]:
         return ("lora_A", "lora_B") if round_idx < self.options.switch_round else ("lora_B",)
 
+    def averaged_kinds(self, round_idx: int) -> tuple[str, ...] | None:
+        return None if round_idx < self.options.switch_round else self.uploaded_kinds(round_idx)  # FRA's SVD, then FFA's mean
+
     def steady_round(self) -> int:
         return self.options.switch_round + 1
 

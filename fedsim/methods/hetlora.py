@@ -47,6 +47,9 @@ from fedsim.methods.base import Method, RoundResult, Upload
 
 @register("hetlora", paper="https://arxiv.org/abs/2401.06432", trains="A, B at the client's rank", rule="zero-pad, `‖B_i A_i‖_F`-weighted mean, cut to each client's rank", exact="no (error reported)")
 class HetLoRA(Method):
+    def averaged_kinds(self, round_idx: int) -> tuple[str, ...]:
+        return self.uploaded_kinds(round_idx)  # A and B: zero-padded means (by the sparsity weights); the cut is the downlink's
+
     def aggregate(self, state: State, uploads: Sequence[Upload], round_idx: int) -> RoundResult:
         uploads, weights = self.ordered(uploads)
         keys = keys_by_layer(uploads[0].tensors)  # every client uploads the same keys

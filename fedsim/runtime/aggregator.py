@@ -1,4 +1,5 @@
-"""The Aggregator actor: the global state, exact aggregation by the method, bytes on the way down, checkpoints."""
+"""The Aggregator actor: the global state, exact aggregation by the method, the server optimizer's step, bytes on the way
+down, checkpoints."""
 
 from __future__ import annotations
 
@@ -9,14 +10,17 @@ import time
 import torch
 from safetensors.torch import load, save
 
-from fedsim.adapters.state import State, nbytes
+from fedsim.adapters.state import State, key_kind, nbytes
 from fedsim.methods import Upload
 from fedsim.methods.downlink import Downlinks
 from fedsim.presum import PartialSum, combine
 from fedsim.runtime.plan import RunPlan
+from fedsim.server_optimizer import ServerOptimizer
 from fedsim.storage import Location
+from fedsim.training.scaffold import PREFIX as CONTROL, ServerControl, controls, without_controls
 
 CHECKPOINTS_KEPT = 2
+SERVER_PREFIX = "server:"  # the aggregator's own tensors in a checkpoint: "server:<part>.<name>"
 
 
 class Aggregator:
@@ -30,6 +34,12 @@ class Aggregator:
         self.device = "cuda" if plan.config.runtime.aggregator_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.state: State = {}
         self.downlinks = Downlinks(self.method, plan.config.adapters.init_at == "client")  # what each client receives
+        self.server_optimizer = ServerOptimizer.from_config(plan.config.server)
+        # The aggregator's own state beside the global one, by part: each part's ``state_dict`` is checkpointed with the
+        # state as "server:<part>.<name>" and given back to its ``load_state_dict`` on resume (a server control variate
+        # would be one more part).
+        self.control = ServerControl()  # SCAFFOLD's server control variate c (train.control_variates), by state key
+        self.server_parts = {"optimizer": self.server_optimizer, "control": self.control}
         self.snapshots: dict[int, tuple[State, dict]] = {}  # rounds aggregated but not yet checkpointed
         self.lock = threading.Lock()
 
@@ -39,10 +49,15 @@ class Aggregator:
     def get_state(self) -> State:
         return self.state
 
+    def round_message(self) -> State:
+        """What the clients of a round train from: the global state and, under SCAFFOLD, the server's control variates."""
+        return {**self.state, **{CONTROL + key: value for key, value in self.control.c.items()}}
+
     def downlink_bytes(self, client_ids: list[int], round_idx: int) -> dict[int, int]:
         """Bytes each client receives at the start of ``round_idx`` (``fedsim.methods.downlink``)."""
         ranks = self.plan.client_ranks
-        return {cid: nbytes(self.downlinks.message(self.state, cid, ranks[cid], round_idx)) for cid in client_ids}
+        control_bytes = nbytes({CONTROL + key: value for key, value in self.control.c.items()})  # SCAFFOLD: c changes every round
+        return {cid: nbytes(self.downlinks.message(self.state, cid, ranks[cid], round_idx)) + control_bytes for cid in client_ids}
 
     def aggregate(self, round_idx: int, sampled: list[int], *upload_lists: list[dict]) -> dict:
         """The round's downlink bytes (to ``sampled``, before the state changes), then the aggregate of its finite
@@ -52,6 +67,9 @@ class Aggregator:
         items = [item for batch in upload_lists for item in batch]
         parts = [item for item in items if isinstance(item, PartialSum) and item.clients]  # runtime.presum
         uploads = [Upload(u["client_id"], u["num_samples"], u["tensors"]) for u in items if not isinstance(u, PartialSum)]
+        if any(controls(u.tensors) for u in uploads):  # SCAFFOLD: c ← c + Σ Δc_i / N; the method sees its own tensors only
+            self.control.update([u.tensors for u in uploads], self.plan.config.clients.count, self.state)
+            uploads = [Upload(u.client_id, u.num_samples, without_controls(u.tensors)) for u in uploads]
         aggregated = len(uploads) + sum(len(part.clients) for part in parts)
         stats = {"bytes_down": bytes_down, "agg_error": float("nan"), "agg_error_se": float("nan"), "layer_errors": {},
                  "clients_aggregated": aggregated}
@@ -63,12 +81,30 @@ class Aggregator:
                 uploads = [Upload(u.client_id, u.num_samples, on(u.tensors, self.device)) for u in uploads]
                 result, standard_error = self.method.aggregate(on(self.state, self.device), uploads, round_idx), 0.0
             self.state, broadcast = canonical(on(result.state, "cpu")), on(result.broadcast, "cpu")
+            if not self.server_optimizer.is_identity:
+                self.state, broadcast = self.server_step(old_state, self.state, broadcast, round_idx)
             stats.update(agg_error=result.agg_error, agg_error_se=standard_error, layer_errors=result.layer_errors)
         self.downlinks.aggregated(old_state, self.state, broadcast, round_idx)
         with self.lock:
-            self.snapshots[round_idx] = (self.state, self._meta(round_idx))
+            self.snapshots[round_idx] = (self.saved_state(), self._meta(round_idx))
         stats["aggregate_s"] = time.perf_counter() - start
         return stats
+
+    def server_step(self, old_state: State, new_state: State, broadcast: State, round_idx: int) -> tuple[State, State]:
+        """The server optimizer's step on the tensors the method averaged this round (``Method.averaged_kinds``; the other
+        tensors as the method left them): the new state, and the broadcast carrying the stepped tensors. ``agg_error``
+        stays the aggregate's, measured before the step."""
+        kinds = self.method.averaged_kinds(round_idx)
+        if kinds is None:  # refused before the run (fedsim.server_optimizer.check_server_optimizer)
+            raise ValueError(f"{self.method.name} does not aggregate by a mean in round {round_idx}: no server step")
+        keys = [key for key in new_state if key_kind(key) in kinds]
+        stepped = self.server_optimizer.step({key: old_state[key] for key in keys}, {key: new_state[key] for key in keys})
+        return {**new_state, **stepped}, {**broadcast, **stepped}
+
+    def saved_state(self) -> State:
+        """What a checkpoint holds: the global state and the aggregator's own tensors (``server_parts``)."""
+        return {**self.state, **{f"{SERVER_PREFIX}{part}.{name}": value for part, holder in self.server_parts.items()
+                                 for name, value in holder.state_dict().items()}}
 
     def _meta(self, round_idx: int) -> dict:
         return {"round": round_idx, "downlinks": self.downlinks.to_json()}
@@ -77,7 +113,7 @@ class Aggregator:
         """``round_XXXX.safetensors`` (the state after round ``round_idx``; never pickle) and ``round_XXXX.json`` (what
         else a resume needs), in ``directory``: a local path or a URI (``fedsim.storage``)."""
         with self.lock:
-            state, meta = self.snapshots.pop(round_idx) if round_idx in self.snapshots else (self.state, self._meta(round_idx))
+            state, meta = self.snapshots.pop(round_idx) if round_idx in self.snapshots else (self.saved_state(), self._meta(round_idx))
         directory = Location(directory)
         stem = f"round_{round_idx:04d}"
         (directory / f"{stem}.safetensors").write_bytes(save({key: value.contiguous() for key, value in state.items()}))
@@ -91,7 +127,11 @@ class Aggregator:
         """Load the checkpoint ``stem`` (``…/checkpoints/round_XXXX``, as ``latest_checkpoint`` names it)."""
         directory, name = Location(stem).parent, Location(stem).name
         meta = json.loads((directory / f"{name}.json").read_text())
-        self.state = canonical(load((directory / f"{name}.safetensors").read_bytes()))
+        saved = load((directory / f"{name}.safetensors").read_bytes())
+        self.state = canonical({key: value for key, value in saved.items() if not key.startswith(SERVER_PREFIX)})
+        for part, holder in self.server_parts.items():
+            prefix = f"{SERVER_PREFIX}{part}."
+            holder.load_state_dict({key.removeprefix(prefix): value for key, value in saved.items() if key.startswith(prefix)})
         self.downlinks.load_json(meta["downlinks"])
         return meta["round"]
 

@@ -5,7 +5,7 @@ workers by their predicted work and give each worker its share in one call, with
 global state; pass the workers' uploads, by reference, to the aggregator; evaluate; hand the rows to the
 ``RoundWriter``, which writes them and the round's checkpoint while the next round trains. The driver
 never holds training data or adapter tensors, only per-client statistics. The data (``fedsim.prepare``),
-the privacy plan (``fedsim.privacy``) and the result tables (``fedsim.results``) live in their own modules.
+the privacy plan (``fedsim.privacy_plan``) and the result tables (``fedsim.results``) live in their own modules.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ from fedsim.errors import UsageError
 from fedsim.methods import METHODS, Method, build_method, resolved
 from fedsim.modeling import check_model, offline_by_default
 from fedsim.prepare import DataPlan, split_data, write_data
-from fedsim.privacy import check_private_init, epsilon_spent, init_rows_per_client, plan_noise_multiplier, privacy_history
+from fedsim.privacy_plan import PrivacyPlan, check_private_init
 from fedsim.provenance import collect, record_start
 from fedsim.results import ROUND_COLUMNS, RoundWriter, read_rows
 from fedsim.runtime.aggregator import Aggregator, latest_checkpoint
 from fedsim.runtime.plan import RunPlan
 from fedsim.runtime.worker import ClientWorker
 from fedsim.seeds import rng
+from fedsim.server_optimizer import check_server_optimizer
 from fedsim.storage import Location
 from fedsim.training.schedule import client_steps
 
@@ -175,18 +176,19 @@ class Experiment:
         self.method = build_method(config.method, config.clients, config.seed)
         if self.method.num_clients is not None:
             config.clients.count = config.clients.per_round = self.method.num_clients
-        check_private_init(config, self.method.needs_init_gradients)
+        check_private_init(config.privacy, config.adapters, self.method.needs_init_gradients)
         if config.runtime.presum and not self.method.aggregates_by_mean:
             raise UsageError(f"runtime.presum: {config.method.name} does not aggregate by the weighted mean of the uploads, so workers "
                              "cannot sum them; set runtime.presum=false (methods that can: "
                              f"{', '.join(name for name, cls in METHODS.items() if cls.aggregate is Method.aggregate)})")
+        check_server_optimizer(self.method, config.server, config.train.rounds)
         self.config = config
         self.output_dir = output_dir
         self.resumed = resumed
         self.progress = progress
         self.round_rows: list[dict] = []
         self.client_rows: list[dict] = []
-        self.client_history: dict[int, list[dict]] = {}  # a client's rows so far (its privacy history)
+        self.contacted: set[int] = set()  # clients with a row so far (sampled in a round: trained, dropped or failed)
         self.measured_s: dict[int, float] = {}  # each client's last training time (the scheduler's estimate of its work)
         self.client_init: dict[int, dict] = {}  # adapters.init_at: client — each worker's build of the round-0 state
 
@@ -204,7 +206,10 @@ class Experiment:
         if self.resumed:
             data = DataPlan.read(self.output_dir / "data")
             self.check_model(data.num_labels, dry_run, unchecked)
-            self.noise_multiplier = self.resume_privacy(data.client_sizes)
+            self.privacy = self.privacy_plan(data.client_sizes)
+            last_round = self.last_round()
+            self.privacy.resume(last_round, read_rows(self.output_dir / "clients.parquet", last_round),
+                                read_rows(self.output_dir / "rounds.parquet", last_round), str(self.output_dir))
             self.plan = RunPlan.resolve(c, data, str(self.output_dir))
             return unchecked
         missing = [path for path in (c.workload.path, c.workload.options.get("eval_path"))
@@ -217,7 +222,8 @@ class Experiment:
             return unchecked
         split = split_data(c, public_sample=needs and c.adapters.init_data == "public")
         self.check_model(split.num_labels, dry_run, unchecked)
-        self.noise_multiplier = plan_noise_multiplier(c, needs, split.client_sizes)
+        self.privacy = self.privacy_plan(split.client_sizes)
+        self.privacy.calibrate()
         if dry_run:
             return unchecked
         save_config(c, self.output_dir / "config.yaml")
@@ -231,24 +237,17 @@ class Experiment:
             return
         check_model(self.config, num_labels)
 
-    def resume_privacy(self, client_sizes: list[int]) -> float | None:
-        """The σ for the rounds a resumed run still has to run, given what every client spent in the rounds done
-        (``clients.parquet`` up to the last complete checkpoint): ``privacy.plan_noise_multiplier``."""
-        if not self.config.privacy.enabled:
-            return None
+    def privacy_plan(self, client_sizes: list[int]) -> PrivacyPlan:
+        """The run's privacy plan (σ, each client's ε), from the privacy section and what it reads of the others."""
+        c = self.config
+        return PrivacyPlan(c.privacy, client_sizes, [client_steps(c.train, n) for n in client_sizes], c.train.batch_size,
+                           c.train.rounds, c.adapters.init_data if self.method.needs_init_gradients else None,
+                           c.adapters.init_samples)
+
+    def last_round(self) -> int:
+        """The round of the latest complete checkpoint (where a resumed run takes up)."""
         stem = Location(latest_checkpoint(self.output_dir / "checkpoints"))
-        last_round = json.loads((stem.parent / f"{stem.name}.json").read_text())["round"]
-        done = read_rows(self.output_dir / "clients.parquet", last_round)
-        if any(row["steps"] > 0 and not row["noise_multiplier"] == row["noise_multiplier"] for row in done):
-            raise UsageError(f"privacy.enabled: rounds 0–{last_round} of {self.output_dir} trained without DP; resuming cannot "
-                             "make them private: start a new run")
-        rounds = read_rows(self.output_dir / "rounds.parquet", last_round)
-        previous = rounds[-1]["noise_multiplier"] if rounds else None
-        histories: dict[int, list[dict]] = {}
-        for row in done:
-            histories.setdefault(row["client_id"], []).append(row)
-        return plan_noise_multiplier(self.config, self.method.needs_init_gradients, client_sizes, last_round + 1, histories,
-                                     None if previous is None or previous != previous else previous)
+        return json.loads((stem.parent / f"{stem.name}.json").read_text())["round"]
 
     # -- actors ---------------------------------------------------------------------------------
     @property
@@ -323,7 +322,7 @@ class Experiment:
         """A row's ``init_s``: the client's compute to build the round-0 state, at its first contact under
         ``adapters.init_at: client`` (the seconds of the worker that trained it; of the workers' mean for a client that
         dropped out, which builds it all the same), else 0."""
-        if not self.client_init or row["client_id"] in self.client_history:
+        if not self.client_init or row["client_id"] in self.contacted:
             return 0.0
         seconds = {worker_id: result["init_s"] for worker_id, result in self.client_init.items()}
         return seconds.get(row["worker_id"], float(np.mean(list(seconds.values()))))
@@ -398,7 +397,8 @@ class Experiment:
                 eval_metric, eval_loss = pooled
         eval_s = time.perf_counter() - eval_started
         rows.sort(key=lambda row: row["client_id"])
-        self.account(rows)
+        self.privacy.account(rows)
+        self.contacted.update(row["client_id"] for row in rows)
         ok = [row for row in rows if row["status"] == "ok"]
         self.client_rows += rows
         wall_s = time.perf_counter() - start
@@ -411,7 +411,7 @@ class Experiment:
             "eval_metric": eval_metric, "eval_loss": eval_loss, "wall_s": wall_s, "train_s_max": train_s_max,
             "aggregate_s": aggregation["aggregate_s"], "eval_s": eval_s,
             "overhead_s": wall_s - train_s_max - aggregation["aggregate_s"] - eval_s,
-            "noise_multiplier": float("nan") if self.noise_multiplier is None else self.noise_multiplier,
+            "noise_multiplier": float("nan") if self.privacy.noise_multiplier is None else self.privacy.noise_multiplier,
             "epsilon_max": max((row["epsilon"] for row in rows), default=float("nan")),
             **{f"eval_metric_{name}": by_set.get(name, float("nan")) for name in self.plan.data.eval_sets},
         })
@@ -453,11 +453,11 @@ class Experiment:
 
         if not self.live:
             raise RuntimeError("every worker is gone beyond runtime.max_restarts")
-        state_ref = self.aggregator.get_state.remote()
+        state_ref = self.aggregator.round_message.remote()
         calls = {}
         for worker_id, share in self.assign(active).items():
             calls[worker_id] = (share, *self.workers[worker_id].train.options(num_returns=2).remote(
-                round_idx, state_ref, share, self.noise_multiplier))
+                round_idx, state_ref, share, self.privacy.noise_multiplier))
         rows, upload_refs, train_s = [], [], {}
         pending = {call[2]: worker_id for worker_id, call in calls.items()}
         while pending:
@@ -481,19 +481,6 @@ class Experiment:
         return {"round": round_idx, "client_id": client_id, "worker_id": worker_id, "rank": self.plan.client_ranks[client_id],
                 "samples": 0, "steps": 0, "train_loss": float("nan"), "bytes_up": 0, "bytes_down": 0,
                 "train_s": 0.0, "status": status, "noise_multiplier": float("nan"), "sample_rate": float("nan")}
-
-    def account(self, rows: list[dict]) -> None:
-        """ε spent so far by each client of the round (Opacus's accountant over its whole history); NaN without DP."""
-        p = self.config.privacy
-        for row in rows:
-            self.client_history.setdefault(row["client_id"], []).append(row)
-        for row in rows:
-            if not p.enabled:
-                row["epsilon"] = float("nan")
-                continue
-            history = privacy_history(self.config, self.method.needs_init_gradients, row["client_id"], self.client_history[row["client_id"]],
-                                      self.plan.data.client_sizes[row["client_id"]])
-            row["epsilon"] = epsilon_spent(history, p.delta, p.accountant)
 
     @property
     def round_columns(self) -> list[str]:
@@ -568,24 +555,10 @@ class Experiment:
         self.round_rows += read_rows(self.output_dir / "rounds.parquet", last_round)
         self.client_rows += [{"init_s": 0.0, **row} for row in read_rows(self.output_dir / "clients.parquet", last_round)]
         for row in self.client_rows:
-            self.client_history.setdefault(row["client_id"], []).append(row)
+            self.contacted.add(row["client_id"])
             if row["steps"] > 0:
                 self.measured_s[row["client_id"]] = row["train_s"]
         return last_round + 1
-
-    def privacy_summary(self) -> dict:
-        p, a = self.config.privacy, self.config.adapters
-        if not p.enabled:
-            return {"enabled": False}
-        spent = [row["epsilon"] for row in self.client_rows if row["epsilon"] == row["epsilon"]]
-        return {
-            "enabled": True, "target_epsilon": p.epsilon, "noise_multiplier": self.noise_multiplier, "delta": p.delta,
-            "accountant": p.accountant, "max_grad_norm": p.max_grad_norm, "epsilon_max": max(spent, default=0.0),
-            "init": ("no data (LoRA's random initialisation)" if not self.method.needs_init_gradients
-                     else "public data held out from every client (no privacy spent)" if a.init_data == "public"
-                     else f"private: each client's records Poisson-sampled at rate min(1, {init_rows_per_client(self.config)}/n_i), "
-                          f"clipped at {p.max_grad_norm}, noise multiplier {p.init_noise_multiplier}, counted once per client ({a.init_data})"),
-        }
 
     def finish(self, wall_s: float) -> None:
         import ray
@@ -610,7 +583,7 @@ class Experiment:
             "model_loads": sum(w["model_loads"] for w in workers),
             "trainable_adapter_parameters": workers[0]["trainable_adapter_parameters"],
             "trainable_head_parameters": workers[0]["trainable_head_parameters"],
-            "privacy": self.privacy_summary(),
+            "privacy": self.privacy.summary(),
             "provenance": self.provenance,
             **({"client_init": {str(worker_id): result for worker_id, result in self.client_init.items()}} if self.client_init else {}),
         }

@@ -16,8 +16,6 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from fedsim.client import is_finite, run_client
-from fedsim.cohort import train_cohort
 from fedsim.data import InstructionRows, TokenizedRows, evaluate, make_rows
 from fedsim.adapters.state import HEAD_PREFIX, State, nbytes
 from fedsim.methods import Upload
@@ -25,12 +23,15 @@ from fedsim.modeling import load_model, load_tokenizer, offline_by_default
 from fedsim.partition import HELD_OUT, read_clients
 from fedsim.presum import partial_sum
 from fedsim.provenance import worker_record
-from fedsim.privacy import (PrivacySettings, dp_sample_rate, init_rows_per_client, init_sample_rate, poisson_batches,
-                            private_gradient_sum)
+from fedsim.privacy import PrivacySettings, poisson_batches, private_gradient_sum
+from fedsim.privacy_plan import dp_sample_rate, init_rows_per_client, init_sample_rate
 from fedsim.runtime.aggregator import CHECKPOINTS_KEPT
 from fedsim.runtime.plan import RunPlan
 from fedsim.seeds import derive_seed, rng
 from fedsim.storage import Location
+from fedsim.training.engine import ClientResult, train_clients
+from fedsim.training.fedprox import Proximal
+from fedsim.training.scaffold import ControlVariates, controls, without_controls
 from fedsim.training.schedule import client_steps
 
 Rows = TokenizedRows | InstructionRows
@@ -194,14 +195,14 @@ class ClientWorker:
     def train(self, round_idx: int, state: State, client_ids: list[int], noise_multiplier: float | None = None
               ) -> tuple[list[dict], list[dict]]:
         """Train this worker's share of the round, in client-id order, ``runtime.cohort_size`` clients at a time
-        (``fedsim.cohort``; under DP each client with its own DP-SGD settings). Returns (uploads, stats rows)."""
-        state = {key: value.to(self.device) for key, value in state.items()}
+        (``fedsim.training.engine``; under DP each client with its own DP-SGD settings). Returns (uploads, stats rows)."""
+        state = {key: value.to(self.device) for key, value in state.items()}  # the server's control variates too (SCAFFOLD)
         deadline = self.config.runtime.deadline_s
         start = time.perf_counter()
         uploads, rows = [], []
         order = sorted(client_ids)
         data = self.client_rows(order)
-        trained: dict[int, tuple] = {}  # (upload, stats, kept) of the clients of the cohort trained last
+        trained: dict[int, ClientResult] = {}  # the clients of the cohort trained last
         for position, client_id in enumerate(order):
             self._maybe_die(round_idx, position)
             client_rows = data[client_id][0]
@@ -217,9 +218,10 @@ class ClientWorker:
             if client_id not in trained:
                 cohort = order[position : position + self.cohort_size]
                 trained = self.train_clients(round_idx, state, cohort, {cid: data[cid][0] for cid in cohort}, noise_multiplier)
-            upload, stats, kept = trained.pop(client_id)
-            if self.method.client_kinds(round_idx):  # a personalised client keeps part of what it trained
-                self.store.write(client_id, round_idx, kept, keep_from=max(0, round_idx - CHECKPOINTS_KEPT - 1))
+            result = trained.pop(client_id)
+            upload, stats = result.upload, result.stats
+            if result.kept:  # a personalised client keeps part of what it trained
+                self.store.write(client_id, round_idx, result.kept, keep_from=max(0, round_idx - CHECKPOINTS_KEPT - 1))
             if client_id in self.config.clients.corrupt:
                 upload = {key: torch.full_like(value, float("nan")) for key, value in upload.items()}
             status = "ok" if is_finite(upload) else "nonfinite"
@@ -235,26 +237,30 @@ class ClientWorker:
         return uploads, rows
 
     def train_clients(self, round_idx: int, state: State, client_ids: list[int], rows: dict[int, Rows],
-                      noise_multiplier: float | None = None) -> dict[int, tuple]:
-        """``{client_id: (upload, stats, what it keeps)}`` of these clients trained from the global ``state`` (each with its
-        own kept tensors over it): one alone (``fedsim.client.run_client``), or several in one pass (``fedsim.cohort``).
-        A cohort's pass is seeded by its first client's training seed (``model.dropout: 0`` compares exactly); under DP
-        each client's noise comes from its own training seed, as it would alone."""
+                      noise_multiplier: float | None = None) -> dict[int, ClientResult]:
+        """These clients trained from the global ``state`` (each with its own kept tensors over it) in one pass of the
+        engine (``fedsim.training.engine``), whatever their number. The pass is seeded by the first client's training
+        seed (``model.dropout: 0`` compares cohorts exactly); under DP each client's noise comes from its own training
+        seed, as it would alone."""
         train = self.config.train
         privacy = [self.client_privacy(cid, noise_multiplier) for cid in client_ids]
-        states = [self.client_state(state, cid, round_idx - 1) for cid in client_ids]
+        owns = [self.own_tensors(cid, round_idx - 1) for cid in client_ids]
+        global_state = without_controls(state)
+        kept = [without_controls(own) for own in owns]
+        states = [self.method.client_state(global_state, mine) if mine else global_state for mine in kept]
+        rules = []
+        if train.prox_mu > 0:
+            rules.append(Proximal(train.prox_mu))
+        if train.control_variates:
+            rules.append(ControlVariates(controls(state), [controls(own) for own in owns]))
         ranks = [self.plan.client_ranks[cid] for cid in client_ids]
         steps = [client_steps(train, len(rows[cid])) for cid in client_ids]
         seeds = [derive_seed(self.config.seed, "training", round_idx, cid) for cid in client_ids]
         batches = [self._batches(round_idx, cid, rows[cid], settings) for cid, settings in zip(client_ids, privacy)]
-        if len(client_ids) == 1:
-            upload, stats = run_client(self.model, self.method, states[0], round_idx, batches[0], train, seeds[0], ranks[0],
-                                       privacy[0], steps[0])
-            return {client_ids[0]: (upload, stats, self.method.keep(self.model, round_idx))}
         private = self.config.privacy.enabled
-        results = train_cohort(self.model, self.method, round_idx, states, ranks, batches, train, steps, seeds[0],
-                               self.config.model.task, privacy=privacy if private else None,
-                               noise_seeds=seeds if private else None)
+        results = train_clients(self.model, self.method, round_idx, states, ranks, batches, train, steps, seeds[0],
+                                self.config.model.task, privacy=privacy if private else None,
+                                noise_seeds=seeds if private else None, rules=rules)
         return dict(zip(client_ids, results))
 
     def _batches(self, round_idx: int, client_id: int, rows: Rows, privacy: PrivacySettings | None):
@@ -266,10 +272,16 @@ class ClientWorker:
             batches = rows.batches(self.config.train.batch_size, batch_seed)
         return (None if b is None else {k: v.to(self.device) for k, v in b.items()} for b in batches)
 
+    def own_tensors(self, client_id: int, as_of_round: int) -> State:
+        """What the client kept after ``as_of_round`` (a personalised method's tensors, its SCAFFOLD control variates), on
+        this worker's device; ``{}`` where it keeps nothing."""
+        if not (self.method.client_kinds(max(0, as_of_round)) or self.config.train.control_variates):
+            return {}
+        return {key: value.to(self.device) for key, value in self.store.read(client_id, as_of_round).items()}
+
     def client_state(self, state: State, client_id: int, as_of_round: int) -> State:
-        """The state a client starts from: the global one, with what the client kept after ``as_of_round`` over it."""
-        own = {key: value.to(self.device) for key, value in self.store.read(client_id, as_of_round).items()} \
-            if self.method.client_kinds(max(0, as_of_round)) else {}
+        """The model a client holds after ``as_of_round``: the global state, with what the client kept over it."""
+        own = without_controls(self.own_tensors(client_id, as_of_round))
         return self.method.client_state(state, own) if own else state
 
     def _maybe_die(self, round_idx: int, position: int) -> None:
@@ -314,3 +326,7 @@ class ClientWorker:
         with Location(path).local_folder() as folder:
             export_peft(base, state, self.method.scaling, str(folder))
         return path
+
+
+def is_finite(tensors: State) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values())

@@ -3,11 +3,11 @@
 import pytest
 import torch
 from peft import PeftModel
-from tiny_models import BERT_TARGETS, LLAMA_TARGETS, random_batches, tiny_bert, tiny_llama, make_method
+from tiny_models import BERT_TARGETS, LLAMA_TARGETS, random_batches, tiny_bert, tiny_llama, make_method, train_one
 
 from fedsim.adapters import accumulate_gradients, target_linear_names
 from fedsim.adapters.export import export_peft
-from fedsim.client import run_client
+
 from fedsim.methods import Upload
 from fedsim.config import TrainConfig
 from tiny_models import cycle
@@ -32,7 +32,7 @@ def test_stock_peft_loads_the_export_with_the_same_logits(tmp_path, model_name, 
     for round_idx in range(2):  # two rounds, so folded methods carry a base delta
         uploads = []
         for client_id in range(2):
-            upload, _ = run_client(model, method, state, round_idx, cycle(random_batches(client_id)), TrainConfig(local_steps=2, lr=2e-2), client_id)
+            upload, _ = train_one(model, method, state, round_idx, cycle(random_batches(client_id)), TrainConfig(local_steps=2, lr=2e-2), client_id)
             uploads.append(Upload(client_id, 8, upload))
         state = method.aggregate(state, uploads, round_idx).state
     method.load_state(model, state)

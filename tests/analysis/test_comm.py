@@ -185,3 +185,16 @@ def test_cli_bad_input_exit_code_2(argv, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("fedsim: error:") and err.count("\n") == 1
+
+
+def test_control_variates_double_what_a_steady_client_sends_and_receives():
+    """SCAFFOLD (``--control-variates``): Δc_i, one number per trained number, goes up; c, one per trained number of the
+    global state, comes down: twice the steady messages of Fed-SB and FedIT (whose clients train what they send)."""
+    from analysis.comm import comm_table
+
+    for method in ("fed-sb", "fedit"):
+        (plain,) = comm_table("minilm", method, [4], [3], head=True, init_at="server")
+        (scaffold,) = comm_table("minilm", method, [4], [3], head=True, init_at="server", control_variates=True)
+        assert scaffold.up_params == 2 * plain.up_params and scaffold.down_params == 2 * plain.down_params, method
+        assert scaffold.first_down_params == plain.first_down_params  # round 0: c is still zero, nothing sent
+        assert scaffold.notes == "SCAFFOLD"

@@ -7,10 +7,10 @@ than trusting the method's own error metric.
 import numpy as np
 import pytest
 import torch
-from tiny_models import BERT_TARGETS, LLAMA_TARGETS, cycle, random_batches, tiny_bert, tiny_llama, make_method
+from tiny_models import BERT_TARGETS, LLAMA_TARGETS, cycle, random_batches, tiny_bert, tiny_llama, make_method, train_one
 
 from fedsim.adapters import accumulate_gradients, adapted_layers, target_linear_names
-from fedsim.client import run_client
+
 from fedsim.config import TrainConfig
 from fedsim.adapters.state import HEAD_PREFIX, key_kind, layer_names_of, nbytes
 from fedsim.methods import METHODS, Upload
@@ -190,7 +190,7 @@ def train_rounds(method, model, state, client_batches, rounds, settings):
     for round_idx in range(rounds):
         uploads = []
         for client_id, batches in client_batches.items():
-            upload, stats = run_client(model, method, state, round_idx, cycle(batches), settings, derive_seed(7, "training", round_idx, client_id))
+            upload, stats = train_one(model, method, state, round_idx, cycle(batches), settings, derive_seed(7, "training", round_idx, client_id))
             uploads.append(Upload(client_id, sum(len(b["labels"]) for b in batches), upload))
             losses.extend(stats.losses)
         state = method.aggregate(state, uploads, round_idx).state
@@ -215,7 +215,7 @@ def test_training_changes_only_the_trained_tensors():
     model, method, state = setup("bert", "ffa-lora")
     method.load_state(model, state)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    upload, _ = run_client(model, method, state, 0, cycle(random_batches(1)), TrainConfig(local_steps=2, lr=1e-2), 1)
+    upload, _ = train_one(model, method, state, 0, cycle(random_batches(1)), TrainConfig(local_steps=2, lr=1e-2), 1)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_B" in n or n.startswith("classifier") for n in changed)
     assert set(upload) == set(method.trainable_parameters(model, 0))

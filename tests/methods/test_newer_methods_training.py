@@ -1,4 +1,4 @@
-"""The six newer methods over a few rounds of real training on a tiny BERT (``fedsim.client.run_client``, no Ray):
+"""The six newer methods over a few rounds of real training on a tiny BERT (fedsim's engine: ``tiny_models.train_one``, no Ray):
 what each round changes, exactness where claimed, rank-heterogeneous clients receiving their own downlink, and
 FedSA-LoRA's personal tensors living in the per-client store across rounds — none of it depending on the order
 in which a worker trains its clients, and a crash-and-resume giving bit for bit the uninterrupted run."""
@@ -7,10 +7,10 @@ from dataclasses import replace
 
 import pytest
 import torch
-from tiny_models import BERT_TARGETS, cycle, random_batches, tiny_bert, make_method
+from tiny_models import BERT_TARGETS, cycle, random_batches, tiny_bert, make_method, train_one
 
 from fedsim.adapters import adapted_layers
-from fedsim.client import run_client
+
 from fedsim.seeds import derive_seed
 from fedsim.client_state import ClientStore
 from fedsim.methods import Upload, build_method
@@ -38,7 +38,7 @@ def train_round(model, method, state, round_idx, order, ranks=None, store=None, 
         start = method.downlink(state, rank)
         if store is not None:
             start = method.client_state(start, store.read(client_id, round_idx - 1))
-        upload, stats = run_client(model, method, start, round_idx, cycle(DATA[client_id]), SETTINGS,
+        upload, stats = train_one(model, method, start, round_idx, cycle(DATA[client_id]), SETTINGS,
                                    derive_seed(7, "training", round_idx, client_id), rank=rank)
         if store is not None:
             store.write(client_id, round_idx, method.keep(model, round_idx), keep_from=keep_from)

@@ -67,7 +67,7 @@ def test_unknown_method_and_unknown_setting():
     assert message.startswith("method.name: unknown method 'fedx'; ")
     assert all(name in message for name in ("fed-sb", "fedit", "central"))
     assert "did you mean 'fed-sb'" in error_of("method.name=fedsb")
-    assert error_of("method.lr=0.1") == "unknown config key 'method.lr'; did you mean 'train.lr'?"
+    assert error_of("method.lr=0.1") == "unknown config key 'method.lr'; did you mean one of: train.lr, server.lr?"
     assert error_of("method.swich_round=1") == "unknown config key 'method.swich_round'; did you mean 'method.switch_round'?"
     for name in method_names():
         assert build_method(load_config(None, [f"method.name={name}"]).method).name == name

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-from tiny_models import BERT_TARGETS, cycle, random_batches, tiny_bert, make_method
+from tiny_models import BERT_TARGETS, cycle, random_batches, tiny_bert, make_method, train_one
 
 from fedsim.adapters import accumulate_gradients, adapted_layers, target_linear_names
-from fedsim.client import run_client
 from fedsim.adapters.state import nbytes, pad_to
 from fedsim.methods import Upload
 from fedsim.config import TrainConfig
@@ -29,7 +28,7 @@ def setup(method_name, **settings):
 def train_clients(model, method, state, ranks):
     uploads = []
     for client_id, rank in ranks.items():
-        upload, _ = run_client(model, method, state, 0, cycle(random_batches(client_id)), SETTINGS, client_id, rank=rank)
+        upload, _ = train_one(model, method, state, 0, cycle(random_batches(client_id)), SETTINGS, client_id, rank=rank)
         uploads.append(Upload(client_id, 10 + client_id, upload))
     return uploads
 
@@ -133,7 +132,7 @@ def trained_clients(model, method, state, ranks):
     """Each client's upload and the product its own model holds right after training: ``s_i B_i R_i A_i`` per layer."""
     uploads, products = [], []
     for client_id, rank in ranks.items():
-        upload, _ = run_client(model, method, state, 0, cycle(random_batches(client_id)), SETTINGS, client_id, rank=rank)
+        upload, _ = train_one(model, method, state, 0, cycle(random_batches(client_id)), SETTINGS, client_id, rank=rank)
         uploads.append(Upload(client_id, 10 + client_id, upload))
         products.append({n: layer.delta_weight() for n, layer in adapted_layers(model).items()})
     return uploads, products

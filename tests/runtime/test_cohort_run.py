@@ -1,9 +1,9 @@
 """runtime.cohort_size through the worker (a plain object, no Ray) and a whole run on a real local Ray.
 
-The cohort engine's exactness is tested in tests/test_cohort.py (float64, every method); here the same numbers
+The cohort engine's exactness is tested in tests/training/test_engine.py (float64, every method); here the same numbers
 must come out of the worker's hook and of ``fedsim run``: uploads, rows and the final global state. In float32 a
 client's result also depends on rounding (its batch padded longer moves it by 5e-6 on this small BERT; see
-tests/test_cohort.py), so LoRA's A and B are compared to 1e-4 and Fed-SB's R, which starts far from Adam's ε,
+tests/training/test_engine.py), so LoRA's A and B are compared to 1e-4 and Fed-SB's R, which starts far from Adam's ε,
 to 1e-5.
 """
 
@@ -21,7 +21,7 @@ from fedsim.prepare import DataPlan
 from fedsim.runtime import run
 from fedsim.runtime.plan import RunPlan
 from fedsim.runtime.worker import ClientWorker
-from test_cohort import real_sentences
+from training.test_engine import real_sentences
 
 SIZES = [5, 9, 3, 12, 7, 4, 10, 6]
 

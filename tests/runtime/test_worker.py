@@ -90,13 +90,17 @@ def test_first_contact_gets_the_whole_state_then_the_broadcast_then_what_changed
 
 
 @pytest.mark.parametrize("init_samples", [16, 64])
-def test_private_init_poisson_samples_each_client_and_books_the_rate_it_used(data_dir, tiny_model_dir, monkeypatch, init_samples):
+def test_private_init_poisson_samples_each_client_and_books_the_rate_it_used(data_dir, tiny_model_dir, monkeypatch, init_samples,
+                                                                            tmp_path):
     import numpy as np
     import torch
     from opacus.accountants import RDPAccountant
 
-    from fedsim.privacy import epsilon_spent, init_rows_per_client, privacy_history
+    from fedsim.privacy_accounting import epsilon_spent
+    from fedsim.privacy_plan import init_rows_per_client
     from fedsim.runtime import worker as worker_module
+    from fedsim.runtime.driver import Experiment
+    from fedsim.storage import Location
     from fedsim.seeds import rng
 
     sigma_init, batch_size = 5.0, 2
@@ -122,8 +126,9 @@ def test_private_init_poisson_samples_each_client_and_books_the_rate_it_used(dat
         assert len(batches) == len(expected) and noise == sigma_init
         assert all(torch.equal(b[k], e[k]) for b, e in zip(batches, expected) for k in e)
         # booked as the sampled Gaussian mechanism at that rate, then the client's DP-SGD steps
-        rows_so_far = [{"noise_multiplier": 1.3, "sample_rate": 0.4, "steps": 3}]
-        history = privacy_history(config, True, client_id, rows_so_far, len(rows))
+        privacy = Experiment(config, Location(str(tmp_path / "run")), resumed=False, progress=False).privacy_plan(plan.data.client_sizes)
+        privacy.client_rows[client_id] = [{"noise_multiplier": 1.3, "sample_rate": 0.4, "steps": 3}]
+        history = privacy.history(client_id)
         assert history == [(sigma_init, rate, 1), (1.3, 0.4, 3)]
         accountant = RDPAccountant()
         accountant.step(noise_multiplier=sigma_init, sample_rate=rate)

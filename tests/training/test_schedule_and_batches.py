@@ -1,4 +1,5 @@
-"""The local trainer: the learning-rate schedule (``train.schedule``, ``train.warmup_steps``), micro-batches add up to the whole batch (plain and under DP), gradient checkpointing, the KV cache."""
+"""A client's steps and learning-rate schedule (``train.schedule``, ``train.warmup_steps``), micro-batch weights, gradient
+checkpointing. Micro-batches through the engine: tests/training/test_micro_batches.py."""
 
 import math
 
@@ -10,8 +11,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from fedsim.config import TrainConfig
 from fedsim.data import IGNORE_INDEX
 from fedsim.modeling import enable_checkpointing
-from fedsim.privacy import PrivacySettings
-from fedsim.trainer import backward, lr_factor, micro_batches, train_local
+from fedsim.training.batches import micro_batches
+from fedsim.training.schedule import lr_factor
+from reference_training import backward
 
 
 def factors(steps, **train):
@@ -85,24 +87,6 @@ def test_the_one_of_local_steps_and_local_epochs_given_wins(tmp_path):
         load_config(private, ["privacy.noise_multiplier=1.2", "privacy.epsilon=2"])
 
 
-def test_private_calibration_uses_each_clients_own_steps():
-    """Under local_epochs a large client takes more steps at a lower rate: σ keeps every client within the target."""
-    from fedsim.config import load_config
-    from fedsim.privacy import dp_sample_rate, epsilon_spent, plan_noise_multiplier
-    from fedsim.training.schedule import client_steps
-
-    config = load_config(None, ["privacy.enabled=true", "privacy.epsilon=2", "privacy.delta=1e-4", "train.local_steps=null",
-                                "train.local_epochs=1", "train.batch_size=8", "train.rounds=4", "clients.count=4",
-                                "clients.per_round=4"])
-    sizes = [20, 60, 200, 900]
-    sigma = plan_noise_multiplier(config, False, sizes)
-    reached = [epsilon_spent([(sigma, dp_sample_rate(config, n), 4 * client_steps(config.train, n))], 1e-4) for n in sizes]
-    assert 2.0 - 0.05 <= max(reached) <= 2.0  # the most exposed client at the target, none above
-    fixed_steps = load_config(None, ["privacy.enabled=true", "privacy.epsilon=2", "privacy.delta=1e-4", "train.local_steps=5",
-                                     "train.batch_size=8", "train.rounds=4", "clients.count=4", "clients.per_round=4"])
-    assert plan_noise_multiplier(fixed_steps, False, sizes) != sigma  # the steps are the clients' own, not local_steps
-
-
 def tiny_causal_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -164,34 +148,7 @@ def test_micro_batch_weights_are_labelled_token_shares_and_padding_is_cut():
     assert len(micro_batches(unlabelled, 2)) == 2  # a micro-batch with nothing to learn from is left out
 
 
-def test_private_micro_batches_are_opacus_virtual_steps():
-    """Under DP the per-sample gradients are clipped micro-batch by micro-batch and the noise added once: the same
-    step as the whole batch at once, noise included (the same seed draws the same noise)."""
-    batches = [padded_classification_batch(seed) for seed in range(3)]
-    privacy = PrivacySettings(noise_multiplier=0.7, max_grad_norm=0.05, sample_rate=0.5, expected_batch_size=6)
-    results = []
-    for micro_batch_size in (None, 2, 4):
-        model = tiny_bert()
-        for module in model.modules():  # dropout would draw other masks for other micro-batch sizes
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-        model.requires_grad_(False)
-        params = [model.classifier.weight, model.bert.encoder.layer[1].output.dense.weight]
-        for p in params:
-            p.requires_grad_(True)
-        settings = TrainConfig(local_steps=3, lr=1e-2, micro_batch_size=micro_batch_size)
-        stats = train_local(model, params, iter(batches), settings, seed=5, privacy=privacy)
-        results.append(([p.detach().clone() for p in params], stats.losses))
-    (whole, whole_losses), *others = results
-    moved = (whole[0] - tiny_bert().classifier.weight).abs().max()
-    assert moved > 1e-3  # the steps did something
-    for params, losses in others:
-        assert losses == pytest.approx(whole_losses, rel=1e-5)
-        for got, expected in zip(params, whole):
-            assert torch.allclose(got, expected, atol=1e-6)
-
-
-def test_gradient_checkpointing_gives_the_same_gradient_and_training_runs_without_the_cache():
+def test_gradient_checkpointing_gives_the_same_gradient():
     batch = causal_batch(1)
     plain = tiny_causal_llama()
     _, expected = gradients(plain, batch, None)
@@ -201,9 +158,3 @@ def test_gradient_checkpointing_gives_the_same_gradient_and_training_runs_withou
     _, got = gradients(model, batch, 2)
     for name in expected:
         assert torch.allclose(got[name], expected[name], rtol=1e-4, atol=1e-6), name
-    seen = []
-    model.register_forward_pre_hook(lambda module, args: seen.append(module.config.use_cache))
-    assert model.config.use_cache
-    params = [model.lm_head.weight]
-    train_local(model, params, iter([batch, batch]), TrainConfig(local_steps=2, micro_batch_size=3), seed=0)
-    assert seen == [False] * 4 and model.config.use_cache  # off while it trains, restored after

@@ -1,19 +1,36 @@
-"""The local trainer: a client's steps of AdamW on its trainable tensors. Generic over methods; no Ray."""
+"""The reference the engine is tested against: one client trained alone through PEFT's own forward, torch's AdamW and,
+under DP, Opacus (``GradSampleModule`` for the per-record gradients, ``DPOptimizer`` for clipping and noise).
+
+This is what fedsim's local training was before it became one engine (``fedsim.training.engine``); it lives in the
+tests only, as the independent computation the engine's results must equal: every method's upload in float64, and every
+private client's clipped per-record gradients and noise, client by client.
+"""
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from fedsim.adapters.state import State
 from fedsim.config import TrainConfig
-from fedsim.data import IGNORE_INDEX
-from fedsim.privacy import PrivacySettings, PrivateStep
-from fedsim.training.schedule import TrainStats, client_steps, lr_factor  # noqa: F401
+from fedsim.methods.base import Method
+from fedsim.privacy import PrivacySettings, mean_record_loss
+from fedsim.training.batches import micro_batches
+from fedsim.training.schedule import TrainStats, lr_factor
+
+
+def run_client(model: nn.Module, method: Method, state: State, round_idx: int, batches: Iterator[dict[str, torch.Tensor]],
+               train: TrainConfig, seed: int, rank: int | None = None, privacy: PrivacySettings | None = None,
+               steps: int | None = None) -> tuple[State, TrainStats]:
+    """Train one client (of adapter rank ``rank``) from ``state`` for ``steps`` steps (default ``train.local_steps``);
+    return its upload and stats. ``privacy`` makes every step a DP-SGD step through Opacus."""
+    method.load_state(model, state, rank)
+    params = method.trainable_parameters(model, round_idx)
+    stats = train_local(model, list(params.values()), batches, train, seed, privacy, steps)
+    return method.upload(model, round_idx), stats
 
 
 def train_local(
@@ -104,40 +121,34 @@ def _private_step(private: PrivateStep, parts: list[tuple[dict[str, torch.Tensor
     return loss
 
 
-def micro_batches(batch: dict[str, torch.Tensor], size: int | None) -> list[tuple[dict[str, torch.Tensor], float]]:
-    """``batch`` cut into consecutive micro-batches of ``size`` rows, each with the weight that makes
-    ``Σ weight · micro-loss`` the whole batch's loss (so the gradients add up to the whole batch's).
+class PrivateStep:
+    """DP-SGD around a model and its trainable tensors for one client's local steps (hooks removed by ``close``)."""
 
-    HF's losses are means: over the rows for classification (``labels`` of shape (n,)), so a
-    micro-batch weighs its share of the rows; over the labelled next-token positions for a causal LM
-    (``labels`` of shape (n, T), ``-100`` where no loss is taken), so it weighs its share of the
-    batch's labelled tokens. A micro-batch with no labelled token is left out; right-padding columns
-    no row of a micro-batch uses are cut off. ``size`` None (or the whole batch): the batch as it is.
-    """
-    labels = batch["labels"]
-    rows = len(labels)
-    counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1) if labels.dim() == 2 else torch.ones(rows, dtype=torch.long)
-    if size is None or size >= rows:
-        return [(batch, 1.0)] if counts.sum() > 0 else []
-    total = int(counts.sum())
-    parts = []
-    for start in range(0, rows, size):
-        count = int(counts[start:start + size].sum())
-        if count == 0:
-            continue
-        micro = {key: value[start:start + size] for key, value in batch.items()}
-        parts.append((_trim_padding(micro), count / total))
-    return parts
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
+                 settings: PrivacySettings, seed: int):
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        self.params = params
+        self.module = GradSampleModule(model, loss_reduction="mean")
+        self.optimizer = DPOptimizer(
+            optimizer, noise_multiplier=settings.noise_multiplier, max_grad_norm=settings.max_grad_norm,
+            expected_batch_size=settings.expected_batch_size, loss_reduction="mean",
+            generator=torch.Generator(device=params[0].device).manual_seed(seed),
+        )
+
+    def loss(self, batch: dict[str, torch.Tensor] | None) -> float:
+        """Forward and backward on one Poisson batch; an empty batch contributes zero gradient (noise still comes)."""
+        if batch is None:
+            for p in self.params:
+                p.grad_sample = p.new_zeros((0, *p.shape))
+            return float("nan")
+        loss = mean_record_loss(self.module, batch)
+        loss.backward()
+        return loss.item()
+
+    def close(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.module._close()
 
 
-def _trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the trailing sequence columns that no row attends to (right padding of a longer row elsewhere in the batch)."""
-    mask = batch.get("attention_mask")
-    if mask is None or mask.dim() != 2:
-        return batch
-    used = torch.nonzero(mask.any(dim=0)).flatten()
-    width = int(used[-1]) + 1 if len(used) else mask.shape[1]
-    if width == mask.shape[1]:
-        return batch
-    full = mask.shape[1]
-    return {key: value[:, :width] if value.dim() >= 2 and value.shape[1] == full else value for key, value in batch.items()}
