@@ -165,7 +165,6 @@ def layer_case(method_name: str, d: int, k: int, clients: int, rank: int, seed: 
 
     from fedsim.config import ClientsConfig, MethodConfig
     from fedsim.methods import Upload, build_method
-    from fedsim.training.engine import train_clients
 
     method = build_method(MethodConfig(name=method_name, rank=rank, alpha=rank, train_head=False), ClientsConfig(), 0)
     generator = torch.Generator().manual_seed(seed)
@@ -302,6 +301,7 @@ def llama_phases(quick: bool) -> dict:
     from fedsim.adapters import accumulate_gradients, adapted_layers
     from fedsim.config import ClientsConfig, MethodConfig, TrainConfig
     from fedsim.methods import Upload, build_method
+    from fedsim.training.engine import train_clients
 
     hidden, layers, inter = (256, 2, 1024) if quick else (2048, 16, 8192)
     config = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,

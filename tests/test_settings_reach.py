@@ -317,6 +317,8 @@ PROBES = {
     "train.schedule": ("linear", training_probe),
     "train.warmup_steps": (2, training_probe),
     "train.max_grad_norm": (1e-4, training_probe),
+    "train.prox_mu": (1.0, training_probe),
+    "train.control_variates": (True, training_probe),
     "privacy.enabled": (True, "public-init"),  # with privacy.epsilon=3: DP needs a target (see COMPANIONS)
     "privacy.epsilon": (1.0, "private"),
     "privacy.delta": (1e-3, "private"),

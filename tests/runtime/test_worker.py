@@ -169,13 +169,13 @@ def test_a_private_cohort_trains_each_client_as_it_trains_alone(data_dir, tiny_m
         cohorts.append((len(states), privacy is not None))
         return real(model, method, round_idx, states, *args, privacy=privacy, **kwargs)
 
-    real = worker_module.train_cohort
+    real = worker_module.train_clients
     for cohort_size in (1, 3):
         worker = ClientWorker(make_plan(data_dir, tiny_model_dir, **private, **{"runtime.cohort_size": cohort_size}), 0)
-        with mock.patch.object(worker_module, "train_cohort", spy):
+        with mock.patch.object(worker_module, "train_clients", spy):
             uploads, rows = worker.train(0, worker.initial_state(), [1, 3, 5], 0.5)
         results[cohort_size] = uploads, [{k: v for k, v in row.items() if k not in ("train_s", "train_loss")} for row in rows]
-    assert cohorts == [(3, True)]  # K = 1 trains through Opacus alone; K = 3 as one private cohort
+    assert cohorts == [(1, True)] * 3 + [(3, True)]  # one engine: three private cohorts of one, then one of three
     (solo, solo_rows), (together, together_rows) = results[1], results[3]
     assert together_rows == solo_rows and all(row["noise_multiplier"] == 0.5 for row in solo_rows)
     for a, b in zip(solo, together):
