@@ -259,11 +259,12 @@ def meta_state(method: Method, shapes: ModelShapes) -> State:
 
 
 def meta_upload(method: Method, state: State, round_idx: int, rank: int | None = None) -> State:
-    """A client's upload, as ``method.upload`` builds it from a model at rank ``rank``, built from a (meta) state."""
+    """A client's upload, as ``method.upload`` builds it from a model at rank ``rank``, built from a (meta) state (and
+    packed as the method sends it: ``Method.pack``)."""
     rank = rank or method.rank
     kinds = method.uploaded_kinds(round_idx)
-    return {key: leading_block(value, rank_shape(key_kind(key), value.shape, rank))
-            for key, value in state.items() if key_kind(key) in kinds}
+    return method.pack({key: leading_block(value, rank_shape(key_kind(key), value.shape, rank))
+                        for key, value in state.items() if key_kind(key) in kinds})
 
 
 class MessageReplay:

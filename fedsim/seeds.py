@@ -23,6 +23,7 @@ STREAMS = {
     "init-sample": "the pooled/client calibration rows of the LoRA-SB init",
     "init-noise": "the Gaussian noise of a private LoRA-SB init",
     "lora-init": "LoRA's random A at round 0",
+    "ravan-init": "Ravan's orthonormal B and A of a layer at round 0 (method.ravan_init=orthogonal)",
     "head-init": "the new classification head's weights",
     "sampling": "the clients taking part in a round",
     "dropout": "whether a sampled client drops out of a round",

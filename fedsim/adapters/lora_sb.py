@@ -12,6 +12,9 @@ per-sample gradients of R with its stock ``nn.Linear`` sampler (A and B are froz
 modules of their own, so R's module owns no buffers and no frozen tensors). Saving goes through PEFT
 all the same: a LoRA-SB layer exports as a plain LoRA adapter with ``lora_B = B·R``, ``lora_A = A``
 (see ``fedsim.adapters.export``).
+
+Ravan (``fedsim.methods.ravan``) uses the same layer with ``head_rank`` set: only R's diagonal blocks of that size (its
+heads' cores) enter the product, so ``B R A = Σ_i B_i R_i A_i`` over the heads; an entry off the blocks gets no gradient.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class LoraSBLinear(nn.Module):
         self.lora_A.requires_grad_(False)
         self.lora_B.requires_grad_(False)
         self.scaling = 1.0
+        self.head_rank: int | None = None  # Ravan's heads: only R's diagonal blocks of this size enter (None: all of R)
 
     @property
     def weight(self) -> torch.Tensor:  # so code that reads ``module.weight`` (e.g. dtype checks) still works
@@ -56,13 +60,29 @@ class LoraSBLinear(nn.Module):
             weight = self.lora_R.weight
             self.lora_R = nn.Linear(rank, rank, bias=False, dtype=weight.dtype, device=weight.device)
 
+    def head_masks(self, rank: int) -> list[torch.Tensor]:
+        """Ravan's heads among R's first ``rank`` components: a 0/1 vector a head (the last one cut at ``rank``)."""
+        weight = self.lora_R.weight
+        masks = []
+        for start in range(0, rank, self.head_rank):
+            mask = torch.zeros(rank, dtype=weight.dtype, device=weight.device)
+            mask[start:start + self.head_rank] = 1
+            masks.append(mask)
+        return masks
+
+    def block_mask(self, rank: int) -> torch.Tensor | None:
+        """(rank, rank): 1 on the heads' diagonal blocks of R, the entries that enter the product; None where all do."""
+        return None if self.head_rank is None else sum(torch.outer(mask, mask) for mask in self.head_masks(rank))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rank == self.lora_A.out_features:
-            delta = self.lora_B(self.lora_R(self.lora_A(x)))
-        else:
-            rank = self.rank  # a rank-r_i client: B[:, :r_i] R_i A[:r_i]; Opacus still sees R as a plain nn.Linear
-            hidden = nn.functional.linear(x, self.lora_A.weight[:rank])
-            delta = nn.functional.linear(self.lora_R(hidden), self.lora_B.weight[:, :rank])
+        rank = self.rank
+        full = rank == self.lora_A.out_features  # else a rank-r_i client: B[:, :r_i] R_i A[:r_i]
+        hidden = self.lora_A(x) if full else nn.functional.linear(x, self.lora_A.weight[:rank])
+        if self.head_rank is None:
+            hidden = self.lora_R(hidden)  # Opacus samples R's gradient as a plain nn.Linear's
+        else:  # Ravan: Σ_i m_i ⊙ R(m_i ⊙ h) = blockdiag(R) h, one call of lora_R a head so that Opacus still can
+            hidden = sum(self.lora_R(hidden * mask) * mask for mask in self.head_masks(rank))
+        delta = self.lora_B(hidden) if full else nn.functional.linear(hidden, self.lora_B.weight[:, :rank])
         # 1 but for a rank-r_i client under clients.rank_scaling=own (r/r_i: Method.client_scaling)
         return self.base_layer(x) + (delta if self.scaling == 1.0 else delta * self.scaling)
 

@@ -115,7 +115,7 @@ def options_table() -> str:
 # The built-in methods register themselves on import.
 from fedsim.methods import (  # noqa: E402,F401,I001
     fed_sb, fedit, fedex_lora, ffa_lora, flora, fra_lora, fra_then_ffa, fedsa_lora, rolora, fedsvd, flexlora, hetlora,
-    lora_fair, central,
+    lora_fair, ravan, central,
 )
 
 __all__ = ["METHODS", "Method", "MethodOptions", "RoundResult", "Upload", "build_method", "check_settings", "method_class",

@@ -197,10 +197,13 @@ class Method:
                 B = torch.zeros(layer.base.out_features, self.rank, dtype=torch.float64)
             state[state_key(name, "lora_A")] = A.to("cpu", dtype).contiguous()
             state[state_key(name, "lora_B")] = B.to("cpu", dtype).contiguous()
-        if self.config.train_head:
-            for name, param in head_parameters(model).items():
-                state[HEAD_PREFIX + name] = param.detach().to("cpu", copy=True)
-        return state
+        return {**state, **self.head_state(model)}
+
+    def head_state(self, model: nn.Module) -> State:
+        """The classification head's parameters (copies, on the CPU) where ``method.train_head``: its round-0 state."""
+        if not self.config.train_head:
+            return {}
+        return {HEAD_PREFIX + name: param.detach().to("cpu", copy=True) for name, param in head_parameters(model).items()}
 
     # -- 2. what a client trains ------------------------------------------------------------
     def trained_kinds(self, round_idx: int) -> tuple[str, ...]:
@@ -299,6 +302,12 @@ class Method:
     def receive(self, state: State, broadcast: State) -> State:
         """Client side: the global state after applying the server's broadcast to the previous one."""
         return {**state, **broadcast}
+
+    def pack(self, message: State) -> State:
+        """A message as it travels, up or down (its bytes are counted on this): by default as it is. A method whose tensors
+        travel in a smaller form (Ravan: R's diagonal blocks) packs them in ``upload`` and ``downlink`` and unpacks them
+        where they arrive; ``analysis.comm`` packs the uploads it builds from a (meta) state through this."""
+        return message
 
     def uploaded_kinds(self, round_idx: int) -> tuple[str, ...]:
         """The kinds a client uploads in round ``round_idx``: what it trains (the head too, where trained), less what it keeps."""

@@ -101,9 +101,10 @@ class ClientWorker:
         return worker_record(self.device)
 
     def trainable_counts(self) -> dict[str, int]:
-        """What a full-rank client trains (and, under DP, what gets noised): adapter tensors, and the head."""
+        """What a full-rank client trains (under DP, what its noise matters on): adapter tensors as they travel
+        (``Method.pack``: Ravan's heads' blocks, not all of R), and the head."""
         self.method.load_state(self.model, {}, self.method.rank)
-        params = self.method.trainable_parameters(self.model, 0)
+        params = self.method.pack({key: p.detach() for key, p in self.method.trainable_parameters(self.model, 0).items()})
         head = sum(p.numel() for key, p in params.items() if key.startswith(HEAD_PREFIX))
         return {"trainable_adapter_parameters": sum(p.numel() for p in params.values()) - head, "trainable_head_parameters": head}
 

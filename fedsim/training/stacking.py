@@ -4,6 +4,7 @@ frozen base model trains them all (K = 1 included).
 - Every adapted layer holds the K clients' trained tensors stacked along a first, client dimension (Fed-SB:
   R as K×r×r; FedIT: A as K×r×k and B as K×d×r; FFA: B), and a frozen tensor once where every client has
   the same (Fed-SB's B and A). A trained head's ``nn.Linear`` is stacked too (K×out×in): each client its own.
+  Ravan's R enters through its layer's ``block_mask`` (its heads' diagonal blocks), as in the layer's own forward.
 - The cohort's batch is the clients' batches one after the other, right-padded to the longest sequence
   (attention mask 0, labels −100), so client k's examples are one contiguous segment of rows. A stacked
   tensor meets its segment by a batched matmul over the K segments: a view of the activations when the
@@ -124,6 +125,7 @@ class Factor:
     weight: torch.Tensor
     stacked: bool
     key: str | None = None  # the state key where the cohort trains it (``Cohort.trained``)
+    mask: torch.Tensor | None = None  # the entries that enter the product (Ravan's R: its heads' diagonal blocks); None: all
 
 
 @dataclass
@@ -232,7 +234,8 @@ def stack_clients(model: nn.Module, method: Method, round_idx: int, states: Sequ
             key = state_key(name, kind)
             if key in trained[0]:
                 stacked[key] = _stack_padded([client.pop(key) for client in trained]).requires_grad_(True)
-                factors.append(Factor(stacked[key], True, key))
+                mask = modules[name].block_mask(r_c) if kind == "lora_R" else None
+                factors.append(Factor(stacked[key], True, key, mask))
             elif key in personal:
                 factors.append(Factor(_stack_padded(personal_values[key]), True))
             else:
@@ -332,11 +335,11 @@ def _adapter_forward(layer: StackedLayer, current: list, x: torch.Tensor, *args,
     last = len(layer.factors) - 1
     for i, factor in enumerate(layer.factors):
         if factor.stacked and segments.samples is not None:  # a per-sample pass: each row its own copy
-            h = segments.row_matmul(h, segments.per_row(factor.weight, factor.key))
+            h = segments.row_matmul(h, _masked(segments.per_row(factor.weight, factor.key), factor.mask))
         elif factor.stacked:
             if shape is None:
                 h, shape = segments.pack(h)
-            h = torch.matmul(h, segments.select(factor.weight).transpose(1, 2))
+            h = torch.matmul(h, _masked(segments.select(factor.weight), factor.mask).transpose(1, 2))
         else:
             h = F.linear(h, factor.weight)
         if i < last and layer.rank_mask is not None:
@@ -347,6 +350,10 @@ def _adapter_forward(layer: StackedLayer, current: list, x: torch.Tensor, *args,
     if isinstance(layer.scaling, torch.Tensor):  # each client's own: h is in rows again here
         return (result + h * segments.per_example(segments.select(layer.scaling), h.dim())).to(result_dtype)
     return (result + (h if layer.scaling == 1.0 else h * layer.scaling)).to(result_dtype)
+
+
+def _masked(weights: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return weights if mask is None else weights * mask
 
 
 def _linear_forward(linear: StackedLinear, current: list, x: torch.Tensor) -> torch.Tensor:

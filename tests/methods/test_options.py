@@ -14,12 +14,15 @@ from fedsim.methods import METHODS, build_method, method_names, options_table, r
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# (method, its setting, the default it had in the shared MethodConfig, a bad value, the one line that names it)
+# (method, its setting, the default it had in the shared MethodConfig (a new method's: its own), a bad value, the one line
+# that names it)
 OWN = [
     ("fra-then-ffa", "switch_round", 3, -1, "method.switch_round: must be >= 0, got -1"),
     ("central", "adapter", "lora-sb", "dora", "method.adapter: unknown 'dora'; did you mean 'lora'? valid: lora-sb, lora"),
     ("fedex-lora", "fedex_downlink", "residual", "both", "method.fedex_downlink: unknown 'both'; valid: residual, stacked, auto"),
     ("lora-fair", "lora_fair_correction", "paper", "exact", "method.lora_fair_correction: unknown 'exact'; valid: paper, closed-form"),
+    ("ravan", "ravan_heads", 4, 0, "method.ravan_heads: must be a positive integer, got 0"),
+    ("ravan", "ravan_init", "orthogonal", "svd", "method.ravan_init: unknown 'svd'; valid: orthogonal, lora-sb"),
 ]
 
 
@@ -29,7 +32,7 @@ def test_a_method_s_setting_is_declared_and_checked_in_its_own_file(name, key, d
     options = cls.options_class
     assert options.__module__ == cls.__module__  # declared in the method's file
     assert "arXiv" in options.__doc__  # and says where it comes from
-    assert options().__dict__ == {key: default}  # the default it always had
+    assert options().__dict__[key] == default  # the default it always had (Ravan's: its own from the start)
     with pytest.raises(UsageError, match=f"^{re.escape(message)}$"):
         options(**{key: bad})  # the dataclass checks itself
     for build in (lambda: build_method(method_section(name=name, **{key: bad})),

@@ -202,6 +202,16 @@ def test_cohorts_equal_clients_trained_alone_for_every_method(tiny_model_dir, me
         assert any(key.endswith("base_delta") for key in state)  # round 1 started from W0 + delta, shared by the cohort
 
 
+def test_cohorts_of_ravan_heads_cut_by_the_clients_ranks(tiny_model_dir):
+    """Ravan with 2 heads of rank 2: R enters through its heads' diagonal blocks (the layer's ``block_mask`` in the
+    cohort, one call of R a head alone), and the clients of rank 3 and 1 cut a head; two rounds, float64, ``FLOAT64``."""
+    config, model, method = prepared(tiny_model_dir, "ravan", **{"method.ravan_heads": 2})
+    rows = [TokenizedRows(table, load_tokenizer(config), 24) for table in client_tables()]
+    state = two_rounds(model, method, rows, RANKS, [SETTINGS] * len(rows), tolerance=FLOAT64)
+    R = next(value for key, value in state.items() if key.endswith("lora_R"))
+    assert R[:2, :2].abs().min() > 0 and not R[:2, 2:].any() and not R[2:, :2].any()
+
+
 @pytest.mark.parametrize("method_name", ["fed-sb", "fedit", "flexlora"])
 def test_cohorts_under_own_rank_scaling(tiny_model_dir, method_name):
     """``clients.rank_scaling=own``: each client of the cohort multiplies its product by its own alpha/r_k (a (K, 1) scaling in

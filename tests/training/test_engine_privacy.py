@@ -84,6 +84,14 @@ def test_private_cohorts_draw_each_clients_own_opacus_noise(tiny_model_dir, meth
     compare_private(model, method, initial_state(model, method, rows[3]), rows, 0.8, [3] * len(rows))
 
 
+def test_private_ravan_cohorts_with_noise(tiny_model_dir):
+    """Ravan with 2 heads (rank 2; clients of rank 3 and 1 cut one): σ = 0.8, against Opacus, whose R is a plain
+    nn.Linear called once a head; R's entries off the blocks take noise in both, and neither sends them."""
+    config, model, method = prepared(tiny_model_dir, "ravan", **{"method.ravan_heads": 2})
+    rows = [TokenizedRows(table, load_tokenizer(config), 24) for table in client_tables()]
+    compare_private(model, method, initial_state(model, method, rows[3]), rows, 0.8, [3] * len(rows))
+
+
 def test_private_causal_lm_cohorts(llama_dirs):
     """A small Llama causal LM (adapters on all seven projections), each record's own mean token loss over its response
     tokens, prompts and responses of different lengths; σ = 0 and σ = 0.8; float64."""
