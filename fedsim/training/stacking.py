@@ -333,9 +333,12 @@ def _adapter_forward(layer: StackedLayer, current: list, x: torch.Tensor, *args,
     h = x.to(layer.factors[0].weight.dtype)
     shape = None  # set while h is packed (clients, rows, features)
     last = len(layer.factors) - 1
+    one = segments.count == 1 and segments.samples is None  # one client in the pass: its slice is a plain weight
     for i, factor in enumerate(layer.factors):
         if factor.stacked and segments.samples is not None:  # a per-sample pass: each row its own copy
             h = segments.row_matmul(h, _masked(segments.per_row(factor.weight, factor.key), factor.mask))
+        elif factor.stacked and one:
+            h = F.linear(h, _masked(segments.select(factor.weight), factor.mask)[0])
         elif factor.stacked:
             if shape is None:
                 h, shape = segments.pack(h)
@@ -344,11 +347,12 @@ def _adapter_forward(layer: StackedLayer, current: list, x: torch.Tensor, *args,
             h = F.linear(h, factor.weight)
         if i < last and layer.rank_mask is not None:
             mask = segments.select(layer.rank_mask)
-            h = h * (mask[:, None, :] if shape is not None else segments.per_example(mask, h.dim()))
+            h = h * (mask[:, None, :] if shape is not None else mask[0] if one else segments.per_example(mask, h.dim()))
         if shape is not None and not any(f.stacked for f in layer.factors[i + 1:]):
             h, shape = segments.unpack(h, shape), None
     if isinstance(layer.scaling, torch.Tensor):  # each client's own: h is in rows again here
-        return (result + h * segments.per_example(segments.select(layer.scaling), h.dim())).to(result_dtype)
+        scaling = segments.select(layer.scaling)[0] if one else segments.per_example(segments.select(layer.scaling), h.dim())
+        return (result + h * scaling).to(result_dtype)
     return (result + (h if layer.scaling == 1.0 else h * layer.scaling)).to(result_dtype)
 
 
@@ -368,6 +372,9 @@ def _linear_forward(linear: StackedLinear, current: list, x: torch.Tensor) -> to
             return y + bias.weight
         rows = segments.per_row(bias.weight, bias.key)
         return y + rows.reshape(rows.shape[0], *[1] * (y.dim() - 2), rows.shape[-1])
+    if segments.count == 1:  # one client in the pass: its slices are a plain weight and bias
+        slices = [None if f is None else segments.select(f.weight)[0] if f.stacked else f.weight for f in (weight, bias)]
+        return F.linear(x, *slices)
     if weight.stacked:
         h, shape = segments.pack(x)
         y = torch.matmul(h, segments.select(weight.weight).transpose(1, 2))
