@@ -25,11 +25,18 @@ HERE = Path(__file__).resolve().parents[1]
 
 
 def run_once(checkout: Path, arguments: list[str]) -> list[dict]:
+    """One run of bench/cohort.py in ``checkout``: its results; the checkout's own results file is left as it was."""
     environment = {**os.environ, "PYTHONPATH": str(checkout)}
-    subprocess.run([sys.executable, "bench/cohort.py", *arguments], cwd=checkout, env=environment, check=True,
-                   stdout=subprocess.DEVNULL)
     name = "cohort-private" if "--private" in arguments else "cohort"
-    return json.loads((checkout / "bench" / "results" / f"{name}.json").read_text())["results"]
+    path = checkout / "bench" / "results" / f"{name}.json"
+    kept = path.read_bytes() if path.exists() else None
+    try:
+        subprocess.run([sys.executable, "bench/cohort.py", *arguments], cwd=checkout, env=environment, check=True,
+                       stdout=subprocess.DEVNULL)
+        return json.loads(path.read_text())["results"]
+    finally:
+        if kept is not None:
+            path.write_bytes(kept)
 
 
 def main() -> None:
