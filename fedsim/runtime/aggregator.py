@@ -51,12 +51,16 @@ class Aggregator:
 
     def round_message(self) -> State:
         """What the clients of a round train from: the global state and, under SCAFFOLD, the server's control variates."""
-        return {**self.state, **{CONTROL + key: value for key, value in self.control.c.items()}}
+        return {**self.state, **self.control_message()}
+
+    def control_message(self) -> State:
+        """SCAFFOLD's c as it travels: ``control:<key>`` (empty without train.control_variates, and in round 0)."""
+        return {CONTROL + key: value for key, value in self.control.c.items()}
 
     def downlink_bytes(self, client_ids: list[int], round_idx: int) -> dict[int, int]:
         """Bytes each client receives at the start of ``round_idx`` (``fedsim.methods.downlink``)."""
         ranks = self.plan.client_ranks
-        control_bytes = nbytes({CONTROL + key: value for key, value in self.control.c.items()})  # SCAFFOLD: c changes every round
+        control_bytes = nbytes(self.control_message())  # SCAFFOLD: c changes every round
         return {cid: nbytes(self.downlinks.message(self.state, cid, ranks[cid], round_idx)) + control_bytes for cid in client_ids}
 
     def aggregate(self, round_idx: int, sampled: list[int], *upload_lists: list[dict]) -> dict:

@@ -247,8 +247,7 @@ class ClientWorker:
         privacy = [self.client_privacy(cid, noise_multiplier) for cid in client_ids]
         owns = [self.own_tensors(cid, round_idx - 1) for cid in client_ids]
         global_state = without_controls(state)
-        kept = [without_controls(own) for own in owns]
-        states = [self.method.client_state(global_state, mine) if mine else global_state for mine in kept]
+        states = [self._with_own(global_state, own) for own in owns]
         rules = []
         if train.prox_mu > 0:
             rules.append(Proximal(train.prox_mu))
@@ -282,8 +281,12 @@ class ClientWorker:
 
     def client_state(self, state: State, client_id: int, as_of_round: int) -> State:
         """The model a client holds after ``as_of_round``: the global state, with what the client kept over it."""
-        own = without_controls(self.own_tensors(client_id, as_of_round))
-        return self.method.client_state(state, own) if own else state
+        return self._with_own(state, self.own_tensors(client_id, as_of_round))
+
+    def _with_own(self, state: State, own: State) -> State:
+        """``state`` with the method's part of what a client kept over it (its control variates are the rule's, not the model's)."""
+        mine = without_controls(own)
+        return self.method.client_state(state, mine) if mine else state
 
     def _maybe_die(self, round_idx: int, position: int) -> None:
         """Fault injection (``runtime.kill_worker_round``): worker 0 dies once, after its first client."""
