@@ -177,6 +177,9 @@ class WorkloadConfig(Section):
     max_length: int = setting(32, "tokens per example; longer inputs are truncated", **AT_LEAST_ONE)
     train_limit: Optional[int] = setting(2000, "training examples kept before partitioning; null = all", **AT_LEAST_ONE)
     eval_limit: Optional[int] = setting(400, "evaluation examples; null = all", **AT_LEAST_ONE)
+    validation: Optional[int] = setting(None, "training rows held out (seeded, before train_limit) and scored in place of "
+                                        "the evaluation split, to choose settings without the test set; null = score the "
+                                        "evaluation split", **AT_LEAST_ONE)
     options: dict[str, Any] = setting({}, "loader-specific settings (text_column, label_column, ...), passed to the workload")
     loss_on: str = setting("response", "causal-lm: the loss on the response tokens only (response) or on prompt and response (all)",
                            choices=LOSS_ON)

@@ -49,6 +49,13 @@ class TokenizedRows:
         for start in range(0, len(self), batch_size):
             yield self.batch(range(start, min(start + batch_size, len(self))))
 
+    def by_length(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Every row once, shortest first: each batch pads to its own longest row, not to the longest of rows drawn at
+        random (SST-2's phrases: 13 tokens on average, 52 the longest of 256). For sums over the rows (evaluation)."""
+        order = np.argsort([len(feature["input_ids"]) for feature in self.features], kind="stable")
+        for start in range(0, len(order), batch_size):
+            yield self.batch(order[start : start + batch_size])
+
 
 IGNORE_INDEX = -100  # labels the loss skips (PyTorch's and transformers' convention)
 LOSS_ON = ("response", "all")
@@ -197,7 +204,7 @@ def evaluate(model: torch.nn.Module, rows, batch_size: int, device: str = "cpu",
         return evaluate_generation(model, rows, batch_size, device, max_new_tokens)
     model.eval()
     correct = loss_sum = 0.0
-    for batch in rows.in_order(batch_size):
+    for batch in rows.by_length(batch_size):
         batch = {k: v.to(device) for k, v in batch.items()}
         output = model(**batch)
         correct += (output.logits.argmax(-1) == batch["labels"]).sum().item()

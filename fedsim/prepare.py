@@ -76,7 +76,7 @@ def split_data(config: Config, public_sample: bool) -> Split:
 
     c = config
     workload = load_workload(c.workload.name, c.workload.path, c.workload.train_limit, c.workload.eval_limit,
-                             c.seed, **c.workload.options)
+                             c.seed, validation=c.workload.validation, **c.workload.options)
     if workload.task != c.model.task:
         raise UsageError(f"model.task: {c.model.task} does not fit workload {workload.name}, a {workload.task} task; "
                          f"set model.task={workload.task}")

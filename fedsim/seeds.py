@@ -31,6 +31,7 @@ STREAMS = {
     "training": "a client's torch randomness in a round: dropout and DP-SGD noise",
     "flora-redraw": "FLoRA's fresh A of a layer after each round",
     "error-sketch": "the Gaussian test matrix estimating a round's aggregation error from pre-summed uploads",
+    "validation": "the training rows held out as the validation split (workload.validation)",
     "train-limit": "the training rows kept by workload.train_limit",
     "eval-limit": "the evaluation rows kept by workload.eval_limit",
     "eval-split": "a workload's stratified evaluation split (its own split_seed)",

@@ -1,5 +1,6 @@
 """The `fedsim` CLI shell: parsing, config resolution, error handling. The runtime is faked: no Ray."""
 
+import re
 import subprocess
 import sys
 import types
@@ -325,6 +326,16 @@ def test_check_does_not_start_ray_or_write(tmp_path, monkeypatch, capsys):
     assert main(["check", "configs/sst2-private.yaml", f"output_dir={out}", "workload.train_limit=400"]) == 0
     assert "DP calibration" in capsys.readouterr().out
     assert not out.exists() and not started
+
+
+def test_check_says_the_calibrated_noise_multiplier(monkeypatch, capsys):
+    """The σ a run would train under: more noise for a smaller ε, and a given privacy.noise_multiplier as it is."""
+    monkeypatch.chdir(ROOT)
+    sigmas = []
+    for setting in ("privacy.epsilon=1", "privacy.epsilon=3", "privacy.noise_multiplier=0.7"):
+        assert main(["check", "configs/sst2-private.yaml", "workload.train_limit=400", setting]) == 0
+        sigmas.append(float(re.search(r"DP calibration \(σ = ([0-9.]+)\)", capsys.readouterr().out).group(1)))
+    assert sigmas[0] > sigmas[1] > 0 and sigmas[2] == 0.7
 
 
 def test_privacy_settings_without_privacy_is_exit_2(capsys):

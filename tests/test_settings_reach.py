@@ -281,6 +281,7 @@ PROBES = {
     "workload.max_length": (6, rows_probe),
     "workload.train_limit": (30, data_probe),
     "workload.eval_limit": (8, data_probe),
+    "workload.validation": (10, data_probe),
     "workload.options": ({"text_column": "other", "label_column": "label"}, rows_probe),
     "workload.loss_on": ("all", "causal"),
     "method.name": ("fedit", method_probe),

@@ -42,6 +42,7 @@ __all__ = [
     "Workload",
     "classification_table",
     "instruction_table",
+    "carve_validation",
     "limit_rows",
     "load_workload",
 ]
@@ -55,6 +56,16 @@ def limit_rows(table: pa.Table, limit: int | None, seed: int | list[int]) -> pa.
     rng = np.random.default_rng(seed)
     keep = np.sort(rng.choice(table.num_rows, size=limit, replace=False))
     return table.take(pa.array(keep, pa.int64()))
+
+
+def carve_validation(train: pa.Table, rows: int, seed: int) -> tuple[pa.Table, pa.Table]:
+    """(training rows left, validation rows): a seeded draw of `rows` training rows, both in their original order."""
+    if rows >= train.num_rows:
+        raise UsageError(f"workload.validation: {rows} validation rows would leave no training data "
+                         f"({train.num_rows} training rows); use fewer")
+    chosen = np.zeros(train.num_rows, dtype=bool)
+    chosen[np.random.default_rng(seed).choice(train.num_rows, size=rows, replace=False)] = True
+    return train.filter(pa.array(~chosen)), train.filter(pa.array(chosen))
 
 
 def _check_limit(field: str, value) -> int | None:
@@ -71,10 +82,14 @@ def load_workload(
     train_limit: int | None = None,
     eval_limit: int | None = None,
     seed: int = 0,
+    validation: int | None = None,
     **options,
 ) -> Workload:
     """Load workload `name`, then keep at most `train_limit` / `eval_limit` rows of each split.
 
+    `validation`: that many training rows, drawn seeded by `seed` before the limits, become the evaluation
+    split and leave the training split; the workload's own evaluation split is then not scored (choosing
+    settings on it would leak the test set into the choice).
     The limits take a random subset seeded by `seed` (train and eval drawn independently), in the
     original row order, so the same arguments give the same rows. `options` go to the loader;
     an option it does not take is a UsageError listing the ones it does.
@@ -83,6 +98,7 @@ def load_workload(
         raise UsageError(f"workload.name: unknown workload {name!r}; valid: {', '.join(WORKLOAD_NAMES)}")
     train_limit = _check_limit("train_limit", train_limit)
     eval_limit = _check_limit("eval_limit", eval_limit)
+    validation = _check_limit("validation", validation)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise UsageError(f"seed: must be a non-negative integer, got {seed!r}")
     loader = LOADERS[name]
@@ -93,6 +109,9 @@ def load_workload(
                 f"{option_field(key)}: not an option of {name}; valid: {', '.join(valid) if valid else '(none besides path)'}"
             )
     workload = loader(path, **options)
+    if validation is not None:
+        workload.train, workload.eval = carve_validation(workload.train, validation, derive_seed(seed, "validation"))
+        workload.info.update(validation=validation, eval_split="validation rows carved from the training split")
     train = limit_rows(workload.train, train_limit, seed=derive_seed(seed, "train-limit"))
     eval_ = limit_rows(workload.eval, eval_limit, seed=derive_seed(seed, "eval-limit"))
     if train_limit is not None or eval_limit is not None:

@@ -72,9 +72,11 @@ def check(config: Config, resume: str | None = None) -> CheckResult:
     notes = [] if resume is not None else [note for note in [prepare_output_dir(output_dir, overwrite=False, dry_run=True)] if note]
     experiment = Experiment(config, output_dir, resumed=resume is not None, progress=False)
     unchecked = experiment.prepare(dry_run=True)
+    sigma = getattr(getattr(experiment, "privacy", None), "noise_multiplier", None) if config.privacy.enabled else None
+    calibration = "DP calibration" + (f" (σ = {sigma:.4f})" if sigma is not None else "")
     areas = ["config", "method", "private-init guard", *([] if resume else ["workload and partition"]), "model and target modules",
-             *(["DP calibration"] if config.privacy.enabled else [])]
-    return CheckResult([area for area in areas if area not in unchecked], unchecked, notes)
+             *([calibration] if config.privacy.enabled else [])]
+    return CheckResult([area for area in areas if area.split(" (")[0] not in unchecked], unchecked, notes)
 
 
 def reachable_offline(model_name: str) -> bool:

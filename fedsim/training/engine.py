@@ -5,9 +5,9 @@ and differ only in small tensors (their adapters, and the classification head wh
 through the base model trains them all (``fedsim.training.stacking``):
 
 - **Loss** (``fedsim.training.losses``): Σ_k client k's own mean loss; client k's tensors touch only its rows, so its
-  gradient is the one it gets alone. ``train.micro_batch_size`` cuts every client's batch into micro-batches
-  (``batches.micro_batches``); pass j holds the j-th micro-batch of each client, weighted so that the gradients add up
-  to the whole batch's.
+  gradient is the one it gets alone. It is a weighted sum of records' losses, so a step's records go through the model
+  in passes of similar lengths (`summed_by_record`), at most ``train.micro_batch_size`` of each client's a pass; the
+  passes' gradients add up to the whole batch's.
 - **Optimiser** (``fedsim.training.optimizer``): AdamW is elementwise, so one AdamW over the stacked tensors is K AdamWs,
   each over its client's own schedule; ``train.max_grad_norm`` clips each client's slice by its own norm.
 - **DP-SGD** (``fedsim.training.private``; Abadi et al. 2016): with ``privacy``, every record's own gradient is clipped to
@@ -39,8 +39,8 @@ from fedsim.adapters.state import State
 from fedsim.config import TrainConfig
 from fedsim.methods.base import Method
 from fedsim.privacy import PrivacySettings
-from fedsim.training.batches import (PASS_COST_TOKENS, cohort_batch, micro_batches, pad_token_id, plan_passes, record_passes,
-                                     record_widths, row_tokens)
+from fedsim.data import IGNORE_INDEX
+from fedsim.training.batches import PASS_COST_TOKENS, cohort_batch, pad_token_id, record_passes, record_widths, row_tokens
 from fedsim.training.losses import TASKS, client_losses, record_losses
 from fedsim.training.optimizer import StackedAdamW, clip_per_client
 from fedsim.training.private import clipped_records, noise_client_sums
@@ -122,9 +122,8 @@ def train_clients(
                 if privacy is None:
                     if any(b is None for b in step_batches):
                         raise ValueError("training: an empty batch (Poisson sampling is for DP: pass privacy)")
-                    parts = [micro_batches(b, train.micro_batch_size) for b in step_batches]
-                    present = [k for k, p in zip(active, parts) if p]  # a causal-LM batch with no labelled token: no loss
-                    _backward(model, cohort, [p for p in parts if p], present, task, pad_id, pass_cost, measured)
+                    present = summed_by_record(model, cohort, step_batches, active, task, pad_id, pass_cost, measured,
+                                               _max_rows(train.micro_batch_size, len(active)))
                     grads = {key: tensor.grad for key, tensor in cohort.trained.items()}
                 else:
                     present = [k for k, b in zip(active, step_batches) if b is not None]  # an empty batch: noise only
@@ -160,27 +159,49 @@ def train_clients(
     return results
 
 
-def _backward(model: nn.Module, cohort: Cohort, parts: list[list[tuple[Batch, float]]], clients: list[int], task: str,
-              pad_id: int, pass_cost: int, measured: torch.Tensor) -> None:
-    """Σ_k client k's mean loss, backward: pass j holds the j-th micro-batch of every client (weighted: the weights of a
-    client's micro-batches add up to 1), cut into passes of whole clients of similar lengths (`plan_passes`); each
-    client's loss and tokens into ``measured`` (2, K)."""
+def summed_by_record(model: nn.Module, cohort: Cohort, batches: list[Batch], clients: list[int], task: str, pad_id: int,
+                     pass_cost: int, measured: torch.Tensor, max_rows: int | None = None) -> list[int]:
+    """Σ_k client k's mean loss, backward; each client's loss and tokens into ``measured`` (2, K). Returns the clients
+    with something to learn from (a causal-LM batch with no labelled token has no loss).
+
+    The loss is a weighted sum of records' own losses (classification: 1/n_k each; causal LM: a record's labelled
+    tokens over its client's), so, as for DP-SGD's clipped sums, the passes are planned over records, not clients: the
+    step's records sorted by their own length (`record_passes`, at most ``max_rows`` a pass), each pass cut to its
+    longest record. Short texts in a batch padded to its longest one cost their own length, not the batch's.
+    """
     K, device = measured.shape[1], measured.device
-    for j in range(max((len(p) for p in parts), default=0)):
-        here = [i for i, p in enumerate(parts) if j < len(p)]
-        micro = [parts[i][j][0] for i in here]
-        for group in plan_passes([b["input_ids"].shape[1] for b in micro], [len(b["input_ids"]) for b in micro], pass_cost):
-            inputs, labels, sizes = cohort_batch([micro[g] for g in group], pad_id)
-            owners = [clients[here[g]] for g in group]
-            segments = cohort.current[0] = Segments(sizes, owners, K, device)
-            loss = client_losses(model(**inputs).logits, labels, segments, task)
-            weights = [parts[here[g]][j][1] for g in group]
-            if any(w != 1.0 for w in weights):
-                loss = loss * torch.tensor(weights, dtype=loss.dtype, device=loss.device)
-            loss.sum().backward()
-            index = torch.tensor(owners).to(device)
-            measured[0].index_add_(0, index, loss.detach().double())
-            measured[1].index_add_(0, index, segments.sum(row_tokens(inputs).double()))
+    inputs, labels, sizes = cohort_batch(batches, pad_id)  # every record, client after client
+    counted = (labels[:, 1:] != IGNORE_INDEX).sum(1) if labels.dim() >= 2 else torch.ones(len(labels), dtype=torch.long)
+    counted = counted.cpu().double()
+    row_clients = [k for k, n in zip(clients, sizes) for _ in range(n)]
+    totals = torch.zeros(K, dtype=torch.float64).index_add_(0, torch.tensor(row_clients), counted)
+    present = [k for k in clients if totals[k] > 0]
+    weights = counted / totals[row_clients].clamp(min=1)
+    kept = [r for r in range(len(row_clients)) if weights[r] > 0]
+    widths = record_widths(inputs, labels)[kept]
+    for positions in record_passes(widths.tolist(), pass_cost, max_rows):
+        rows = [kept[p] for p in positions]
+        index = torch.tensor(rows).to(device)
+        width = int(widths[positions].max())
+        part = {key: value.index_select(0, index)[:, :width] if value.dim() >= 2 else value.index_select(0, index)
+                for key, value in inputs.items()}
+        part_labels = labels.index_select(0, index)
+        part_labels = part_labels[:, :width] if part_labels.dim() >= 2 else part_labels
+        pass_clients = [row_clients[r] for r in rows]  # ascending rows: each client's records one after the other
+        runs = [k for i, k in enumerate(pass_clients) if i == 0 or k != pass_clients[i - 1]]
+        cohort.current[0] = Segments([pass_clients.count(k) for k in runs], runs, K, device)
+        per_record = record_losses(model(**part).logits, part_labels, task)
+        weighted = per_record * weights[rows].to(device=device, dtype=per_record.dtype)
+        weighted.sum().backward()
+        row_client = torch.tensor(pass_clients).to(device)
+        measured[0].index_add_(0, row_client, weighted.detach().double())
+        measured[1].index_add_(0, row_client, row_tokens(part).double())
+    return present
+
+
+def _max_rows(micro_batch_size: int | None, clients: int) -> int | None:
+    """A pass's most records: ``train.micro_batch_size`` of each client of the step."""
+    return None if micro_batch_size is None else micro_batch_size * max(1, clients)
 
 
 def _private_gradients(model: nn.Module, cohort: Cohort, batches: list[Batch], present: list[int], active: list[int], task: str,
@@ -188,9 +209,8 @@ def _private_gradients(model: nn.Module, cohort: Cohort, batches: list[Batch], p
                        generators: Sequence[torch.Generator], measured: torch.Tensor) -> dict[str, torch.Tensor]:
     """The step's DP-SGD gradient of every active client (key → (K, …)): its records' clipped sum, its noise, over its
     expected batch size. At most ``micro_batch_size`` records of each client present in one pass."""
-    max_rows = None if micro_batch_size is None else micro_batch_size * max(1, len(present))
     sums = clipped_sums_by_record(model, cohort, batches, present, task, pad_id, pass_cost, [p.max_grad_norm for p in privacy],
-                                  measured, max_rows)
+                                  measured, _max_rows(micro_batch_size, len(present)))
     noise_client_sums(cohort, sums, active, privacy, generators)
     for key, tensor in cohort.trained.items():
         tensor.grad = sums[key]

@@ -41,7 +41,7 @@ def test_unknown_option_names_the_field():
         load_workload("bbc-news", txt_column="x")
 
 
-@pytest.mark.parametrize("field", ["train_limit", "eval_limit"])
+@pytest.mark.parametrize("field", ["train_limit", "eval_limit", "validation"])
 @pytest.mark.parametrize("bad", [0, -3, 2.5, "10", True])
 def test_bad_limit(field, bad):
     with pytest.raises(UsageError, match=rf"^workload\.{field}: must be a positive integer"):
@@ -305,6 +305,23 @@ def test_limits_are_seeded_subsets_in_original_order():
     assert all(any(row == full_row for full_row in rows) for row in a.train.to_pylist())
     whole = load_workload("bbc-news", train_limit=10**6, seed=7)
     assert whole.train.equals(full.train)
+
+
+def test_validation_rows_come_from_training_data_and_never_train():
+    """workload.validation: a seeded draw of training rows is scored instead of the evaluation split, leaves the
+    training split before train_limit draws from it, and the evaluation file's rows are not scored."""
+    bbc_or_skip()
+    full = load_workload("bbc-news")
+    a = load_workload("bbc-news", validation=200, train_limit=500, eval_limit=150, seed=3)
+    b = load_workload("bbc-news", validation=200, train_limit=500, eval_limit=150, seed=3)
+    c = load_workload("bbc-news", validation=200, seed=4)
+    assert (a.train.num_rows, a.eval.num_rows) == (500, 150) and a.train.equals(b.train) and a.eval.equals(b.eval)
+    rows = lambda table: Counter(zip(table.column("text").to_pylist(), table.column("label").to_pylist()))
+    assert rows(a.eval) <= rows(full.train) and rows(a.eval) + rows(a.train) <= rows(full.train)
+    unlimited = load_workload("bbc-news", validation=200, seed=3)  # the training split is cut in two: none lost, none shared
+    assert rows(unlimited.eval) + rows(unlimited.train) == rows(full.train) and rows(unlimited.eval) != rows(c.eval)
+    with pytest.raises(UsageError, match=r"^workload\.validation: .* would leave no training data"):
+        load_workload("bbc-news", validation=full.train.num_rows)
 
 
 def test_stratified_split_helper():
