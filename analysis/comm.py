@@ -244,7 +244,7 @@ def method_of(name: str, rank: int, **settings) -> Method:
 
 def meta_state(method: Method, shapes: ModelShapes) -> State:
     """The round-0 global state as meta tensors (shapes and dtypes, no data): what ``method.init_state`` builds for a
-    model of these shapes."""
+    model of these shapes; the head where the shapes have one (trained, or fitted once and frozen: ``adapters.head_init``)."""
     meta = {"device": "meta", "dtype": shapes.torch_dtype}
     state: State = {}
     for layer in shapes.layers:
@@ -253,7 +253,7 @@ def meta_state(method: Method, shapes: ModelShapes) -> State:
             state[state_key(layer.name, "lora_R")] = torch.empty(r, r, **meta)
         state[state_key(layer.name, "lora_A")] = torch.empty(r, k, **meta)
         state[state_key(layer.name, "lora_B")] = torch.empty(d, r, **meta)
-    if method.config.train_head:
+    if shapes.head:
         state.update({HEAD_PREFIX + name: torch.empty(shape, **meta) for name, shape in shapes.head})
     return state
 
@@ -585,11 +585,11 @@ def run_shapes(run_dir, config: dict | None = None) -> tuple[ModelShapes, Method
     source = resolve_model_path(model_cfg.get("name", "minilm"))
     if not Path(source).exists() and _preset_key(source) is None:
         raise UsageError(f"results: the model {model_cfg.get('name')!r} of {run_dir} is neither a local folder nor a preset")
-    full = config_from_dict({key: config[key] for key in ("seed", "method", "clients") if key in config})
+    full = config_from_dict({key: config[key] for key in ("seed", "method", "clients", "adapters") if key in config})
     shapes = model_shapes(
         source if Path(source).exists() else _preset_key(source), model_cfg.get("target_modules"),
         task=model_cfg.get("task", "classification"), num_labels=num_labels,
-        head=full.method.train_head, dtype=model_cfg.get("dtype", "float32"),
+        head=full.method.train_head or full.adapters.head_init == "public", dtype=model_cfg.get("dtype", "float32"),
     )  # known families by formula (tests check it against the model built on the meta device), others on meta
     shapes = replace(shapes, name=str(model_cfg.get("name", shapes.name)))
     return shapes, build_method(full.method, full.clients, full.seed)

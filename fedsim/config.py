@@ -140,6 +140,7 @@ TASKS = ("classification", "causal-lm")
 DTYPES = ("float32", "bfloat16", "float16")
 INIT_DATA = ("pooled", "client", "public")
 INIT_AT = ("server", "client")
+HEAD_INIT = ("random", "public")
 PARTITIONS = ("iid", "dirichlet", "imbalanced")
 CLIENT_WEIGHTS = ("samples", "uniform")
 RANK_AGGREGATIONS = ("zero-pad", "partitioned")
@@ -218,6 +219,10 @@ class AdaptersConfig(Section):
                            "(each client builds them with the server's code from the base model, the run seed and, for LoRA-SB, "
                            "the public calibration sample: init_data=public; a first contact then carries only what changed "
                            "since round 0, and the client's compute is billed as init_s)", choices=INIT_AT)
+    head_init: str = setting("random", "the new classification head at round 0: random (the model's seeded init) | public (a "
+                             "logistic regression on the round-0 model's features of the public sample, adapters.init_samples "
+                             "rows held out of every client: no privacy spent; with method.train_head false it stays frozen "
+                             "and travels once, in the round-0 state)", choices=HEAD_INIT)
 
 
 @dataclass

@@ -299,6 +299,7 @@ PROBES = {
     "adapters.init_batch_size": (2, "uneven-init"),
     "adapters.init_lr": (0.5, init_probe),
     "adapters.init_at": ("client", "public-downlink"),
+    "adapters.head_init": ("public", init_probe),
     "clients.count": (3, data_probe),
     "clients.per_round": (3, driver_probe),
     "clients.partition": ("iid", data_probe),

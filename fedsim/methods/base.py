@@ -312,7 +312,8 @@ class Method:
     def uploaded_kinds(self, round_idx: int) -> tuple[str, ...]:
         """The kinds a client uploads in round ``round_idx``: what it trains (the head too, where trained), less what it keeps."""
         kept = self.client_kinds(round_idx)
-        return tuple(kind for kind in (*self.trained_kinds(round_idx), "head") if kind not in kept)
+        head = ("head",) if self.config.train_head else ()  # a frozen head (adapters.head_init: public) stays put
+        return tuple(kind for kind in (*self.trained_kinds(round_idx), *head) if kind not in kept)
 
     def averaged_kinds(self, round_idx: int) -> tuple[str, ...] | None:
         """The kinds whose new global value in round ``round_idx`` is a weighted mean of the clients' uploaded tensors

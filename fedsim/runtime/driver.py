@@ -222,7 +222,7 @@ class Experiment:
                 unchecked["DP calibration"] = "it needs the clients' sizes, from the data"
             self.check_model(2, dry_run, unchecked)  # any head size: the layer names are what is checked
             return unchecked
-        split = split_data(c, public_sample=needs and c.adapters.init_data == "public")
+        split = split_data(c, public_sample=(needs and c.adapters.init_data == "public") or c.adapters.head_init == "public")
         self.check_model(split.num_labels, dry_run, unchecked)
         self.privacy = self.privacy_plan(split.client_sizes)
         self.privacy.calibrate()

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from fedsim.data import InstructionRows, TokenizedRows, evaluate, make_rows
+from fedsim.adapters.head import fit_head
 from fedsim.adapters.state import HEAD_PREFIX, State, nbytes
 from fedsim.methods import Upload
 from fedsim.modeling import load_model, load_tokenizer, offline_by_default
@@ -133,7 +134,12 @@ class ClientWorker:
             else:  # client 0's rows, or a share of every client's rows (pooled)
                 count = 1 if a.init_data == "client" else min(self.config.clients.count, a.init_samples)
                 grad_sums = self.init_gradients(list(range(count)))
-        return self.method.init_state(self.model, grad_sums, a.init_lr or self.config.train.lr)
+        state = self.method.init_state(self.model, grad_sums, a.init_lr or self.config.train.lr)
+        if a.head_init == "public":
+            rows = make_rows(read_clients(self.data_dir / "public.parquet", [0]), self.tokenizer, self.config)
+            self.method.load_state(self.model, state)
+            state = {**state, **fit_head(self.model, list(rows.in_order(a.init_batch_size)))}
+        return state
 
     def build_client_init(self, server_state: State | None = None) -> dict:
         """What a client does at its first contact under ``adapters.init_at: client``: build the round-0 state with the
