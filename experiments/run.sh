@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the experiments, then report them. From the repository root:
-#   bash experiments/run.sh                 # all six, in order (about three hours on 2 cores)
+#   bash experiments/run.sh                 # all seven, in order (about four and a half hours on 2 cores)
 #   bash experiments/run.sh matched-comm    # one: matched-comm | private-snli | private-sst2 | fra-study | comm-scaling | rank-het | personal
 #   bash experiments/run.sh rank-het-diagnostics   # experiment 5's three diagnostic runs (not part of "all")
 # Results (Parquet, PNGs, Markdown) go to experiments/results/<experiment>/; see experiments/README.md.
@@ -43,17 +43,24 @@ if [[ "$want" == all || "$want" == private-snli ]]; then  # 2. DP-SGD at ε = 1 
 fi
 
 if [[ "$want" == all || "$want" == private-sst2 ]]; then  # 2b. DP-SGD at a size where it can learn: SST-2, 3 clients
-  cfg=experiments/private-sst2/sst2.yaml; d=$out/private-sst2
+  d=$out/private-sst2
   # the σ that a run at ε = 3 is calibrated to (fedsim check prints it), for the tuning trials to train under
-  sigma() { fedsim check $cfg "$@" | grep -o 'σ = [0-9.]*' | cut -d' ' -f3; }
+  sigma() { fedsim check experiments/private-sst2/sst2.yaml "$@" | grep -o 'σ = [0-9.]*' | cut -d' ' -f3; }
+  # 0. Why a private run does or does not learn: one client's first round under that σ, three heads (a random one
+  # trained, a random one frozen, the one fitted on the public sample and frozen: the config's).
+  for head in "method.train_head=true adapters.head_init=random train.lr=0.003" "adapters.head_init=random train.lr=0.01" \
+              "train.lr=0.01"; do
+    echo "## $head"
+    python experiments/private-sst2/diagnose.py workload.validation=2000 train.rounds=1 privacy.noise_multiplier="$(sigma)" $head
+  done > $d/diagnose.txt
   # 1. Each method's lr, from 0.003 and 0.01: the first round of its ε = 3 run (that run's σ, so the same noise a
   # step), scored on 2,000 validation rows carved out of the training phrases (never on dev.tsv, which the runs report).
   # FedEx-LoRA's clients train exactly as FedIT's (it differs in the server's fold): it takes FedIT's lr.
-  trial=(workload.validation=2000 train.rounds=1)
-  fedsim sweep $cfg output_dir=$d/tuning/fed-sb "${trial[@]}" privacy.noise_multiplier="$(sigma)" \
-    --grid method.rank=32,64 train.lr=0.003,0.01
-  fedsim sweep $cfg output_dir=$d/tuning/rank-8 "${trial[@]}" method.rank=8 \
-    privacy.noise_multiplier="$(sigma method.name=fedit method.rank=8)" --grid method.name=fedit,ffa-lora train.lr=0.003,0.01
+  fedsim sweep experiments/private-sst2/sst2.yaml output_dir=$out/private-sst2/tuning/fed-sb workload.validation=2000 \
+    train.rounds=1 privacy.noise_multiplier="$(sigma)" --grid method.rank=32,64 train.lr=0.003,0.01
+  fedsim sweep experiments/private-sst2/sst2.yaml output_dir=$out/private-sst2/tuning/rank-8 workload.validation=2000 \
+    train.rounds=1 method.rank=8 privacy.noise_multiplier="$(sigma method.name=fedit method.rank=8)" \
+    --grid method.name=fedit,ffa-lora train.lr=0.003,0.01
   python experiments/private-sst2/tuned.py $d/tuning/{fed-sb,rank-8} --table $d/tuning/tuning.md > $d/tuning/chosen.txt
   grep '^fedit ' $d/tuning/chosen.txt | sed 's/^fedit /fedex-lora /' >> $d/tuning/chosen.txt
   # 2. Each method at its lr on dev.tsv: ε = 3, without DP (the ceiling: the same settings, no clipping, no noise), ε = 1.
@@ -68,10 +75,14 @@ if [[ "$want" == all || "$want" == private-sst2 ]]; then  # 2b. DP-SGD at a size
     for line in "${chosen[@]}"; do
       read -r name rank lr <<< "$line"
       run=$d/runs/$name-r$rank-$level
-      [[ -f $run/summary.json ]] || fedsim run $cfg output_dir=$run method.name=$name method.rank=$rank train.lr=$lr \
-        "${privacy[@]}" --overwrite < /dev/null
+      [[ -f $run/summary.json ]] || fedsim run experiments/private-sst2/sst2.yaml output_dir=$run method.name=$name \
+        method.rank=$rank train.lr=$lr "${privacy[@]}" --overwrite < /dev/null
     done
   done
+  # 3. The private cohort's speed-up: Fed-SB r = 32's first round at ε = 3 with one client a pass (runtime.cohort_size 1)
+  one=$d/speed/fed-sb-r32-epsilon-3-one-client-a-pass
+  [[ -f $one/summary.json ]] || fedsim run experiments/private-sst2/sst2.yaml output_dir=$one train.lr=0.01 \
+    privacy.noise_multiplier="$(sigma)" runtime.cohort_size=1 train.rounds=1 --overwrite < /dev/null
   python experiments/private-sst2/table.py $d/runs --out $d > $d/table.md
   fedsim report $d/runs --out $d/report
 fi

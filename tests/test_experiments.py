@@ -1,5 +1,6 @@
 """experiments/: every sweep that run.sh starts resolves to valid configs, and seeds.py's mean and spread. No Ray."""
 
+import re
 import shlex
 import subprocess
 import sys
@@ -17,8 +18,10 @@ RUN_SH = ROOT / "experiments" / "run.sh"
 
 
 def sweep_commands() -> list[list[str]]:
-    """The arguments of every `fedsim sweep` in run.sh (continuation lines joined, $out expanded)."""
+    """The arguments of every `fedsim sweep` in run.sh (continuation lines joined, $out expanded, and the σ that
+    experiment 2b's tuning trials read from `fedsim check` at run time given as a number)."""
     text = RUN_SH.read_text().replace("\\\n", " ").replace("$out", "experiments/results")
+    text = re.sub(r'"\$\(sigma[^)]*\)"', "0.9", text)
     return [shlex.split(line.strip())[2:] for line in text.splitlines() if line.strip().startswith("fedsim sweep ")]
 
 
@@ -26,7 +29,8 @@ def test_run_sh_starts_a_sweep_for_each_experiment():
     configs = {args[0] for args in sweep_commands()}
     assert configs == {"experiments/matched-comm/sst2.yaml", "experiments/private-snli/snli.yaml",
                        "experiments/fra-study/balanced.yaml", "experiments/fra-study/imbalanced.yaml",
-                       "experiments/rank-het/sst2.yaml", "experiments/personal/sst2.yaml"}
+                       "experiments/rank-het/sst2.yaml", "experiments/personal/sst2.yaml",
+                       "experiments/private-sst2/sst2.yaml"}
 
 
 @pytest.mark.parametrize("args", sweep_commands(), ids=lambda args: " ".join(args[1:3]))
