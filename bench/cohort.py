@@ -1,6 +1,6 @@
 """Cohort-batched training (``runtime.cohort_size``): training examples per second at K = 1, 4 and 16 clients a pass, CPU.
 
-    python bench/cohort.py [--quick] [--private] [--methods fed-sb,fedit] [--sizes 1,4,16] [--threads 1]
+    python bench/cohort.py [--quick] [--private] [--methods fed-sb,fedit] [--sizes 1,4,16] [--threads 1] [--batch-size 8] [--steps 5]
 
 Drives the worker's engine directly, without Ray (``fedsim.training.engine.train_clients``, for every K: K = 1 is one
 client after another). MiniLM (hidden 384, 6 layers, ``model.dropout: 0``) on
@@ -141,12 +141,16 @@ def main() -> None:
     parser.add_argument("--private", action="store_true", help="DP-SGD steps (K = 1: Opacus; K > 1: the cohort's own)")
     parser.add_argument("--sizes", default=None, help="cohort sizes K (default 1,4,16; --private 1,4,8,16)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a worker's runtime.cpus_per_worker)")
+    parser.add_argument("--batch-size", type=int, default=None, help="rows a step (default 8; --quick 4): at 256, a step's "
+                        "rows differ in length as a Poisson batch's do, and padding is what the engine's passes save")
+    parser.add_argument("--steps", type=int, default=None, help="steps a client (default 5; --quick 2)")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     info = machine_info()
     model, steps, batch_size = ("tiny-bert", 2, 4) if args.quick else ("minilm", 5, 8)
+    steps, batch_size = args.steps or steps, args.batch_size or batch_size
     sizes = [int(k) for k in (args.sizes or ("1,4,8,16" if args.private else "1,4,16")).split(",")]
     clients = max(sizes)
     results = []

@@ -178,17 +178,10 @@ def summed_by_record(model: nn.Module, cohort: Cohort, batches: list[Batch], cli
     present = [k for k in clients if totals[k] > 0]
     weights = counted / totals[row_clients].clamp(min=1)
     kept = [r for r in range(len(row_clients)) if weights[r] > 0]
-    widths = record_widths(inputs, labels)[kept]
-    for positions in record_passes(widths.tolist(), pass_cost, max_rows):
+    widths = record_widths(inputs, labels)
+    for positions in record_passes(widths[kept].tolist(), pass_cost, max_rows):
         rows = [kept[p] for p in positions]
-        index = torch.tensor(rows).to(device)
-        width = int(widths[positions].max())
-        part = {key: value.index_select(0, index)[:, :width] if value.dim() >= 2 else value.index_select(0, index)
-                for key, value in inputs.items()}
-        part_labels = labels.index_select(0, index)
-        part_labels = part_labels[:, :width] if part_labels.dim() >= 2 else part_labels
-        pass_clients = [row_clients[r] for r in rows]  # ascending rows: each client's records one after the other
-        runs = [k for i, k in enumerate(pass_clients) if i == 0 or k != pass_clients[i - 1]]
+        part, part_labels, pass_clients, runs = record_pass(inputs, labels, widths, rows, row_clients)
         cohort.current[0] = Segments([pass_clients.count(k) for k in runs], runs, K, device)
         per_record = record_losses(model(**part).logits, part_labels, task)
         weighted = per_record * weights[rows].to(device=device, dtype=per_record.dtype)
@@ -197,6 +190,21 @@ def summed_by_record(model: nn.Module, cohort: Cohort, batches: list[Batch], cli
         measured[0].index_add_(0, row_client, weighted.detach().double())
         measured[1].index_add_(0, row_client, row_tokens(part).double())
     return present
+
+
+def record_pass(inputs: Batch, labels: torch.Tensor, widths: torch.Tensor, rows: list[int],
+                row_clients: list[int]) -> tuple[Batch, torch.Tensor, list[int], list[int]]:
+    """The step's records ``rows`` (ascending positions in the cohort batch), cut to the longest of them (``widths``:
+    every record's own length): (inputs, labels, each record's client, the clients in the order their records come)."""
+    index = torch.tensor(rows).to(labels.device)
+    width = int(widths[rows].max())
+    part = {key: value.index_select(0, index)[:, :width] if value.dim() >= 2 else value.index_select(0, index)
+            for key, value in inputs.items()}
+    part_labels = labels.index_select(0, index)
+    part_labels = part_labels[:, :width] if part_labels.dim() >= 2 else part_labels
+    pass_clients = [row_clients[r] for r in rows]  # ascending rows: each client's records one after the other
+    runs = [k for i, k in enumerate(pass_clients) if i == 0 or k != pass_clients[i - 1]]
+    return part, part_labels, pass_clients, runs
 
 
 def _max_rows(micro_batch_size: int | None, clients: int) -> int | None:
@@ -235,14 +243,7 @@ def clipped_sums_by_record(model: nn.Module, cohort: Cohort, batches: list[Batch
     row_clients = [k for k, n in zip(clients, sizes) for _ in range(n)]
     widths = record_widths(inputs, labels)
     for rows in record_passes(widths.tolist(), pass_cost, max_rows):
-        index = torch.tensor(rows).to(device)
-        width = int(widths[rows].max())
-        part = {key: value.index_select(0, index)[:, :width] if value.dim() >= 2 else value.index_select(0, index)
-                for key, value in inputs.items()}
-        part_labels = labels.index_select(0, index)
-        part_labels = part_labels[:, :width] if part_labels.dim() >= 2 else part_labels
-        pass_clients = [row_clients[r] for r in rows]  # ascending rows: each client's records one after the other
-        runs = [k for i, k in enumerate(pass_clients) if i == 0 or k != pass_clients[i - 1]]
+        part, part_labels, pass_clients, runs = record_pass(inputs, labels, widths, rows, row_clients)
         segments = cohort.current[0] = Segments([pass_clients.count(k) for k in runs], runs, K, device, per_sample=True)
         per_record = record_losses(model(**part).logits, part_labels, task)
         gradients = torch.autograd.grad(per_record.sum(), [leaf for _, leaf in segments.samples], allow_unused=True)
