@@ -41,7 +41,7 @@ from fedsim.methods.base import Method
 from fedsim.privacy import PrivacySettings
 from fedsim.data import IGNORE_INDEX
 from fedsim.training.batches import PASS_COST_TOKENS, cohort_batch, pad_token_id, record_passes, record_widths, row_tokens
-from fedsim.training.losses import TASKS, client_losses, record_losses
+from fedsim.training.losses import TASKS, record_losses
 from fedsim.training.optimizer import StackedAdamW, clip_per_client
 from fedsim.training.private import clipped_records, noise_client_sums
 from fedsim.training.rules import LocalRule
