@@ -41,24 +41,25 @@ def split_values(text: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
-def parse_grid(items: list[str]) -> dict[str, list]:
-    """``["method.name=fed-sb,fedit", "clients.count=10,100"]`` → ``{"method.name": ["fed-sb", "fedit"], ...}`` (values as YAML)."""
+def parse_grid(items: list[str], flag: str = "--grid") -> dict[str, list]:
+    """``["method.name=fed-sb,fedit", "clients.count=10,100"]`` → ``{"method.name": ["fed-sb", "fedit"], ...}`` (values as
+    YAML). ``flag``: the option the items came from, as the errors name it (``fedsim tune --space`` lists values too)."""
     grid: dict[str, list] = {}
     for item in items:
         if "=" not in item:
-            raise UsageError(f"--grid: expected key=v1,v2,... (e.g. method.name=fed-sb,fedit), got {item!r}")
+            raise UsageError(f"{flag}: expected key=v1,v2,... (e.g. method.name=fed-sb,fedit), got {item!r}")
         key, text = (part.strip() for part in item.split("=", 1))
         if not key:
-            raise UsageError(f"--grid: missing key in {item!r}")
+            raise UsageError(f"{flag}: missing key in {item!r}")
         if key in grid:
-            raise UsageError(f"--grid: {key} is given twice")
+            raise UsageError(f"{flag}: {key} is given twice")
         values = [yaml.safe_load(v) for v in split_values(text)]
         if not values:
-            raise UsageError(f"--grid: {key} has no values; write {key}=v1,v2")
+            raise UsageError(f"{flag}: {key} has no values; write {key}=v1,v2")
         if key == "output_dir":
-            raise UsageError("--grid: output_dir cannot vary; each point writes to <output_dir>/<point name>")
+            raise UsageError(f"{flag}: output_dir cannot vary; each point writes to <output_dir>/<point name>")
         grid[key] = values
-    if not grid:
+    if not grid and flag == "--grid":
         raise UsageError("--grid: give at least one key=v1,v2,... (e.g. --grid method.name=fed-sb,fedit)")
     return grid
 
@@ -88,10 +89,26 @@ def _set(data: dict, key: str, value) -> None:
     node[parts[-1]] = value
 
 
+def point_config(base: dict, point: dict, output_dir: str, seed: int | None = None):
+    """The resolved ``Config`` of one point (of a sweep's grid, or a tune's trial): ``base`` (the config dict with the
+    fixed overrides) with the point's values, its own ``output_dir`` and, where given, ``seed``."""
+    from fedsim.config import config_from_dict
+    from fedsim.methods import resolved
+
+    data = copy.deepcopy(base)
+    for key, value in point.items():
+        _set(data, key, value)
+    if seed is not None:
+        data["seed"] = seed
+    data["output_dir"] = output_dir
+    config = config_from_dict(data)
+    config.method = resolved(config.method)  # method.name and the method's own settings
+    return config
+
+
 def sweep_configs(config_path: str | None, grid: dict[str, list], overrides: list[str] = (), output_dir: str | None = None):
     """``[(point, point name, Config)]`` for every grid point; every config is validated before anything runs."""
-    from fedsim.config import config_from_dict, load_config_dict
-    from fedsim.methods import resolved
+    from fedsim.config import load_config_dict
 
     base = load_config_dict(config_path, list(overrides))
     root_text = str(output_dir or base.get("output_dir") or "results/sweep")
@@ -102,13 +119,8 @@ def sweep_configs(config_path: str | None, grid: dict[str, list], overrides: lis
         raise UsageError("--grid: two points get the same folder name; make the values differ in more than punctuation")
     out = []
     for point, name in zip(points, names):
-        data = copy.deepcopy(base)
-        for key, value in point.items():
-            _set(data, key, value)
-        data["output_dir"] = join(root_text, name)
         try:
-            config = config_from_dict(data)
-            config.method = resolved(config.method)  # method.name and the method's own settings
+            config = point_config(base, point, join(root_text, name))
         except UsageError as error:
             raise UsageError(f"--grid point {name}: {error}") from None
         out.append((point, name, config))

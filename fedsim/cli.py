@@ -495,6 +495,45 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# fedsim tune (analysis/tune.py: Ray Tune)
+# ---------------------------------------------------------------------------------------------
+
+
+def _add_tune(parser: argparse.ArgumentParser) -> None:
+    _add_config_arguments(parser)
+    parser.add_argument("--space", nargs="+", required=True, metavar="KEY=SPEC",
+                        help="the search: dotted keys, each with values to cross (method.name=fed-sb,fedit) or a distribution "
+                        "drawn once a trial: loguniform(low,high), uniform(low,high), choice(a,b,…); give overrides before --space")
+    parser.add_argument("--samples", type=int, default=1, metavar="N",
+                        help="draws of the distributions, each crossed with the listed values (default 1)")
+    parser.add_argument("--seeds", metavar="S,S…", help="run each trial at these seeds and score the mean (e.g. 0,1,2)")
+    parser.add_argument("--asha", action="store_true", help="stop poor trials early (ASHA, at rounds grace, 2·grace, 4·grace…)")
+    parser.add_argument("--grace-rounds", type=int, default=1, metavar="R", help="ASHA's first rung, in rounds (default 1)")
+    parser.add_argument("--metric", default="eval_metric", metavar="COLUMN",
+                        help="what scores a trial: eval_metric (accuracy or exact match, higher is better; the default) or eval_loss")
+    parser.add_argument("--best-per", metavar="KEY", help="write the best config for each value of KEY (e.g. method.name)")
+    parser.add_argument("--concurrent", type=int, metavar="N", help="trials at once (default: as many as the cluster has room for)")
+    parser.add_argument("--overwrite", action="store_true", help="start the search again (default: resume the one output_dir holds)")
+    parser.add_argument("--dry-run", action="store_true", help="check the search and say how many trials it runs; run nothing")
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from analysis.comm import parse_ints
+    from analysis.tune import parse_space, run_tune
+
+    config_path, overrides = _split_items(args.items)
+    seeds = parse_ints(args.seeds, "--seeds", minimum=0) if args.seeds else None
+    if args.grace_rounds < 1 or (args.concurrent is not None and args.concurrent < 1):
+        raise UsageError(f"--{'grace-rounds' if args.grace_rounds < 1 else 'concurrent'}: give a count ≥ 1")
+    path = run_tune(config_path, parse_space(args.space), overrides, samples=args.samples, seeds=seeds, asha=args.asha,
+                    grace_rounds=args.grace_rounds, metric=args.metric, best_per=args.best_per, concurrent=args.concurrent,
+                    overwrite=args.overwrite, dry_run=args.dry_run)
+    if not args.dry_run:
+        print(path / "tune.parquet")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # fedsim submit / status / logs (fedsim/jobs.py: the Ray Jobs API)
 # ---------------------------------------------------------------------------------------------
 
@@ -711,6 +750,23 @@ COMMANDS: dict[str, Command] = {
         add_arguments=_add_sweep,
         handler=_cmd_sweep,
     ),
+    "tune": Command(
+        help="search config keys (each method's lr, …) on Ray Tune, scored on a validation split; write the best config",
+        description=(
+            "Run trials of the config with values from --space (listed values crossed; distributions drawn\n"
+            "--samples times) into <output_dir>/<trial>/, each scored by eval_metric on the rows\n"
+            "workload.validation carves out of the training data (required: never the evaluation file).\n"
+            "Trials run at once where the Ray cluster has room; --asha stops poor ones early. Writes\n"
+            "<output_dir>/tune.parquet (every trial's rounds, fedsim sweep's layout) and best.yaml (or\n"
+            "best-<value>.yaml per value of --best-per). The same command again resumes a stopped tune.\n\n"
+            "examples:\n"
+            "  fedsim tune my.yaml workload.validation=2000 --space \"train.lr=loguniform(1e-4,1e-1)\" --samples 8 --asha\n"
+            "  fedsim tune my.yaml workload.validation=2000 --space method.name=fed-sb,fedit train.lr=0.001,0.003,0.01 \\\n"
+            "      --best-per method.name --seeds 0,1"
+        ),
+        add_arguments=_add_tune,
+        handler=_cmd_tune,
+    ),
 }
 
 
@@ -759,8 +815,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"fedsim: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("fedsim: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(str(e) or "fedsim: interrupted", file=sys.stderr)
         return 130
 
 

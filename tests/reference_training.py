@@ -16,9 +16,9 @@ from torch import nn
 
 from fedsim.adapters.state import State
 from fedsim.config import TrainConfig
+from fedsim.data import IGNORE_INDEX
 from fedsim.methods.base import Method
 from fedsim.privacy import PrivacySettings, mean_record_loss
-from fedsim.training.batches import micro_batches
 from fedsim.training.schedule import TrainStats, lr_factor
 
 
@@ -152,3 +152,40 @@ class PrivateStep:
         self.module._close()
 
 
+def micro_batches(batch: dict[str, torch.Tensor], size: int | None) -> list[tuple[dict[str, torch.Tensor], float]]:
+    """The reference's micro-batching (the engine cuts records into passes instead: ``record_passes``): ``batch`` cut into consecutive micro-batches of ``size`` rows, each with the weight that makes
+    ``Σ weight · micro-loss`` the whole batch's loss (so the gradients add up to the whole batch's).
+
+    HF's losses are means: over the rows for classification (``labels`` of shape (n,)), so a
+    micro-batch weighs its share of the rows; over the labelled next-token positions for a causal LM
+    (``labels`` of shape (n, T), ``-100`` where no loss is taken), so it weighs its share of the
+    batch's labelled tokens. A micro-batch with no labelled token is left out; right-padding columns
+    no row of a micro-batch uses are cut off. ``size`` None (or the whole batch): the batch as it is.
+    """
+    labels = batch["labels"]
+    rows = len(labels)
+    counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1) if labels.dim() == 2 else torch.ones(rows, dtype=torch.long)
+    if size is None or size >= rows:
+        return [(batch, 1.0)] if counts.sum() > 0 else []
+    total = int(counts.sum())
+    parts = []
+    for start in range(0, rows, size):
+        count = int(counts[start:start + size].sum())
+        if count == 0:
+            continue
+        micro = {key: value[start:start + size] for key, value in batch.items()}
+        parts.append((_trim_padding(micro), count / total))
+    return parts
+
+
+def _trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the trailing sequence columns that no row attends to (right padding of a longer row elsewhere in the batch)."""
+    mask = batch.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return batch
+    used = torch.nonzero(mask.any(dim=0)).flatten()
+    width = int(used[-1]) + 1 if len(used) else mask.shape[1]
+    if width == mask.shape[1]:
+        return batch
+    full = mask.shape[1]
+    return {key: value[:, :width] if value.dim() >= 2 and value.shape[1] == full else value for key, value in batch.items()}

@@ -17,11 +17,19 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN_SH = ROOT / "experiments" / "run.sh"
 
 
+# experiment 2b's seeds loop reads each method's tuned line (name rank lr); its first line stands in for all
+LOOP_VALUES = {"$seeds": "experiments/results/private-sst2/seeds/fed-sb-r32", "$name": "fed-sb", "$rank": "32", "$lr": "0.01"}
+
+
 def sweep_commands() -> list[list[str]]:
-    """The arguments of every `fedsim sweep` in run.sh (continuation lines joined, $out expanded, and the σ that
-    experiment 2b's tuning trials read from `fedsim check` at run time given as a number)."""
+    """The arguments of every `fedsim sweep` in run.sh (continuation lines joined, $out expanded, the σ that
+    experiment 2b's tuning trials read from `fedsim check` at run time given as a number, a loop's variables given
+    their first value, redirections dropped)."""
     text = RUN_SH.read_text().replace("\\\n", " ").replace("$out", "experiments/results")
     text = re.sub(r'"\$\(sigma[^)]*\)"', "0.9", text)
+    for variable, value in LOOP_VALUES.items():
+        text = text.replace(variable, value)
+    text = re.sub(r"\s<\s*/dev/null", "", text)
     return [shlex.split(line.strip())[2:] for line in text.splitlines() if line.strip().startswith("fedsim sweep ")]
 
 
@@ -102,3 +110,25 @@ def test_per_client_table_gives_each_clients_label_prior_and_a_mean_over_seeds(t
     summary = next(line for line in out.splitlines() if line.startswith("| split | fedsa-lora r=8 | 2 |"))
     assert "0.750 ± 0.071" in summary and "0.700 – 0.800" in summary  # means 0.8 and 0.7 over the two seeds
     assert (tmp_path / "per_client.png").stat().st_size > 0
+
+
+def tune_variants() -> list[tuple[str, list[str]]]:
+    """Experiment 7's screen: the `fedsim tune` command of run.sh's variant loop, once for each variant (name, arguments)."""
+    text = RUN_SH.read_text().replace("\\\n", " ")
+    command = next(line.strip() for line in text.splitlines() if line.strip().startswith("fedsim tune "))
+    variants = re.search(r"<<'VARIANTS'\n(.*?)\nVARIANTS", text, re.S).group(1).splitlines()
+    out = []
+    for line in variants:
+        name, _, overrides = line.partition(" ")
+        filled = command.replace("$d", "experiments/results/label-skew").replace("$name", name).replace("$overrides", overrides)
+        out.append((name, shlex.split(re.sub(r"\s<\s*/dev/null", "", filled))[1:]))
+    return out
+
+
+@pytest.mark.parametrize("name, args", tune_variants(), ids=lambda value: value if isinstance(value, str) else "")
+def test_every_screen_variant_is_a_valid_search(name, args, capsys):
+    from fedsim.cli import main
+
+    assert main([*args, "--dry-run"]) == 0, capsys.readouterr().err
+    said = capsys.readouterr().out
+    assert said.startswith("3 trials into ") and f"experiments/results/label-skew/screen/{name}/<trial>/" in said

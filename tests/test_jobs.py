@@ -40,11 +40,11 @@ def test_requirements_are_the_projects_own_at_the_locks_versions(tmp_path):
     assert all(";" not in line for line in lines)
     pins = jobs.locked_versions()
     assert f"transformers=={pins['transformers']}" in lines and f"peft=={pins['peft']}" in lines
-    assert [line for line in lines if line.startswith(("ray", "torch"))] == ["torch>=2.3", "ray[default]>=2.40"]
+    assert [line for line in lines if line.startswith(("ray", "torch"))] == ["torch>=2.3", "ray[default,tune]>=2.40"]
     lock = tmp_path / "constraints.txt"
     lock.write_text("# a lock\nTransformers==1.2.3\nray==9.9.9\n")
     other = jobs.project_requirements(lock=lock)
-    assert "transformers==1.2.3" in other and "ray[default]>=2.40" in other and "peft>=0.13" in other  # unpinned: not in it
+    assert "transformers==1.2.3" in other and "ray[default,tune]>=2.40" in other and "peft>=0.13" in other  # unpinned: not in it
     with pytest.raises(UsageError, match="--pip project: no lock at"):
         jobs.locked_versions(tmp_path / "absent.txt")
 

@@ -16,7 +16,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -37,15 +37,17 @@ from fedsim.storage import Location
 from fedsim.training.schedule import client_steps
 
 
-def run(config: Config, resume: str | None = None, overwrite: bool = False, progress: bool = True) -> Path | Location:
-    """Run (or resume) one federated experiment; return its output folder (a local path or a URI)."""
+def run(config: Config, resume: str | None = None, overwrite: bool = False, progress: bool = True,
+        on_round: Callable[[dict], None] | None = None) -> Path | Location:
+    """Run (or resume) one federated experiment; return its output folder (a local path or a URI). ``on_round`` is
+    given each round's row (``rounds.parquet``'s columns) as the round ends (``fedsim tune`` reports it to Ray Tune)."""
     offline_by_default()
     output_dir = Location(config.output_dir)
     if resume is None:
         prepare_output_dir(output_dir, overwrite)
     elif latest_checkpoint(output_dir / "checkpoints") is None:
         raise UsageError(f"--resume: {output_dir} has no complete checkpoint to resume from; start a new run instead")
-    experiment = Experiment(config, output_dir, resumed=resume is not None, progress=progress)
+    experiment = Experiment(config, output_dir, resumed=resume is not None, progress=progress, on_round=on_round)
     experiment.prepare()
     with ray_session(config):
         return experiment.run().native()
@@ -173,7 +175,8 @@ def worker_actors(runtime: RuntimeConfig) -> dict:
 class Experiment:
     """One run: its plan, its actors, its rounds."""
 
-    def __init__(self, config: Config, output_dir: Location, resumed: bool, progress: bool):
+    def __init__(self, config: Config, output_dir: Location, resumed: bool, progress: bool,
+                 on_round: Callable[[dict], None] | None = None):
         config.method = resolved(config.method)  # method.name and the method's own settings checked; config.yaml records them
         self.method = build_method(config.method, config.clients, config.seed)
         if self.method.num_clients is not None:
@@ -188,6 +191,7 @@ class Experiment:
         self.output_dir = output_dir
         self.resumed = resumed
         self.progress = progress
+        self.on_round = on_round
         self.round_rows: list[dict] = []
         self.client_rows: list[dict] = []
         self.contacted: set[int] = set()  # clients with a row so far (sampled in a round: trained, dropped or failed)
@@ -418,6 +422,8 @@ class Experiment:
             **{f"eval_metric_{name}": by_set.get(name, float("nan")) for name in self.plan.data.eval_sets},
         })
         self.writer.submit(round_idx, self.round_rows, self.client_rows)
+        if self.on_round is not None:
+            self.on_round(self.round_rows[-1])
         bar.set_postfix(round=round_idx, loss=f"{self.round_rows[-1]['train_loss']:.3f}", acc=f"{eval_metric:.3f}", refresh=False)
 
     def evaluates(self, round_idx: int) -> bool:

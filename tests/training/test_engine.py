@@ -32,7 +32,8 @@ from torch.nn import functional as F
 from fedsim.adapters import accumulate_gradients, adapted_layers
 from fedsim.training.batches import cohort_batch, plan_passes
 from fedsim.training.engine import train_clients
-from fedsim.training.losses import client_losses
+from fedsim.data import IGNORE_INDEX
+from fedsim.training.losses import record_losses
 from fedsim.training.optimizer import StackedAdamW, clip_per_client
 from fedsim.training.stacking import Segments, stack_clients, stacked_forward
 from reference_training import run_client
@@ -49,6 +50,22 @@ COHORT_SIZES = (1, 2, 4, 7)
 SETTINGS = TrainConfig(local_steps=3, batch_size=4, lr=5e-3, weight_decay=0.01, schedule="linear", warmup_steps=1, max_grad_norm=0.5)
 LLAMA_TARGETS = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
 FLOAT64 = 1e-10  # a float64 cohort against its clients alone, relative: see the module's docstring
+
+
+def client_losses(logits: torch.Tensor, labels: torch.Tensor, segments: Segments, task: str) -> torch.Tensor:
+    """Each client's own mean loss (clients,): what the model's loss is on that client's batch alone.
+
+    classification: mean cross-entropy over the client's examples (single-label, as HF's
+    ``CrossEntropyLoss``); causal-lm: next-token cross-entropy (logits in float32 at least, as HF's
+    ``ForCausalLMLoss`` upcasts them) summed over the client's labelled tokens, divided by their number.
+    """
+    if task == "causal-lm":
+        shifted = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+        per_token = F.cross_entropy(shifted.transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none")
+        counts = (labels[:, 1:] != IGNORE_INDEX).sum(1).to(per_token.dtype)
+        return segments.sum(per_token.sum(1)) / segments.sum(counts)
+    per_example = record_losses(logits, labels, task)
+    return segments.sum(per_example) / torch.tensor(segments.sizes, dtype=per_example.dtype, device=per_example.device)
 
 
 @pytest.fixture(autouse=True)

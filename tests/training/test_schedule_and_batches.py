@@ -11,9 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from fedsim.config import TrainConfig
 from fedsim.data import IGNORE_INDEX
 from fedsim.modeling import enable_checkpointing
-from fedsim.training.batches import micro_batches
 from fedsim.training.schedule import lr_factor
-from reference_training import backward
+from reference_training import backward, micro_batches
 
 
 def factors(steps, **train):

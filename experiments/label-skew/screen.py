@@ -1,0 +1,121 @@
+"""Experiment 7's screen: each variant's `fedsim tune` (one seed, lr grid, ASHA) as one Markdown table and two plots,
+after the diagnosis (diagnose.py's rounds) summed up in one table.
+
+    python experiments/label-skew/screen.py experiments/results/label-skew/screen --out experiments/results/label-skew
+
+The diagnosis table reads ``<out>/diagnose.txt`` (run.sh step 0): per run, the means over its rounds of the clients'
+pairwise cosine, ‖mean ΔW‖/mean ‖ΔW_k‖, ‖mean ΔW‖ and the head's ‖mean‖/mean, and the global model after the last round.
+
+Reads ``<screen>/<variant>/tune.parquet`` (every trial's rounds on the validation phrases) and ``<screen>/wall_s.txt``
+(``<variant> <seconds>`` per tune, written by run.sh). Per variant: the lrs tried and which ASHA stopped, the chosen
+lr (the best finished trial's last-round validation accuracy), that trial's accuracy at its last round and the mean of its
+last three, bytes per client a round (up + down, the mean over rounds after the first contact), the tune's wall time.
+``screen.png``: validation accuracy per round of each variant at its chosen lr; ``screen_vs_bytes.png``: the last-round
+accuracy against bytes per client a round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import statistics
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from matplotlib.figure import Figure
+
+
+def variant_rows(screen: Path) -> list[dict]:
+    walls = {}
+    if (screen / "wall_s.txt").is_file():
+        for line in (screen / "wall_s.txt").read_text().splitlines():
+            name, seconds = line.split()
+            walls[name] = float(seconds)
+    rows = []
+    for folder in sorted(p for p in screen.iterdir() if (p / "tune.parquet").is_file()):
+        table = pq.read_table(folder / "tune.parquet").to_pylist()
+        trials: dict[str, list[dict]] = {}
+        for row in table:
+            trials.setdefault(row["point"], []).append(row)
+        finished = {point: sorted(rs, key=lambda r: r["round"]) for point, rs in trials.items() if rs[0]["finished"]}
+        best_point = max(finished, key=lambda p: finished[p][-1]["eval_metric"])
+        best = finished[best_point]
+        later = best[1:] or best
+        rows.append({
+            "variant": folder.name, "method": best[0]["method"],
+            "lrs": ", ".join(f"{rs[0]['train.lr']:g}{'' if rs[0]['finished'] else ' (stopped at round ' + str(len(rs)) + ')'}"
+                             for _, rs in sorted(trials.items(), key=lambda item: item[1][0]["train.lr"])),
+            "lr": best[0]["train.lr"], "final": best[-1]["eval_metric"],
+            "last3": statistics.fmean(r["eval_metric"] for r in best[-3:]),
+            "bytes": statistics.fmean((r["bytes_up"] + r["bytes_down"]) / r["clients_sampled"] for r in later),
+            "curve": [r["eval_metric"] for r in best], "wall_s": walls.get(folder.name, float("nan")),
+            "rounds_run": sum(len(rs) for rs in trials.values()),
+        })
+    return rows
+
+
+def diagnosis_rows(text: str) -> list[dict]:
+    """One dict per ``## run`` of diagnose.py's output: the means over its rounds, and its last round's global model."""
+    def mean_of(pattern: str, lines: list[str]) -> float:
+        found = [float(m.group(1)) for m in (re.search(pattern, line) for line in lines) if m]
+        return statistics.fmean(found) if found else math.nan
+
+    rows = []
+    for part in text.split("## ")[1:]:
+        lines = part.splitlines()
+        adapters = [line.split(";")[0] for line in lines if line.startswith("round ") and "ΔW" in line]
+        heads = [line.split(";")[1] for line in lines if line.startswith("round ") and "head Δ" in line]
+        last = [line for line in lines if line.strip().startswith("global:")][-1]
+        rows.append({"run": lines[0].strip(), "setting": lines[1].strip(), "rounds": len(adapters),
+                     "cosine": mean_of(r"cosine ([-+0-9.]+)", adapters),
+                     "kept": mean_of(r"‖mean‖/mean‖·‖ ([0-9.]+)", adapters),
+                     "step": mean_of(r"‖mean‖ ([0-9.e+-]+)$", adapters),
+                     "head_cosine": mean_of(r"cosine ([-+0-9.]+)", heads),
+                     "head_kept": mean_of(r"‖mean‖/mean‖·‖ ([0-9.]+)", heads),
+                     "accuracy": float(re.search(r"accuracy ([0-9.]+)", last).group(1)),
+                     "loss": float(re.search(r"loss ([0-9.]+)", last).group(1))})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("screen")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    diagnosis = Path(args.out) / "diagnose.txt"
+    if diagnosis.is_file():
+        print("| run | setting | rounds | clients' ΔW: mean pairwise cosine | ‖mean ΔW‖ / mean ‖ΔW_k‖ | ‖mean ΔW‖ a round | "
+              "head Δ: cosine | head Δ: ‖mean‖ / mean | validation accuracy, loss after the last round |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in diagnosis_rows(diagnosis.read_text()):
+            print(f"| {r['run']} | {r['setting']} | {r['rounds']} | {r['cosine']:+.3f} | {r['kept']:.3f} | {r['step']:.3f} | "
+                  f"{r['head_cosine']:+.3f} | {r['head_kept']:.3f} | {r['accuracy']:.3f}, {r['loss']:.3f} |")
+        print("\n(Means over the rounds; diagnose.py, one client-by-client FedAvg of the uploads a round, no Ray.)\n")
+    rows = variant_rows(Path(args.screen))
+    print("| variant | method | lrs tried (ASHA) | chosen lr | validation accuracy, last round | mean of last 3 | "
+          "bytes per client a round | rounds run in the tune | tune wall time |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: -r["final"]):
+        print(f"| {r['variant']} | {r['method']} | {r['lrs']} | {r['lr']:g} | {r['final']:.3f} | {r['last3']:.3f} | "
+              f"{r['bytes'] / 1e3:,.1f} kB | {r['rounds_run']} | {r['wall_s'] / 60:.1f} min |")
+    total = sum(r["wall_s"] for r in rows)
+    print(f"\nThe screen's tuning: {sum(r['rounds_run'] for r in rows)} rounds in {total / 60:.1f} min on this machine.")
+    figure = Figure(figsize=(7, 4.5))
+    axes = figure.subplots()
+    for r in rows:
+        axes.plot(range(1, len(r["curve"]) + 1), r["curve"], marker="o", markersize=3, label=f"{r['variant']} (lr {r['lr']:g})")
+    axes.set(xlabel="round", ylabel="validation accuracy", title="Label skew (Dirichlet 0.5, 10 clients): the screen")
+    axes.legend(fontsize=7)
+    figure.savefig(Path(args.out) / "screen.png", dpi=120, bbox_inches="tight")
+    figure = Figure(figsize=(6, 4.5))
+    axes = figure.subplots()
+    for r in rows:
+        axes.scatter(r["bytes"], r["final"])
+        axes.annotate(r["variant"], (r["bytes"], r["final"]), fontsize=7)
+    axes.set(xscale="log", xlabel="bytes per client a round (up + down)", ylabel="validation accuracy, last round")
+    figure.savefig(Path(args.out) / "screen_vs_bytes.png", dpi=120, bbox_inches="tight")
+
+
+if __name__ == "__main__":
+    main()
