@@ -147,7 +147,7 @@ def trial_folder(trial_id: str, values: dict) -> str:
     return f"{trial_id.rsplit('_', 1)[-1]}_{point_name(shown)}"
 
 
-def run_trial(values: dict, *, base: dict, root: str, seeds: list[int] | None, metric: str, fresh: bool) -> None:
+def run_trial(values: dict, *, base: dict, root: str, seeds: list[int] | None, metric: str, fresh: bool, cwd: str) -> None:
     """One trial (Tune's function trainable): its run(s), each evaluated round reported as ``score`` (with ``--seeds``,
     the mean of the seeds finished so far, once a seed ends). A run that finished is read back, one with a checkpoint
     resumes from it, any other starts again: a resumed tune repeats no finished work."""
@@ -156,6 +156,8 @@ def run_trial(values: dict, *, base: dict, root: str, seeds: list[int] | None, m
     from fedsim.runtime.aggregator import latest_checkpoint
     from fedsim.runtime.driver import run
 
+    if os.path.isdir(cwd):  # Tune starts a trial in its own folder: the config's relative paths are the driver's
+        os.chdir(cwd)
     folder = join(root, trial_folder(tune.get_context().get_trial_id(), values))
     marker = Location(folder) / TRIAL_FILE
 
@@ -246,7 +248,8 @@ def run_tune(config_path: str | None, space: dict[str, Dimension], overrides=(),
         from ray.tune.logger import JsonLoggerCallback
 
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, base=base, root=root_text, seeds=seeds, metric=metric, fresh=not resume), {"memory": 1})  # the trial only drives its run: its workers place their own resources
+            tune.with_parameters(run_trial, base=base, root=root_text, seeds=seeds, metric=metric, fresh=not resume,
+                                cwd=os.getcwd()), {"memory": 1})  # the trial only drives its run: its workers place their own resources
         if resume and tune.Tuner.can_restore(state.native() if not is_remote(root_text) else str(state)):
             tuner = tune.Tuner.restore(str(state), trainable, resume_unfinished=True, restart_errored=True)
             print(f"fedsim tune: resuming the search in {root_text}")
