@@ -4,7 +4,9 @@ after the diagnosis (diagnose.py's rounds) summed up in one table.
     python experiments/label-skew/screen.py experiments/results/label-skew/screen --out experiments/results/label-skew
 
 The diagnosis table reads ``<out>/diagnose.txt`` (run.sh step 0): per run, the means over its rounds of the clients'
-pairwise cosine, ‖mean ΔW‖/mean ‖ΔW_k‖, ‖mean ΔW‖ and the head's ‖mean‖/mean, and the global model after the last round.
+pairwise cosine, ‖mean ΔW‖/mean ‖ΔW_k‖, ‖mean ΔW‖ and the head's ‖mean‖/mean; the validation loss the rounds took off,
+of the global model and of each half of a round's change alone (its new adapters with the old head, its old adapters
+with the new head); and the global model after the last round.
 
 Reads ``<screen>/<variant>/tune.parquet`` (every trial's rounds on the validation phrases) and ``<screen>/wall_s.txt``
 (``<variant> <seconds>`` per tune, written by run.sh). Per variant: the lrs tried and which ASHA stopped, the chosen
@@ -67,12 +69,24 @@ def diagnosis_rows(text: str) -> list[dict]:
         adapters = [line.split(";")[0] for line in lines if line.startswith("round ") and "ΔW" in line]
         heads = [line.split(";")[1] for line in lines if line.startswith("round ") and "head Δ" in line]
         last = [line for line in lines if line.strip().startswith("global:")][-1]
+        # each round's loss drop, of the global model and of each half of the round's change alone, summed over rounds
+        loss = lambda pattern, line: float(re.search(pattern, line).group(1))  # noqa: E731
+        before = loss(r"loss ([0-9.]+)", next(line for line in lines if line.startswith("round 0 model")))
+        drops = [0.0, 0.0, 0.0]
+        for global_line, split_line in zip([line for line in lines if line.strip().startswith("global:")],
+                                           [line for line in lines if "new adapters, old head" in line]):
+            after = loss(r"loss ([0-9.]+)", global_line)
+            drops[0] += before - after
+            drops[1] += before - loss(r"old head: accuracy [0-9.]+, loss ([0-9.]+)", split_line)
+            drops[2] += before - loss(r"new head: accuracy [0-9.]+, loss ([0-9.]+)", split_line)
+            before = after
         rows.append({"run": lines[0].strip(), "setting": lines[1].strip(), "rounds": len(adapters),
                      "cosine": mean_of(r"cosine ([-+0-9.]+)", adapters),
                      "kept": mean_of(r"‖mean‖/mean‖·‖ ([0-9.]+)", adapters),
                      "step": mean_of(r"‖mean‖ ([0-9.e+-]+)$", adapters),
                      "head_cosine": mean_of(r"cosine ([-+0-9.]+)", heads),
                      "head_kept": mean_of(r"‖mean‖/mean‖·‖ ([0-9.]+)", heads),
+                     "drop": drops[0], "drop_adapters": drops[1], "drop_head": drops[2],
                      "accuracy": float(re.search(r"accuracy ([0-9.]+)", last).group(1)),
                      "loss": float(re.search(r"loss ([0-9.]+)", last).group(1))})
     return rows
@@ -85,12 +99,14 @@ def main() -> None:
     args = parser.parse_args()
     diagnosis = Path(args.out) / "diagnose.txt"
     if diagnosis.is_file():
-        print("| run | setting | rounds | clients' ΔW: mean pairwise cosine | ‖mean ΔW‖ / mean ‖ΔW_k‖ | ‖mean ΔW‖ a round | "
-              "head Δ: cosine | head Δ: ‖mean‖ / mean | validation accuracy, loss after the last round |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("| run | clients' ΔW: mean pairwise cosine | ‖mean ΔW‖ / mean ‖ΔW_k‖ | ‖mean ΔW‖ a round | "
+              "head Δ: cosine | head Δ: ‖mean‖ / mean | loss drop over the rounds: global (adapters alone, head alone) | "
+              "validation accuracy, loss after the last round |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in diagnosis_rows(diagnosis.read_text()):
-            print(f"| {r['run']} | {r['setting']} | {r['rounds']} | {r['cosine']:+.3f} | {r['kept']:.3f} | {r['step']:.3f} | "
-                  f"{r['head_cosine']:+.3f} | {r['head_kept']:.3f} | {r['accuracy']:.3f}, {r['loss']:.3f} |")
+            print(f"| {r['setting']} | {r['cosine']:+.3f} | {r['kept']:.3f} | {r['step']:.3f} | {r['head_cosine']:+.3f} | "
+                  f"{r['head_kept']:.3f} | {r['drop']:.4f} ({r['drop_adapters']:.4f}, {r['drop_head']:.4f}) | "
+                  f"{r['accuracy']:.3f}, {r['loss']:.3f} |")
         print("\n(Means over the rounds; diagnose.py, one client-by-client FedAvg of the uploads a round, no Ray.)\n")
     rows = variant_rows(Path(args.screen))
     print("| variant | method | lrs tried (ASHA) | chosen lr | validation accuracy, last round | mean of last 3 | "
