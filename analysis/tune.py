@@ -250,7 +250,7 @@ def run_tune(config_path: str | None, space: dict[str, Dimension], overrides=(),
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=base, root=root_text, seeds=seeds, metric=metric, fresh=not resume,
                                 cwd=os.getcwd()), {"memory": 1})  # the trial only drives its run: its workers place their own resources
-        if resume and tune.Tuner.can_restore(state.native() if not is_remote(root_text) else str(state)):
+        if resume and tune.Tuner.can_restore(str(state)):
             tuner = tune.Tuner.restore(str(state), trainable, resume_unfinished=True, restart_errored=True)
             print(f"fedsim tune: resuming the search in {root_text}")
         else:

@@ -125,3 +125,19 @@ def test_a_stopped_tune_resumes_without_repeating_a_finished_run(ray_local, tiny
     best = min(means, key=means.get)
     header = (out / "best.yaml").read_text().splitlines()[0]
     assert f"eval_loss {means[best]:.4f} (trial {best})" in header
+
+
+def test_a_trial_reads_the_configs_relative_paths_from_where_the_tune_was_started(ray_local, tiny_model_dir, tmp_path,
+                                                                                    monkeypatch):
+    """Tune starts a trial in a folder of its own; `workload.path=sst2` (relative) is still the driver's ./sst2."""
+    folder = tmp_path / "sst2"
+    folder.mkdir()
+    rows = [f"phrase number {i} is {'good' if i % 2 else 'bad'}\t{i % 2}" for i in range(60)]
+    (folder / "train.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    (folder / "dev.tsv").write_text("sentence\tlabel\n" + "\n".join(rows[:10]) + "\n")
+    monkeypatch.chdir(tmp_path)
+    settings = [s for s in small(tiny_model_dir, "t", 1) if not s.startswith("output_dir=")]
+    assert main(["tune", "output_dir=t", *settings, "workload.name=sst2", "workload.path=sst2", "--space",
+                 "train.lr=0.001"]) == 0
+    table = pq.read_table(tmp_path / "t" / "tune.parquet").to_pylist()
+    assert len(table) == 1 and table[0]["finished"]
