@@ -93,7 +93,7 @@ if [[ "$want" == all || "$want" == private-sst2 ]]; then  # 2b. DP-SGD at a size
     fedsim sweep experiments/private-sst2/sst2.yaml output_dir=$seeds method.name=$name method.rank=$rank train.lr=$lr \
       privacy.epsilon=3 --grid seed=0,1,2 < /dev/null
   done
-  python experiments/seeds.py $d/seeds/* --out $d/seeds > $d/seeds/seeds.md
+  python experiments/seeds.py $d/seeds/*/ --out $d/seeds > $d/seeds/seeds.md
   python experiments/private-sst2/table.py $d/runs --out $d > $d/table.md
   fedsim report $d/runs --out $d/report
 fi

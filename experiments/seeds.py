@@ -81,8 +81,8 @@ def main() -> None:
                      f"| {late_mean:.3f} ± {late_sd:.3f} | {per_client_round:,.0f} | {run_bytes:,.0f} | {max(errors, default=float('nan')):.2e} | {epsilon} |")
         points = ax_bytes.errorbar([run_bytes], [mean], yerr=[sd], fmt="o", capsize=4, label=label)
         ax_bytes.scatter([run_bytes] * len(finals), finals, s=10, color=points[0].get_color(), alpha=0.5)
-        rounds = sorted({x["round"] for r in runs for x in r})
-        curve = [spread([r[i]["eval_metric"] for r in runs]) for i in range(len(rounds))]
+        rounds = sorted({x["round"] for r in runs for x in r if x["eval_metric"] == x["eval_metric"]})  # the evaluated ones
+        curve = [spread([x["eval_metric"] for r in runs for x in r if x["round"] == i]) for i in rounds]
         line, = ax_rounds.plot(rounds, [m for m, _ in curve], marker="o", markersize=3, label=label)
         ax_rounds.fill_between(rounds, [m - s for m, s in curve], [m + s for m, s in curve], color=line.get_color(), alpha=0.15)
     ax_bytes.set(xscale="log", xlabel="bytes per client over the run (up + down)", ylabel="final accuracy (mean ± sd over seeds)",
