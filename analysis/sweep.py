@@ -41,9 +41,10 @@ def split_values(text: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
-def parse_grid(items: list[str], flag: str = "--grid") -> dict[str, list]:
+def parse_grid(items: list[str], flag: str = "--grid", required: bool = True) -> dict[str, list]:
     """``["method.name=fed-sb,fedit", "clients.count=10,100"]`` → ``{"method.name": ["fed-sb", "fedit"], ...}`` (values as
-    YAML). ``flag``: the option the items came from, as the errors name it (``fedsim tune --space`` lists values too)."""
+    YAML). ``flag``: the option the items came from, as the errors name it (``fedsim tune --space`` lists values too);
+    ``required``: at least one key (``--space`` may hold only distributions)."""
     grid: dict[str, list] = {}
     for item in items:
         if "=" not in item:
@@ -59,8 +60,8 @@ def parse_grid(items: list[str], flag: str = "--grid") -> dict[str, list]:
         if key == "output_dir":
             raise UsageError(f"{flag}: output_dir cannot vary; each point writes to <output_dir>/<point name>")
         grid[key] = values
-    if not grid and flag == "--grid":
-        raise UsageError("--grid: give at least one key=v1,v2,... (e.g. --grid method.name=fed-sb,fedit)")
+    if not grid and required:
+        raise UsageError(f"{flag}: give at least one key=v1,v2,... (e.g. {flag} method.name=fed-sb,fedit)")
     return grid
 
 

@@ -32,7 +32,7 @@ import yaml
 
 from analysis.sweep import expand_grid, parse_grid, point_config, point_name, split_values
 from fedsim.errors import UsageError
-from fedsim.storage import Location, join
+from fedsim.storage import Location, is_uri, join
 
 TUNE_FILE = "tune.parquet"
 STATE_DIR = "tune"  # Ray Tune's experiment state (what a resume reads)
@@ -88,7 +88,7 @@ def parse_space(items: list[str]) -> dict[str, Dimension]:
         if not key or key in drawn:
             raise UsageError(f"--space: {'missing key in ' + repr(item) if not key else key + ' is given twice'}")
         drawn[key] = Dimension(kind, values)
-    grid = parse_grid(listed, flag="--space")
+    grid = parse_grid(listed, flag="--space", required=False)
     if set(grid) & set(drawn):
         raise UsageError(f"--space: {sorted(set(grid) & set(drawn))[0]} is given twice")
     order = [item.partition("=")[0].strip() for item in items]
@@ -217,7 +217,7 @@ def run_tune(config_path: str | None, space: dict[str, Dimension], overrides=(),
     base = load_config_dict(config_path, list(overrides))
     first = check_search(base, space, seeds, best_per)
     root = Location(str(base.get("output_dir") or "results/tune"))
-    root_text = str(root) if is_remote(str(root)) else os.path.abspath(str(root))
+    root_text = str(root) if is_uri(str(root)) else os.path.abspath(str(root))
     root = Location(root_text)
     spec = {"config": base, "space": {k: [d.kind, list(d.values)] for k, d in space.items()}, "samples": samples,
             "seeds": seeds, "asha": asha, "grace_rounds": grace_rounds, "metric": metric}
@@ -285,10 +285,6 @@ def run_tune(config_path: str | None, space: dict[str, Dimension], overrides=(),
 
 class Interrupted(KeyboardInterrupt):
     """A tune stopped before every trial ended: the CLI says so and how to resume, and exits 130."""
-
-
-def is_remote(path: str) -> bool:
-    return "://" in path
 
 
 def trial_folders(root: Location) -> list[Location]:

@@ -42,7 +42,8 @@ def weight_updates(state: dict, uploads: list[dict]) -> list[torch.Tensor]:
         return b @ (r.double() @ a if r is not None else a)
 
     layers = layer_names_of(state)
-    return [torch.cat([(product({**state, **u["tensors"]}, layer) - product(state, layer)).flatten() for layer in layers])
+    before = {layer: product(state, layer) for layer in layers}  # the global state's B R A, once
+    return [torch.cat([(product({**state, **u["tensors"]}, layer) - before[layer]).flatten() for layer in layers])
             for u in uploads]
 
 
