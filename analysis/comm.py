@@ -296,7 +296,7 @@ class MessageReplay:
 
     def trained(self, round_idx: int, rank: int) -> State:
         """The tensors a client of rank ``rank`` trains in ``round_idx`` (what it uploads and what it keeps), as meta."""
-        kinds = set(self.method.trained_kinds(round_idx)) | {"head"}
+        kinds = set(self.method.trained_kinds(round_idx)) | ({"head"} if self.method.trains_head(round_idx) else set())
         return {key: leading_block(value, rank_shape(key_kind(key), value.shape, rank))
                 for key, value in self.state.items() if key_kind(key) in kinds}
 
@@ -585,7 +585,7 @@ def run_shapes(run_dir, config: dict | None = None) -> tuple[ModelShapes, Method
     source = resolve_model_path(model_cfg.get("name", "minilm"))
     if not Path(source).exists() and _preset_key(source) is None:
         raise UsageError(f"results: the model {model_cfg.get('name')!r} of {run_dir} is neither a local folder nor a preset")
-    full = config_from_dict({key: config[key] for key in ("seed", "method", "clients", "adapters") if key in config})
+    full = config_from_dict({key: config[key] for key in ("seed", "method", "clients", "adapters", "eval") if key in config})
     shapes = model_shapes(
         source if Path(source).exists() else _preset_key(source), model_cfg.get("target_modules"),
         task=model_cfg.get("task", "classification"), num_labels=num_labels,

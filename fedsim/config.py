@@ -196,6 +196,11 @@ class MethodConfig(Section):
     rank: int = setting(4, "adapter rank r", **AT_LEAST_ONE)
     alpha: Optional[float] = setting(None, "LoRA alpha; null = rank (scaling alpha/r = 1)", **POSITIVE)
     train_head: bool = setting(True, "train the classification head too, and average it with the adapters")
+    head_rounds: Optional[int] = setting(None, "with train_head: train (and average) the head in the first N rounds only, "
+                                         "then freeze it: a warm-up; null = every round", **AT_LEAST_ONE)
+    local_head: bool = setting(False, "with train_head: each client trains and keeps its own head, never uploaded or "
+                               "averaged (as fedsa-lora keeps its head); the rounds are scored on the clients' own rows "
+                               "(eval.per_client), since no global head exists")
     # the method's own settings (method.<key>, written beside the keys above): declared and checked in its file
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -391,6 +396,14 @@ def _check_across_sections(cfg: Config) -> None:
            f"must be at most train.batch_size ({t.batch_size}) or null, got {t.micro_batch_size}")
     _check(not (t.control_variates and cfg.runtime.presum), "train.control_variates",
            "cannot be combined with runtime.presum (each client's Δc must reach the server); set runtime.presum=false")
+    _check(m.train_head or (m.head_rounds is None and not m.local_head), "method.train_head",
+           "is false, so method.head_rounds and method.local_head would be ignored; set method.train_head=true, or drop them")
+    _check(not (m.local_head and m.head_rounds is not None), "method.head_rounds",
+           "cannot be combined with method.local_head (each client's frozen head would differ, and a cohort shares frozen "
+           "tensors); drop one")
+    _check(not m.local_head or cfg.eval.per_client > 0, "eval.per_client",
+           "must be above 0 with method.local_head (no global head exists: the rounds are scored on the clients' own rows); "
+           "try eval.per_client=0.1")
     _check(not (p.enabled and cfg.model.gradient_checkpointing), "model.gradient_checkpointing",
            "must be false with privacy.enabled (Opacus's per-sample gradient hooks see no activations under recomputation)")
     _check_one_of(cfg, "train.local_steps", "train.local_epochs", named="train.local_epochs")

@@ -280,7 +280,7 @@ def test_a_method_s_own_settings_are_kept_as_given_beside_the_shared_ones(tmp_pa
     assert cfg.method.name == "fra-then-ffa"
     assert cfg.method.options == {"switch_round": 2, "fedex_downlink": "stacked"}
     assert config_to_dict(cfg)["method"] == {"name": "fra-then-ffa", "rank": 4, "alpha": None, "train_head": True,
-                                             "switch_round": 2, "fedex_downlink": "stacked"}
+                                             "head_rounds": None, "local_head": False, "switch_round": 2, "fedex_downlink": "stacked"}
     assert "  switch_round: 2" in config_to_yaml(cfg)
     assert config_from_dict(yaml.safe_load(config_to_yaml(cfg))) == cfg
     assert "method.switch_round" not in field_paths()

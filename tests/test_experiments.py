@@ -18,7 +18,9 @@ RUN_SH = ROOT / "experiments" / "run.sh"
 
 
 # experiment 2b's seeds loop reads each method's tuned line (name rank lr); its first line stands in for all
-LOOP_VALUES = {"$seeds": "experiments/results/private-sst2/seeds/fed-sb-r32", "$name": "fed-sb", "$rank": "32", "$lr": "0.01"}
+# experiment 7's second stage sweeps each variant's best.yaml from its tune: the config it was tuned from stands in
+LOOP_VALUES = {"$tuning/$name/best.yaml": "experiments/label-skew/sst2.yaml", "$dataset": "sst2",
+               "$d/stage2": "experiments/results/label-skew/stage2", "$seeds": "experiments/results/private-sst2/seeds/fed-sb-r32", "$name": "fed-sb", "$rank": "32", "$lr": "0.01"}
 
 
 def sweep_commands() -> list[list[str]]:
@@ -38,7 +40,7 @@ def test_run_sh_starts_a_sweep_for_each_experiment():
     assert configs == {"experiments/matched-comm/sst2.yaml", "experiments/private-snli/snli.yaml",
                        "experiments/fra-study/balanced.yaml", "experiments/fra-study/imbalanced.yaml",
                        "experiments/rank-het/sst2.yaml", "experiments/personal/sst2.yaml",
-                       "experiments/private-sst2/sst2.yaml"}
+                       "experiments/private-sst2/sst2.yaml", "experiments/label-skew/sst2.yaml"}
 
 
 @pytest.mark.parametrize("args", sweep_commands(), ids=lambda args: " ".join(args[1:3]))
@@ -83,6 +85,38 @@ def test_seeds_table_gives_mean_and_spread_over_seeds(tmp_path):
 
 
 @pytest.mark.slow  # a subprocess
+def test_stage2_table_gives_each_variant_its_spread_per_split(tmp_path):
+    """experiment 7's stage2.py: the last evaluated round (eval.every skips some) per seed, mean ± sd per split, the IID
+    run as one seed, bytes per client a round after the first, the lr from the runs' config."""
+    def sweep(folder, grid_rows):
+        points = []
+        for grid, final in grid_rows:
+            name = "_".join(f"{k.split('.')[-1]}-{v}" for k, v in grid.items())
+            (folder / name / "data").mkdir(parents=True)
+            (folder / name / "config.yaml").write_text(yaml.safe_dump({"train": {"lr": 0.016}}))
+            pq.write_table(pa.table({"label": [0, 0, 0, 1]}), folder / name / "data" / "eval.parquet")
+            pq.write_table(pa.table({
+                "round": [0, 1, 2], "method": ["fed-sb"] * 3, "clients_sampled": [2] * 3, "clients_ok": [2] * 3,
+                "bytes_up": [900, 200, 200], "bytes_down": [900, 100, 100], "agg_error": [0.0] * 3, "train_loss": [0.6] * 3,
+                "eval_metric": [0.5, final, float("nan")], "eval_loss": [0.7] * 3, "wall_s": [1.0] * 3,
+                "epsilon_max": [float("nan")] * 3}), folder / name / "rounds.parquet")
+            points.append((grid, name))
+        gather(folder, points)
+
+    variant = tmp_path / "stage2" / "sst2" / "fedavgm"
+    sweep(variant / "skew", [({"clients.alpha": alpha, "seed": seed}, final) for alpha, seed, final in
+                             ((0.1, 0, 0.6), (0.1, 1, 0.7), (0.1, 2, 0.8), (0.5, 0, 0.9), (0.5, 1, 0.9), (0.5, 2, 0.9))])
+    sweep(variant / "iid", [({"seed": 0}, 0.85)])
+    out = subprocess.run([sys.executable, str(ROOT / "experiments" / "label-skew" / "stage2.py"), str(tmp_path / "stage2"),
+                          "--out", str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    cells = [c.strip() for c in next(line for line in out.splitlines() if line.startswith("| fedavgm")).strip("|").split("|")]
+    assert cells == ["fedavgm", "0.016", "0.700 ± 0.100 (0.600 – 0.800)", "0.900 ± 0.000 (0.900 – 0.900)",
+                     "0.850 (1 seed)", "0.1 kB"]  # (200 + 100) / 2 clients = 150 bytes a round after the first
+    assert "Majority class of the evaluation rows: 0.750." in out
+    assert (tmp_path / "stage2_sst2.png").stat().st_size > 0
+
+
+@pytest.mark.slow  # a subprocess
 def test_seeds_refuses_a_folder_without_a_sweep(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "experiments" / "seeds.py"), str(tmp_path), "--out", str(tmp_path)],
                           capture_output=True, text=True)
@@ -113,22 +147,28 @@ def test_per_client_table_gives_each_clients_label_prior_and_a_mean_over_seeds(t
 
 
 def tune_variants() -> list[tuple[str, list[str]]]:
-    """Experiment 7's screen: the `fedsim tune` command of run.sh's variant loop, once for each variant (name, arguments)."""
+    """Experiment 7's tunes: run.sh's `tune` function's `fedsim tune` command, once for each variant of the screen on
+    SST-2 and for each variant of the second stage on BBC News (folder, arguments)."""
     text = RUN_SH.read_text().replace("\\\n", " ")
     command = next(line.strip() for line in text.splitlines() if line.strip().startswith("fedsim tune "))
-    variants = re.search(r"<<'VARIANTS'\n(.*?)\nVARIANTS", text, re.S).group(1).splitlines()
+    variants = dict(line.partition(" ")[::2] for line in
+                    re.search(r"<<'VARIANTS'\n(.*?)\nVARIANTS", text, re.S).group(1).splitlines())
+    stage2 = re.search(r"stage2=\((.*?)\)", text).group(1).split()
+    assert set(stage2) <= set(variants)
     out = []
-    for line in variants:
-        name, _, overrides = line.partition(" ")
-        filled = command.replace("$d", "experiments/results/label-skew").replace("$name", name).replace("$overrides", overrides)
-        out.append((name, shlex.split(re.sub(r"\s<\s*/dev/null", "", filled))[1:]))
+    for dataset, folder, names in (("sst2", "screen", list(variants)), ("bbc", "bbc-tuning", stage2)):
+        for name in names:
+            place = f"experiments/results/label-skew/{folder}/{name}"
+            filled = command.replace("$config", f"experiments/label-skew/{dataset}.yaml").replace("$folder", place)
+            filled = filled.replace('"$@"', variants[name])
+            out.append((place, shlex.split(re.sub(r"\s<\s*/dev/null", "", filled))[1:]))
     return out
 
 
-@pytest.mark.parametrize("name, args", tune_variants(), ids=lambda value: value if isinstance(value, str) else "")
-def test_every_screen_variant_is_a_valid_search(name, args, capsys):
+@pytest.mark.parametrize("place, args", tune_variants(), ids=lambda value: value if isinstance(value, str) else "")
+def test_every_tune_of_experiment_7_is_a_valid_search(place, args, capsys):
     from fedsim.cli import main
 
     assert main([*args, "--dry-run"]) == 0, capsys.readouterr().err
     said = capsys.readouterr().out
-    assert said.startswith("3 trials into ") and f"experiments/results/label-skew/screen/{name}/<trial>/" in said
+    assert said.startswith("3 trials into ") and f"{place}/<trial>/" in said

@@ -288,6 +288,8 @@ PROBES = {
     "method.rank": (3, method_probe),
     "method.alpha": (8.0, "lora"),
     "method.train_head": (False, method_probe),
+    "method.head_rounds": (1, method_probe),  # round 1 is after the warm-up: no head goes up
+    "method.local_head": (True, method_probe),
     "method.switch_round": (1, "fra-then-ffa"),
     "method.adapter": ("lora", "central"),
     "method.fedex_downlink": ("stacked", "fedex-lora"),
@@ -378,7 +380,7 @@ CONTEXTS = {
     "private-init": ({"privacy.enabled": True, "privacy.epsilon": 20.0, "privacy.init_noise_multiplier": 2.0}, privacy_probe),
 }
 # A key whose change is only valid with another: the companions change with it.
-COMPANIONS = {"privacy.enabled": {"privacy.epsilon": 3.0}, "train.local_epochs": {"train.local_steps": None},
+COMPANIONS = {"privacy.enabled": {"privacy.epsilon": 3.0}, "method.local_head": {"eval.per_client": 0.25}, "train.local_epochs": {"train.local_steps": None},
               "workload.name": {"workload.path": None, "workload.options": {}}}  # bbc-news: its own files, no text-file options
 CAUSAL = {"model.task": "causal-lm", "workload.name": "gsm8k", "workload.options": {}, "method.train_head": False,
           "model.target_modules": ["q_proj", "v_proj"], "workload.max_length": 48, "eval.max_new_tokens": 6}

@@ -45,7 +45,7 @@ def variant_rows(screen: Path) -> list[dict]:
         best = finished[best_point]
         later = best[1:] or best
         rows.append({
-            "variant": folder.name, "method": best[0]["method"],
+            "variant": folder.name, "method": best[0]["method"], "run_dir": folder / best_point,
             "lrs": ", ".join(f"{rs[0]['train.lr']:g}{'' if rs[0]['finished'] else ' (stopped at round ' + str(len(rs)) + ')'}"
                              for _, rs in sorted(trials.items(), key=lambda item: item[1][0]["train.lr"])),
             "lr": best[0]["train.lr"], "final": best[-1]["eval_metric"],
@@ -55,6 +55,38 @@ def variant_rows(screen: Path) -> list[dict]:
             "rounds_run": sum(len(rs) for rs in trials.values()),
         })
     return rows
+
+
+def own_rows_scores(run_dir: Path) -> dict | None:
+    """A run with ``eval.per_client``: its last round's accuracy on the clients' own held-out rows, pooled over them (each
+    client's model: the global one, with what it keeps over it), and what predicting each client's majority training label
+    would score on the same rows. None where the run kept no data folder (it is not committed)."""
+    meta, train = run_dir / "data" / "meta.json", run_dir / "data" / "train.parquet"
+    if not (meta.is_file() and train.is_file()):
+        return None
+    import json
+
+    sizes = json.loads(meta.read_text())["client_eval_sizes"]
+    clients = pq.read_table(run_dir / "clients.parquet").to_pylist()
+    last = max(row["round"] for row in clients)
+    mine = [row for row in clients if row["round"] == last and sizes[row["client_id"]] > 0]
+    pooled = sum(row["eval_metric"] * sizes[row["client_id"]] for row in mine) / sum(sizes[row["client_id"]] for row in mine)
+    rows = pq.read_table(train, columns=["client_id", "label", "held_out"]).to_pylist()
+    correct = total = 0
+    for client_id in {row["client_id"] for row in rows}:
+        labels = [row["label"] for row in rows if row["client_id"] == client_id and not row["held_out"]]
+        held = [row["label"] for row in rows if row["client_id"] == client_id and row["held_out"]]
+        if labels and held:
+            majority = max(set(labels), key=labels.count)
+            correct += sum(label == majority for label in held)
+            total += len(held)
+    return {"pooled": pooled, "majority": correct / total, "rows": total, "lr": yaml_lr(run_dir)}
+
+
+def yaml_lr(run_dir: Path) -> float:
+    import yaml
+
+    return yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["lr"]
 
 
 def diagnosis_rows(text: str) -> list[dict]:
@@ -117,6 +149,21 @@ def main() -> None:
               f"{r['bytes'] / 1e3:,.1f} kB | {r['rounds_run']} | {r['wall_s'] / 60:.1f} min |")
     total = sum(r["wall_s"] for r in rows)
     print(f"\nThe screen's tuning: {sum(r['rounds_run'] for r in rows)} rounds in {total / 60:.1f} min on this machine.")
+    local = next((r for r in rows if r["variant"] == "head-local"), None)
+    averaged = Path(args.screen).parent / "screen-per-client" / "fed-sb"
+    if local is not None:
+        print("\nhead-local keeps a head on each client, so no global model exists: its score above is each client's own "
+              "model on its own held-out rows (eval.per_client: 10% of each client's phrases), pooled over them, not the "
+              "400 validation phrases. On the same rows:\n")
+        print("| run | lr | accuracy on the clients' own rows | each client's majority training label on them |")
+        print("|---|---|---|---|")
+        for name, run_dir in (("head-local (each client's own head)", local["run_dir"]),
+                              ("fed-sb (the averaged head)", averaged)):
+            scores = own_rows_scores(run_dir) if run_dir.is_dir() else None
+            if scores is None:
+                print(f"| {name} | | (no data folder: run run.sh's step 1 here) | |")
+            else:
+                print(f"| {name} | {scores['lr']:g} | {scores['pooled']:.3f} | {scores['majority']:.3f} ({scores['rows']} rows) |")
     figure = Figure(figsize=(7, 4.5))
     axes = figure.subplots()
     for r in rows:

@@ -212,8 +212,14 @@ class Method:
 
     def client_kinds(self, round_idx: int) -> tuple[str, ...]:
         """Kinds a client trains but keeps (``"lora_B"``…, or ``"head"`` for the head): never uploaded, never
-        aggregated, stored per client between its rounds. None by default."""
-        return ()
+        aggregated, stored per client between its rounds. By default the head where ``method.local_head``, else none."""
+        return ("head",) if self.config.local_head else ()
+
+    def trains_head(self, round_idx: int) -> bool:
+        """Whether clients train the classification head in round ``round_idx``: ``method.train_head``, in the first
+        ``method.head_rounds`` rounds only where that is set (a warm-up, after which the averaged head stays frozen)."""
+        rounds = self.config.head_rounds
+        return self.config.train_head and (rounds is None or round_idx < rounds)
 
     def trainable_parameters(self, model: nn.Module, round_idx: int) -> dict[str, nn.Parameter]:
         """Mark exactly this round's trained tensors as trainable and return them, keyed as in the state."""
@@ -223,7 +229,7 @@ class Method:
         for name, layer in adapted_layers(model).items():
             for kind in kinds:
                 params[state_key(name, kind)] = layer.module(kind).weight
-        if self.config.train_head:
+        if self.trains_head(round_idx):
             for name, param in head_parameters(model).items():
                 params[HEAD_PREFIX + name] = param
         for param in params.values():
@@ -312,7 +318,7 @@ class Method:
     def uploaded_kinds(self, round_idx: int) -> tuple[str, ...]:
         """The kinds a client uploads in round ``round_idx``: what it trains (the head too, where trained), less what it keeps."""
         kept = self.client_kinds(round_idx)
-        head = ("head",) if self.config.train_head else ()  # a frozen head (adapters.head_init: public) stays put
+        head = ("head",) if self.trains_head(round_idx) else ()  # a frozen head (public, or after head_rounds) stays put
         return tuple(kind for kind in (*self.trained_kinds(round_idx), *head) if kind not in kept)
 
     def averaged_kinds(self, round_idx: int) -> tuple[str, ...] | None:

@@ -1,0 +1,110 @@
+"""Experiment 7's second stage: each variant at its tuned lr, 3 seeds at Dirichlet α = 0.1 and 0.5 and an IID reference,
+on SST-2 and BBC News, scored on the evaluation file. One Markdown table per dataset and one plot.
+
+    python experiments/label-skew/stage2.py experiments/results/label-skew/stage2 --out experiments/results/label-skew/stage2
+
+Reads ``<stage2>/<dataset>/<variant>/{skew,iid}/sweep.parquet`` (run.sh step 2: ``fedsim sweep <the variant's best.yaml>
+--grid clients.alpha=0.1,0.5 seed=0,1,2``, and ``clients.partition=iid --grid seed=0``). Per dataset, variant and split:
+the last round's accuracy, mean ± standard deviation over seeds (ddof 1) and range; bytes per client a round (up + down,
+the mean over the rounds after the first, where every client has had its first contact); the lr (from the runs'
+config.yaml); the majority class of the evaluation rows. ``stage2_<dataset>.png``: each variant's accuracy per split, every
+seed a dot, the mean a bar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import yaml
+from matplotlib.figure import Figure
+
+SPLITS = ("α = 0.1", "α = 0.5", "IID")
+
+
+def split_of(row: dict, part: str) -> str:
+    return "IID" if part == "iid" else f"α = {row['clients.alpha']:g}"
+
+
+def collect(dataset_dir: Path) -> tuple[dict, dict, dict, float | None]:
+    """``{variant: {split: [final accuracy per seed]}}``, ``{variant: bytes per client a round}``, ``{variant: lr}``, and
+    the evaluation rows' majority-class share (None where no run kept its data folder)."""
+    finals: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    bytes_per_round: dict[str, list[float]] = defaultdict(list)
+    lrs: dict[str, float] = {}
+    majority = None
+    for variant_dir in sorted(p for p in dataset_dir.iterdir() if p.is_dir()):
+        for part in ("skew", "iid"):
+            table = variant_dir / part / "sweep.parquet"
+            if not table.is_file():
+                continue
+            by_point: dict[str, list[dict]] = defaultdict(list)
+            for row in pq.read_table(table).to_pylist():
+                by_point[row["point"]].append(row)
+            for point, rows in sorted(by_point.items()):
+                rows.sort(key=lambda r: r["round"])
+                scored = [r for r in rows if r["eval_metric"] == r["eval_metric"]]  # evaluated rounds (eval.every)
+                finals[variant_dir.name][split_of(rows[0], part)].append(scored[-1]["eval_metric"])
+                later = rows[1:] or rows
+                bytes_per_round[variant_dir.name] += [(r["bytes_up"] + r["bytes_down"]) / r["clients_sampled"] for r in later]
+                config = yaml.safe_load((variant_dir / part / point / "config.yaml").read_text())
+                lrs[variant_dir.name] = config["train"]["lr"]
+                labels = variant_dir / part / point / "data" / "eval.parquet"
+                if majority is None and labels.is_file():
+                    counts = pq.read_table(labels, columns=["label"]).column("label").value_counts().to_pylist()
+                    majority = max(c["counts"] for c in counts) / sum(c["counts"] for c in counts)
+    return finals, {v: statistics.fmean(b) for v, b in bytes_per_round.items()}, lrs, majority
+
+
+def cell(values: list[float]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.3f} (1 seed)"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f} ({min(values):.3f} – {max(values):.3f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stage2")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    for dataset_dir in sorted(p for p in Path(args.stage2).iterdir() if p.is_dir()):
+        finals, bytes_per_round, lrs, majority = collect(dataset_dir)
+        if not finals:
+            continue
+        print(f"### {dataset_dir.name}\n")
+        print("| variant | lr | " + " | ".join(SPLITS) + " | bytes per client a round |")
+        print("|---|---|" + "---|" * len(SPLITS) + "---|")
+        order = sorted(finals, key=lambda v: -statistics.fmean(finals[v].get("α = 0.1") or [0.0]))
+        for variant in order:
+            print(f"| {variant} | {lrs[variant]:g} | " + " | ".join(cell(finals[variant].get(s, [])) for s in SPLITS)
+                  + f" | {bytes_per_round[variant] / 1e3:,.1f} kB |")
+        if majority is not None:
+            print(f"\nMajority class of the evaluation rows: {majority:.3f}.")
+        print("\n(Last round's accuracy on the evaluation file; mean ± sd over seeds (ddof 1), min – max.)\n")
+        figure = Figure(figsize=(8, 4.5))
+        axes = figure.subplots()
+        width = 0.8 / len(order)
+        for i, variant in enumerate(order):
+            for j, split in enumerate(SPLITS):
+                values = finals[variant].get(split, [])
+                if not values:
+                    continue
+                x = j + (i - (len(order) - 1) / 2) * width
+                axes.bar(x, statistics.fmean(values), width * 0.9, color=f"C{i}", alpha=0.5, label=variant if j == 0 else None)
+                axes.scatter([x] * len(values), values, color=f"C{i}", s=10, zorder=3)
+        if majority is not None:
+            axes.axhline(majority, color="grey", linestyle=":", linewidth=1, label="majority class")
+        axes.set_xticks(range(len(SPLITS)), SPLITS)
+        axes.set(ylabel="accuracy, last round", title=f"{dataset_dir.name}: 10 clients, 8 rounds, each variant at its lr")
+        axes.set_ylim(bottom=max(0.0, (majority or 0.5) - 0.1))
+        axes.legend(fontsize=7)
+        figure.savefig(Path(args.out) / f"stage2_{dataset_dir.name}.png", dpi=120, bbox_inches="tight")
+
+
+if __name__ == "__main__":
+    main()
