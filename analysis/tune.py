@@ -265,7 +265,8 @@ def run_tune(config_path: str | None, space: dict[str, Dimension], overrides=(),
                 trainable, param_space={key: dim.tune_domain() for key, dim in space.items()},
                 tune_config=tune.TuneConfig(metric="score", mode=mode, num_samples=samples, scheduler=scheduler,
                                             max_concurrent_trials=width),
-                run_config=tune.RunConfig(name=STATE_DIR, storage_path=root_text, verbose=0, callbacks=[JsonLoggerCallback()],
+                run_config=tune.RunConfig(name=STATE_DIR, storage_path=root_text, verbose=0,
+                                          callbacks=[JsonLoggerCallback(), free_stopped_trials(root_text)],
                                           failure_config=tune.FailureConfig(max_failures=0)))
         results = tuner.fit()
     for result in results:
@@ -281,6 +282,38 @@ def run_tune(config_path: str | None, space: dict[str, Dimension], overrides=(),
                           f"command again to resume ({root_text}/{TUNE_FILE} holds the rounds so far)")
     write_best(root, trials, base, space, best_per, metric)
     return root
+
+
+def free_stopped_trials(root: str):
+    """A Tune callback that removes the placement groups of a trial's runs once Tune is done with the trial.
+
+    Tune ends a trial that a scheduler (ASHA) stops by killing its actor, so the trial's `fedsim run` never takes its
+    workers down itself. The workers die with the actor, but their placement group does not: Ray scopes a placement group
+    to the job that made it, not to the actor, so it would hold the workers' CPUs until the whole tune ends, and the next
+    trial would wait for them (``runtime.placement_timeout_s``) and fail. A run names its group after its output folder
+    (``fedsim.runtime.driver.group_name``): the trial's folder, or its seeds' folders below it."""
+    from ray.tune import Callback
+    from ray.util import get_placement_group, placement_group_table, remove_placement_group
+
+    from fedsim.runtime.driver import group_name
+
+    class FreeStoppedTrials(Callback):
+        def free(self, trial) -> None:
+            prefix = group_name(join(root, trial_folder(trial.trial_id, trial.config)))
+            for group in placement_group_table().values():
+                if group["state"] != "REMOVED" and (group["name"] == prefix or group["name"].startswith(prefix + "/")):
+                    try:
+                        remove_placement_group(get_placement_group(group["name"]))
+                    except ValueError:  # removed since the table was read
+                        pass
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self.free(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self.free(trial)
+
+    return FreeStoppedTrials()
 
 
 class Interrupted(KeyboardInterrupt):

@@ -33,7 +33,7 @@ def variant_rows(screen: Path) -> list[dict]:
     if (screen / "wall_s.txt").is_file():
         for line in (screen / "wall_s.txt").read_text().splitlines():
             name, seconds = line.split()
-            walls[name] = float(seconds)
+            walls[name] = walls.get(name, 0.0) + float(seconds)  # a tune resumed (an errored trial rerun) adds its time
     rows = []
     for folder in sorted(p for p in screen.iterdir() if (p / "tune.parquet").is_file()):
         table = pq.read_table(folder / "tune.parquet").to_pylist()

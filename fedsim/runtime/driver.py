@@ -273,7 +273,7 @@ class Experiment:
                              "set runtime.aggregator_gpus=0 or run the driver on a GPU node")
         bundle = actors["bundle"]
         self.placement_group, self.requested_resources = place_workers(actors["workers"], bundle, actors["placement_timeout_s"],
-                                                                       self.local_ray)
+                                                                       self.local_ray, name=group_name(self.config.output_dir))
         # A call to a worker that dies waits for Ray to restart it (on another node if its node is gone: the placement
         # group reschedules the bundle) and is retried there, however long the restart takes; a worker that dies more
         # than max_restarts times fails its calls (ActorDiedError): its clients are reported failed and it gets no more.
@@ -601,8 +601,15 @@ class Experiment:
         write_run_plots(self.output_dir)
 
 
-def place_workers(workers: int, bundle: dict, timeout_s: float, local: bool):
-    """A placement group of one bundle a worker, spread over the nodes; and whether the autoscaler was asked for it.
+def group_name(output_dir: str) -> str:
+    """The name of a run's placement group (``ray status`` and the dashboard show it): its output folder. `fedsim tune`
+    finds the groups of a trial it stopped by it."""
+    return f"fedsim:{output_dir}"
+
+
+def place_workers(workers: int, bundle: dict, timeout_s: float, local: bool, name: str = ""):
+    """A placement group of one bundle a worker, spread over the nodes, named ``name``; and whether the autoscaler was
+    asked for it.
 
     A local Ray that cannot hold the workers is a clear error at once. On a cluster, what is missing may be
     on its way (an autoscaler adding GPU nodes): fedsim asks the autoscaler for the bundles and waits up to
@@ -619,7 +626,7 @@ def place_workers(workers: int, bundle: dict, timeout_s: float, local: bool):
 
         print(f"fedsim: waiting up to {timeout_s:g} s for the cluster to grow: {short.split(';')[0]}")
         request_resources(bundles=[bundle] * workers)
-    group = placement_group([bundle] * workers, strategy="SPREAD")
+    group = placement_group([bundle] * workers, strategy="SPREAD", name=name)
     try:
         ray.get(group.ready(), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:

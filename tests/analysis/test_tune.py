@@ -93,6 +93,37 @@ def test_asha_stops_the_poor_trial_and_the_best_config_is_written(ray_local, tin
     assert best["train"]["lr"] in (1e-5, 1e-4) and best["workload"]["validation"] is None
     assert best["output_dir"] == str(out / "best")
     assert "by validation eval_loss" in (out / "best.yaml").read_text().splitlines()[0]
+    assert not live_groups(f"fedsim:{out}")  # the stopped trial's workers' placement group went with it
+
+
+def live_groups(prefix: str) -> list[str]:
+    from ray.util import placement_group_table
+
+    return sorted(g["name"] for g in placement_group_table().values() if g["state"] != "REMOVED" and g["name"].startswith(prefix))
+
+
+def test_a_trial_tune_is_done_with_gives_back_its_runs_placement_groups(ray_local, tmp_path):
+    """Tune kills a stopped trial's actor; the placement group its run made is the job's and outlives it. The callback
+    removes the groups named after the trial's folder (one run, or one a seed below it) and no other trial's."""
+    from types import SimpleNamespace
+
+    from ray.util import placement_group
+
+    from analysis.tune import free_stopped_trials
+    from fedsim.runtime.driver import group_name
+
+    root = str(tmp_path / "t")
+    values = {"train.lr": 0.01}
+    mine = os.path.join(root, trial_folder("run_trial_ab12_00001", values))
+    other = os.path.join(root, trial_folder("run_trial_ab12_00011", values))  # another trial of the same search
+    groups = [placement_group([{"CPU": 0.01}], name=group_name(name))
+              for name in (mine, os.path.join(mine, "seed-1"), other)]
+    for group in groups:
+        group.wait(timeout_seconds=30)
+    free_stopped_trials(root).on_trial_complete(0, [], SimpleNamespace(trial_id="run_trial_ab12_00001", config=values))
+    assert live_groups(f"fedsim:{root}") == [group_name(other)]
+    free_stopped_trials(root).on_trial_error(0, [], SimpleNamespace(trial_id="run_trial_ab12_00011", config=values))
+    assert live_groups(f"fedsim:{root}") == []
 
 
 def test_a_stopped_tune_resumes_without_repeating_a_finished_run(ray_local, tiny_model_dir, tmp_path):
