@@ -148,7 +148,7 @@ VARIANTS
   # 2. The second stage: the promising variants and the baselines at their own lr (SST-2: the screen's; BBC News: its own
   # tune, on 200 validation articles), scored on the evaluation file (dev.tsv, all 872 phrases; BBC's 444 evaluation
   # articles): 3 seeds at Dirichlet α = 0.1 and 0.5, one IID seed as the reference. A finished run is skipped.
-  stage2=(fed-sb fedavgm fedit ffa-lora flexlora)
+  stage2=(fed-sb fedavgm head-warm-up fedit ffa-lora flexlora)
   for dataset in sst2 bbc; do
     tuning=$d/screen
     if [[ $dataset == bbc ]]; then
@@ -162,6 +162,9 @@ VARIANTS
       fedsim sweep $tuning/$name/best.yaml output_dir=$d/stage2/$dataset/$name/skew workload.validation=null \
         workload.eval_limit=null eval.every=2 --grid clients.alpha=0.1,0.5 seed=0,1,2 < /dev/null
     done
+  done
+  for dataset in sst2 bbc; do  # the IID reference, last
+    if [[ $dataset == bbc ]]; then tuning=$d/bbc-tuning; else tuning=$d/screen; fi
     for name in "${stage2[@]}"; do
       fedsim sweep $tuning/$name/best.yaml output_dir=$d/stage2/$dataset/$name/iid workload.validation=null \
         workload.eval_limit=null eval.every=2 clients.partition=iid --grid seed=0 < /dev/null
