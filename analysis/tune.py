@@ -251,7 +251,7 @@ def run_tune(config_path: str | None, space: dict[str, Dimension], overrides=(),
             tune.with_parameters(run_trial, base=base, root=root_text, seeds=seeds, metric=metric, fresh=not resume,
                                 cwd=os.getcwd()), {"memory": 1})  # the trial only drives its run: its workers place their own resources
         if resume and tune.Tuner.can_restore(str(state)):
-            tuner = tune.Tuner.restore(str(state), trainable, resume_unfinished=True, restart_errored=True)
+            tuner = tune.Tuner.restore(str(state), trainable, resume_unfinished=True, resume_errored=True)  # errored trials keep their id, so their folder: their run takes up from its checkpoint
             print(f"fedsim tune: resuming the search in {root_text}")
         else:
             scheduler = None
@@ -340,6 +340,12 @@ def read_trials(root: Location, metric: str) -> list[dict]:
     return trials
 
 
+def trial_index(point: str) -> int | None:
+    """Tune's index of a trial from its folder's name (``0003_lr-0.01``: 3); None where the name has none."""
+    head = point.split("_", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
 def gather_trials(root: Location, trials: list[dict], keys: list[str], base_seed: int) -> Location | None:
     """Every trial's rounds (every seed's) in ``tune.parquet``: ``point``, the searched keys, ``trial``, ``seed``,
     ``finished`` (false: ASHA stopped it, it failed, or the tune was stopped), then ``rounds.parquet``'s columns."""
@@ -350,7 +356,7 @@ def gather_trials(root: Location, trials: list[dict], keys: list[str], base_seed
             n = table.num_rows
             front = {"point": pa.array([trial["point"]] * n, pa.string()),
                      **{key: pa.array([trial["values"][key]] * n) for key in keys},
-                     "trial": pa.array([int(trial["point"].split("_", 1)[0])] * n, pa.int64()),
+                     "trial": pa.array([trial_index(trial["point"])] * n, pa.int64()),
                      "seed": pa.array([base_seed if seed is None else seed] * n, pa.int64()),
                      "finished": pa.array([trial["finished"]] * n, pa.bool_())}
             for i, (name, column) in enumerate(front.items()):

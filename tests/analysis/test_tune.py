@@ -63,6 +63,13 @@ def test_tune_refuses_bad_input_in_one_line_before_anything_runs(tmp_path, capsy
     assert not (tmp_path / "t").exists()
 
 
+def test_a_trial_folder_names_its_index_where_tune_gave_one():
+    from analysis.tune import trial_index
+
+    assert trial_index(trial_folder("run_trial_5b7b8_00003", {"train.lr": 0.01})) == 3
+    assert trial_index("32e58f2a_lr-0.064") is None  # an id without Tune's index (a restarted trial): no number, no crash
+
+
 def test_dry_run_counts_the_trials(tmp_path, capsys):
     assert main(["tune", f"output_dir={tmp_path}/t", "workload.validation=100", "--space", "method.name=fed-sb,fedit",
                  "train.lr=loguniform(1e-4,1e-2)", "--samples", "3", "--dry-run"]) == 0
