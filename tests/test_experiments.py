@@ -19,7 +19,7 @@ RUN_SH = ROOT / "experiments" / "run.sh"
 
 # experiment 2b's seeds loop reads each method's tuned line (name rank lr); its first line stands in for all
 # experiment 7's second stage sweeps each variant's best.yaml from its tune: the config it was tuned from stands in
-LOOP_VALUES = {"$tuning/$name/best.yaml": "experiments/label-skew/sst2.yaml", "$dataset": "sst2",
+LOOP_VALUES = {"$tuning/$name/best.yaml": "experiments/label-skew/sst2.yaml", "$dataset": "sst2", "$seed_list": "0,1,2",
                "$d/stage2": "experiments/results/label-skew/stage2", "$seeds": "experiments/results/private-sst2/seeds/fed-sb-r32", "$name": "fed-sb", "$rank": "32", "$lr": "0.01"}
 
 
