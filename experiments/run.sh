@@ -146,8 +146,8 @@ VARIANTS
     workload.validation=400 --overwrite < /dev/null  # the head-local trials' training rows
   python experiments/label-skew/screen.py $d/screen --out $d > $d/screen/screen.md
   # 2. The second stage: the promising variants and the baselines at their own lr (SST-2: the screen's; BBC News: its own
-  # tune, on 200 validation articles), scored on the evaluation file (dev.tsv, all 872 phrases; BBC's 444 evaluation
-  # articles) once, after the last round (eval.every=8: scoring the 872 phrases takes 21 s, a round's training 3.6 s):
+  # tune, on 200 validation articles), scored on the evaluation file (dev.tsv: all 6,735 phrases of ../shared/data; BBC's
+  # 444 evaluation articles) once, after the last round (eval.every=8: the 6,735 phrases take 21 s, a round's training 3.6 s):
   # 3 seeds at Dirichlet α = 0.1 and 0.5, one IID seed as the reference. A finished run is skipped.
   stage2=(fed-sb fedavgm head-warm-up fedit ffa-lora flexlora)
   # In this order, so that a stopped run.sh leaves comparable results: SST-2 under the skew, 3 seeds; BBC News's tunes;

@@ -25,6 +25,7 @@ import statistics
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import yaml
 from matplotlib.figure import Figure
 
 
@@ -84,8 +85,6 @@ def own_rows_scores(run_dir: Path) -> dict | None:
 
 
 def yaml_lr(run_dir: Path) -> float:
-    import yaml
-
     return yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["lr"]
 
 
@@ -145,14 +144,15 @@ def main() -> None:
           "bytes per client a round | rounds run in the tune | tune wall time |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: -r["final"]):
-        print(f"| {r['variant']} | {r['method']} | {r['lrs']} | {r['lr']:g} | {r['final']:.3f} | {r['last3']:.3f} | "
+        own = yaml.safe_load((r["run_dir"] / "config.yaml").read_text())["method"].get("local_head")
+        print(f"| {r['variant']}{' †' if own else ''} | {r['method']} | {r['lrs']} | {r['lr']:g} | {r['final']:.3f} | {r['last3']:.3f} | "
               f"{r['bytes'] / 1e3:,.1f} kB | {r['rounds_run']} | {r['wall_s'] / 60:.1f} min |")
     total = sum(r["wall_s"] for r in rows)
     print(f"\nThe screen's tuning: {sum(r['rounds_run'] for r in rows)} rounds in {total / 60:.1f} min on this machine.")
     local = next((r for r in rows if r["variant"] == "head-local"), None)
     averaged = Path(args.screen).parent / "screen-per-client" / "fed-sb"
     if local is not None:
-        print("\nhead-local keeps a head on each client, so no global model exists: its score above is each client's own "
+        print("\n† head-local keeps a head on each client, so no global model exists: its score above is each client's own "
               "model on its own held-out rows (eval.per_client: 10% of each client's phrases), pooled over them, not the "
               "400 validation phrases. On the same rows:\n")
         print("| run | lr | accuracy on the clients' own rows | each client's majority training label on them |")

@@ -79,7 +79,7 @@ def main() -> None:
         print(f"### {dataset_dir.name}\n")
         print("| variant | lr | " + " | ".join(SPLITS) + " | bytes per client a round |")
         print("|---|---|" + "---|" * len(SPLITS) + "---|")
-        order = sorted(finals, key=lambda v: -statistics.fmean(finals[v].get("α = 0.1") or [0.0]))
+        order = sorted(finals, key=lambda v: -statistics.fmean(finals[v].get("α = 0.5") or [0.0]))  # α = 0.1: where most stall
         for variant in order:
             print(f"| {variant} | {lrs[variant]:g} | " + " | ".join(cell(finals[variant].get(s, [])) for s in SPLITS)
                   + f" | {bytes_per_round[variant] / 1e3:,.1f} kB |")
@@ -101,7 +101,8 @@ def main() -> None:
             axes.axhline(majority, color="grey", linestyle=":", linewidth=1, label="majority class")
         axes.set_xticks(range(len(SPLITS)), SPLITS)
         axes.set(ylabel="accuracy, last round", title=f"{dataset_dir.name}: 10 clients, 8 rounds, each variant at its lr")
-        axes.set_ylim(bottom=max(0.0, (majority or 0.5) - 0.1))
+        lowest = min(v for variant in order for values in finals[variant].values() for v in values)
+        axes.set_ylim(bottom=max(0.0, min((majority or 0.5) - 0.1, lowest - 0.02)))
         axes.legend(fontsize=7)
         figure.savefig(Path(args.out) / f"stage2_{dataset_dir.name}.png", dpi=120, bbox_inches="tight")
 
