@@ -47,6 +47,7 @@ def variant_rows(screen: Path) -> list[dict]:
         later = best[1:] or best
         rows.append({
             "variant": folder.name, "method": best[0]["method"], "run_dir": folder / best_point,
+            "local_head": yaml.safe_load((folder / best_point / "config.yaml").read_text())["method"].get("local_head", False),
             "lrs": ", ".join(f"{rs[0]['train.lr']:g}{'' if rs[0]['finished'] else ' (stopped at round ' + str(len(rs)) + ')'}"
                              for _, rs in sorted(trials.items(), key=lambda item: item[1][0]["train.lr"])),
             "lr": best[0]["train.lr"], "final": best[-1]["eval_metric"],
@@ -144,20 +145,19 @@ def main() -> None:
           "bytes per client a round | rounds run in the tune | tune wall time |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: -r["final"]):
-        own = yaml.safe_load((r["run_dir"] / "config.yaml").read_text())["method"].get("local_head")
-        print(f"| {r['variant']}{' †' if own else ''} | {r['method']} | {r['lrs']} | {r['lr']:g} | {r['final']:.3f} | {r['last3']:.3f} | "
+        print(f"| {r['variant']}{' †' if r['local_head'] else ''} | {r['method']} | {r['lrs']} | {r['lr']:g} | {r['final']:.3f} | {r['last3']:.3f} | "
               f"{r['bytes'] / 1e3:,.1f} kB | {r['rounds_run']} | {r['wall_s'] / 60:.1f} min |")
     total = sum(r["wall_s"] for r in rows)
     print(f"\nThe screen's tuning: {sum(r['rounds_run'] for r in rows)} rounds in {total / 60:.1f} min on this machine.")
-    local = next((r for r in rows if r["variant"] == "head-local"), None)
+    local = next((r for r in rows if r["local_head"]), None)
     averaged = Path(args.screen).parent / "screen-per-client" / "fed-sb"
     if local is not None:
-        print("\n† head-local keeps a head on each client, so no global model exists: its score above is each client's own "
+        print(f"\n† {local['variant']} keeps a head on each client, so no global model exists: its score above is each client's own "
               "model on its own held-out rows (eval.per_client: 10% of each client's phrases), pooled over them, not the "
               "400 validation phrases. On the same rows:\n")
         print("| run | lr | accuracy on the clients' own rows | each client's majority training label on them |")
         print("|---|---|---|---|")
-        for name, run_dir in (("head-local (each client's own head)", local["run_dir"]),
+        for name, run_dir in ((f"{local['variant']} (each client's own head)", local["run_dir"]),
                               ("fed-sb (the averaged head)", averaged)):
             scores = own_rows_scores(run_dir) if run_dir.is_dir() else None
             if scores is None:
