@@ -288,6 +288,8 @@ class TrainConfig(Section):
     schedule: str = setting("constant", "learning-rate schedule over a client's local steps: constant | linear | cosine",
                             choices=SCHEDULES)
     warmup_steps: int = setting(0, "linear warm-up steps", **NON_NEGATIVE)
+    lr_decay: float = setting(1.0, "the client lr's decay over rounds: round t trains at lr · lr_decay^t (with the local "
+                              "schedule above on top); 1 = none", low=0, low_open=True, high=1)
     max_grad_norm: Optional[float] = setting(None, "gradient-norm clipping; null = none", **POSITIVE)
     prox_mu: float = setting(0.0, "FedProx (arXiv 1812.06127): μ of the proximal term μ/2·‖θ − θ_start‖² over each client's trained "
                              "tensors; 0 = none", **NON_NEGATIVE)

@@ -18,8 +18,12 @@ RUN_SH = ROOT / "experiments" / "run.sh"
 
 
 # experiment 2b's seeds loop reads each method's tuned line (name rank lr); its first line stands in for all
-# experiment 7's second stage sweeps each variant's best.yaml from its tune: the config it was tuned from stands in
-LOOP_VALUES = {"$tuning/$name/best.yaml": "experiments/label-skew/sst2.yaml", "$dataset": "sst2", "$seed_list": "0,1,2",
+# experiment 7's second stage (and its BBC follow-up) sweeps each variant's best.yaml from its tune: the config it was
+# tuned from stands in
+LOOP_VALUES = {"$tuning/$name/best.yaml": "experiments/label-skew/sst2.yaml",
+               "$d/bbc-tuning/$name/best.yaml": "experiments/label-skew/bbc.yaml",
+               "$d/bbc-tuning/fed-sb/best.yaml": "experiments/label-skew/bbc.yaml",
+               "$longer": "experiments/results/label-skew/bbc-alpha-0.1-longer", "$dataset": "sst2", "$seed_list": "0,1,2",
                "$d/stage2": "experiments/results/label-skew/stage2", "$seeds": "experiments/results/private-sst2/seeds/fed-sb-r32", "$name": "fed-sb", "$rank": "32", "$lr": "0.01"}
 
 
@@ -40,7 +44,8 @@ def test_run_sh_starts_a_sweep_for_each_experiment():
     assert configs == {"experiments/matched-comm/sst2.yaml", "experiments/private-snli/snli.yaml",
                        "experiments/fra-study/balanced.yaml", "experiments/fra-study/imbalanced.yaml",
                        "experiments/rank-het/sst2.yaml", "experiments/personal/sst2.yaml",
-                       "experiments/private-sst2/sst2.yaml", "experiments/label-skew/sst2.yaml"}
+                       "experiments/private-sst2/sst2.yaml", "experiments/label-skew/sst2.yaml",
+                       "experiments/label-skew/bbc.yaml"}
 
 
 @pytest.mark.parametrize("args", sweep_commands(), ids=lambda args: " ".join(args[1:3]))
@@ -87,7 +92,8 @@ def test_seeds_table_gives_mean_and_spread_over_seeds(tmp_path):
 @pytest.mark.slow  # a subprocess
 def test_stage2_table_gives_each_variant_its_spread_per_split(tmp_path):
     """experiment 7's stage2.py: the last evaluated round (eval.every skips some) per seed, mean ± sd per split, the IID
-    run as one seed, bytes per client a round after the first, the lr from the runs' config."""
+    run as one seed, bytes per client a round after the first, the lr from the runs' config; per skewed seed, the clients
+    holding ≥ 90% one label."""
     def sweep(folder, grid_rows):
         points = []
         for grid, final in grid_rows:
@@ -95,6 +101,9 @@ def test_stage2_table_gives_each_variant_its_spread_per_split(tmp_path):
             (folder / name / "data").mkdir(parents=True)
             (folder / name / "config.yaml").write_text(yaml.safe_dump({"train": {"lr": 0.016}}))
             pq.write_table(pa.table({"label": [0, 0, 0, 1]}), folder / name / "data" / "eval.parquet")
+            if "clients.alpha" in grid:  # client 0 holds one label (9 of 10 rows), client 1 two: 1 of 2, 10 of 30 rows
+                pq.write_table(pa.table({"client_id": [0, 0, 1, 1], "label": [0, 1, 0, 1], "count": [9, 1, 10, 10]}),
+                               folder / name / "label_counts.parquet")
             pq.write_table(pa.table({
                 "round": [0, 1, 2], "method": ["fed-sb"] * 3, "clients_sampled": [2] * 3, "clients_ok": [2] * 3,
                 "bytes_up": [900, 200, 200], "bytes_down": [900, 100, 100], "agg_error": [0.0] * 3, "train_loss": [0.6] * 3,
@@ -113,6 +122,8 @@ def test_stage2_table_gives_each_variant_its_spread_per_split(tmp_path):
     assert cells == ["fedavgm", "0.016", "0.700 ± 0.100 (0.600 – 0.800)", "0.900 ± 0.000 (0.900 – 0.900)",
                      "0.850 (1 seed)", "0.1 kB"]  # (200 + 100) / 2 clients = 150 bytes a round after the first
     assert "Majority class of the evaluation rows: 0.750." in out
+    assert "| α = 0.1 | 1 | 1 of 2 (33%) | 0.700 |" in out  # each seed's split beside its accuracy; IID has no row
+    assert sum(line.startswith("| α = ") for line in out.splitlines()) == 6
     assert (tmp_path / "stage2_sst2.png").stat().st_size > 0
 
 

@@ -91,6 +91,13 @@ def training_probe(files, config, name):
     return [{k: v.tolist() for k, v in u["tensors"].items()} for u in uploads], rows, sorted(w.model.state_dict())[:3]
 
 
+def later_round_probe(files, config, name):
+    """training_probe in round 2, for a setting that acts on the round's index (train.lr_decay)."""
+    w = worker(files, config, name)
+    uploads, _ = w.train(2, w.initial_state(), [0, 1], build(files, config, name + "-s").privacy.noise_multiplier)
+    return [{k: v.tolist() for k, v in u["tensors"].items()} for u in uploads]
+
+
 def init_probe(files, config, name):
     return {k: v.tolist() for k, v in worker(files, config, name).initial_state().items()}
 
@@ -322,6 +329,7 @@ PROBES = {
     "train.weight_decay": (0.5, training_probe),
     "train.schedule": ("linear", training_probe),
     "train.warmup_steps": (2, training_probe),
+    "train.lr_decay": (0.5, later_round_probe),
     "train.max_grad_norm": (1e-4, training_probe),
     "train.prox_mu": (1.0, training_probe),
     "train.control_variates": (True, training_probe),

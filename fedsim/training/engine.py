@@ -132,7 +132,7 @@ def train_clients(
                 _apply_rules(rules, cohort, grads, active)
                 if privacy is None:
                     clip_per_client(trained, [train.max_grad_norm] * K)
-                lrs = [train.lr * lr_factor(step, train, steps[k]) for k in range(K)]
+                lrs = [train.lr * lr_factor(step, train, steps[k], round_idx) for k in range(K)]
                 decays = [train.weight_decay] * K
                 for k in range(K):
                     if k not in active:  # its slice is kept aside: any value will do

@@ -23,9 +23,15 @@ def client_steps(train: TrainConfig, num_samples: int) -> int:
     return max(1, math.ceil(math.ceil(num_samples / train.batch_size) * train.local_epochs))
 
 
-def lr_factor(step: int, train: TrainConfig, total_steps: int | None = None) -> float:
-    """The schedule's multiplier of ``train.lr`` at ``step`` (0-based) of ``total_steps`` (default ``train.local_steps``):
-    linear warm-up over ``train.warmup_steps``, then constant, or a linear or cosine decay to 0 at the last step."""
+def lr_factor(step: int, train: TrainConfig, total_steps: int | None = None, round_idx: int = 0) -> float:
+    """The schedule's multiplier of ``train.lr`` at ``step`` (0-based) of ``total_steps`` (default ``train.local_steps``)
+    in round ``round_idx``: ``train.lr_decay^round_idx`` (the decay over rounds of FedAvg's experiments, McMahan et al.
+    2017, arXiv:1602.05629) times the local schedule: linear warm-up over ``train.warmup_steps``, then constant, or a
+    linear or cosine decay to 0 at the last step."""
+    return train.lr_decay ** round_idx * _local_factor(step, train, total_steps)
+
+
+def _local_factor(step: int, train: TrainConfig, total_steps: int | None) -> float:
     total_steps = train.local_steps if total_steps is None else total_steps
     if step < train.warmup_steps:
         return (step + 1) / train.warmup_steps
