@@ -175,6 +175,9 @@ VARIANTS
         workload.eval_limit=null eval.every=8 clients.partition=iid --grid seed=0 < /dev/null
     done
   done
+  # Step 3's finding over step 2's seeds: Fed-SB on BBC News with LoRA-SB's init from 512 pooled articles instead of 64
+  fedsim sweep $d/bbc-tuning/fed-sb/best.yaml output_dir=$d/stage2/bbc/fed-sb-init512/skew workload.validation=null \
+    workload.eval_limit=null eval.every=8 adapters.init_samples=512 --grid clients.alpha=0.1,0.5 seed=0,1,2 < /dev/null
   python experiments/label-skew/stage2.py $d/stage2 --out $d/stage2 > $d/stage2/stage2.md
   # 3. BBC News at α = 0.1, seed 0, where Fed-SB ended furthest behind (7 of its 10 clients hold one topic): does it
   # catch up with more rounds, or with a larger step? 16 rounds, scored every 2 on the evaluation file: Fed-SB at its
