@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 
 import pytest
 import torch
@@ -82,20 +83,18 @@ def worker(files, config, name):
     return ClientWorker(build(files, config, name).plan, 0)
 
 
-def training_probe(files, config, name):
-    """Two clients trained for one round from the round-0 state: their uploads and rows."""
+def training_probe(files, config, name, round_idx=0):
+    """Two clients trained for one round (round ``round_idx``) from the round-0 state: their uploads and rows."""
     w = worker(files, config, name)
     state = w.initial_state()
-    uploads, rows = w.train(0, state, [0, 1], build(files, config, name + "-s").privacy.noise_multiplier)
+    uploads, rows = w.train(round_idx, state, [0, 1], build(files, config, name + "-s").privacy.noise_multiplier)
     rows = [{k: v for k, v in row.items() if k != "train_s"} for row in rows]
     return [{k: v.tolist() for k, v in u["tensors"].items()} for u in uploads], rows, sorted(w.model.state_dict())[:3]
 
 
 def later_round_probe(files, config, name):
     """training_probe in round 2, for a setting that acts on the round's index (train.lr_decay)."""
-    w = worker(files, config, name)
-    uploads, _ = w.train(2, w.initial_state(), [0, 1], build(files, config, name + "-s").privacy.noise_multiplier)
-    return [{k: v.tolist() for k, v in u["tensors"].items()} for u in uploads]
+    return training_probe(files, config, name, round_idx=2)
 
 
 def init_probe(files, config, name):
@@ -394,11 +393,23 @@ CAUSAL = {"model.task": "causal-lm", "workload.name": "gsm8k", "workload.options
           "model.target_modules": ["q_proj", "v_proj"], "workload.max_length": 48, "eval.max_new_tokens": 6}
 
 
+def comparable(seen):
+    """``seen`` with every float NaN as the string "nan": NaN != NaN, so a probe that returns one (a row's
+    noise_multiplier without DP) would differ from itself and see every key change."""
+    if isinstance(seen, float) and math.isnan(seen):
+        return "nan"
+    if isinstance(seen, dict):
+        return {key: comparable(value) for key, value in seen.items()}
+    if isinstance(seen, (list, tuple)):
+        return type(seen)(comparable(value) for value in seen)
+    return seen
+
+
 def observe(files, probe, config, name):
-    """What ``probe`` sees of ``config``. A UsageError is no observation: a value that validation refuses never reaches
-    the code that would read it."""
+    """What ``probe`` sees of ``config``, NaN-safe to compare. A UsageError is no observation: a value that validation
+    refuses never reaches the code that would read it."""
     try:
-        return probe(files, config, name)
+        return comparable(probe(files, config, name))
     except UsageError as error:
         pytest.fail(f"{name}: refused, so never read: {error}")
 
