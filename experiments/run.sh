@@ -181,7 +181,7 @@ VARIANTS
   python experiments/label-skew/stage2.py $d/stage2 --out $d/stage2 > $d/stage2/stage2.md
   # 3. BBC News at α = 0.1, seed 0, where Fed-SB ended furthest behind (7 of its 10 clients hold one topic): does it
   # catch up with more rounds, or with a larger step? 16 rounds, scored every 2 on the evaluation file: Fed-SB at its
-  # tuned lr and at 4× it, and at 4× it decaying by 0.85 a round (train.lr_decay: 0.064 in round 0, 0.016 by round 8),
+  # tuned lr and at 4× it, and at 4× it decaying by 0.85 a round (train.lr_decay: 0.064 in round 0, 0.017 in round 8),
   # FedAvgM at its lr, FFA-LoRA and FedIT (the two that learned there) at theirs.
   longer=$d/bbc-alpha-0.1-longer
   fedsim sweep $d/bbc-tuning/fed-sb/best.yaml output_dir=$longer/fed-sb workload.validation=null workload.eval_limit=null \

@@ -63,13 +63,13 @@ def collect(dataset_dir: Path) -> tuple[dict, dict, dict, float | None, dict, di
             for point, rows in sorted(by_point.items()):
                 rows.sort(key=lambda r: r["round"])
                 scored = [r for r in rows if r["eval_metric"] == r["eval_metric"]]  # evaluated rounds (eval.every)
-                split = split_of(rows[0], part)
-                finals[variant_dir.name][split].append(scored[-1]["eval_metric"])
-                point_dir = variant_dir / part / point
+                split, final, point_dir = split_of(rows[0], part), scored[-1]["eval_metric"], variant_dir / part / point
+                finals[variant_dir.name][split].append(final)
                 if part == "skew":
-                    per_seed[split, rows[0]["seed"]][variant_dir.name] = scored[-1]["eval_metric"]
-                    if (split, rows[0]["seed"]) not in skew_of_seed and (point_dir / "label_counts.parquet").is_file():
-                        skew_of_seed[split, rows[0]["seed"]] = one_label_clients(point_dir / "label_counts.parquet")
+                    seed_split, label_counts = (split, rows[0]["seed"]), point_dir / "label_counts.parquet"
+                    per_seed[seed_split][variant_dir.name] = final
+                    if seed_split not in skew_of_seed and label_counts.is_file():
+                        skew_of_seed[seed_split] = one_label_clients(label_counts)
                 later = rows[1:] or rows
                 bytes_per_round[variant_dir.name] += [(r["bytes_up"] + r["bytes_down"]) / r["clients_sampled"] for r in later]
                 config = yaml.safe_load((point_dir / "config.yaml").read_text())
